@@ -1,0 +1,146 @@
+"""OpenAI front end: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+The body is parsed once with orjson and checked only for what the gateway itself needs (an object,
+``model``, ``messages``, ``stream``); everything else passes through untouched for the upstream to
+judge. Every mistake becomes a 4xx in OpenAI's error shape, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from gateway import errors
+from gateway.api.http import (
+    DisconnectWatch,
+    Receive,
+    Scope,
+    Send,
+    check_json_content_type,
+    header_map,
+    new_request_id,
+    read_body,
+    send_error,
+    send_json,
+)
+from gateway.auth import authenticate, bearer_token
+from gateway.errors import GatewayError, invalid_request
+from gateway.observability import REQUESTS, UNKNOWN, log
+from gateway.pipeline import Exchange, Runtime, chat
+
+ROLES = frozenset(("system", "user", "assistant", "tool", "function", "developer"))
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def parse_chat_body(raw: bytes) -> dict[str, Any]:
+    """The request as a dict, or a 400 naming the first problem."""
+    if not raw:
+        raise invalid_request("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid_request(f"The request body must be a JSON object, got {_type_name(body)}.", code="invalid_body")
+    model = body.get("model")
+    if model is None:
+        raise invalid_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise invalid_request(
+            f"'model' must be a non-empty string, got {_type_name(model)}.", param="model", code="invalid_type"
+        )
+    messages = body.get("messages")
+    if messages is None:
+        raise invalid_request(
+            "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
+        )
+    if not isinstance(messages, list):
+        raise invalid_request(
+            f"'messages' must be an array, got {_type_name(messages)}.", param="messages", code="invalid_type"
+        )
+    if not messages:
+        raise invalid_request("'messages' must contain at least one message.", param="messages", code="empty_array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise invalid_request(
+                f"messages[{i}] must be an object, got {_type_name(message)}.",
+                param=f"messages[{i}]",
+                code="invalid_type",
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            shown = "missing" if role is None else repr(role)
+            raise invalid_request(
+                f"messages[{i}].role is {shown}; expected one of {', '.join(sorted(ROLES))}.",
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid_request(
+            f"'stream' must be a boolean, got {_type_name(stream)}.", param="stream", code="invalid_type"
+        )
+    return body
+
+
+async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    rid_header = [(b"x-request-id", request_id.encode())]
+    headers = header_map(scope)
+    tenant_name, model = UNKNOWN, UNKNOWN
+    try:
+        entry = authenticate(rt.policies, bearer_token(headers.get(b"authorization")))
+        tenant_name = entry.tenant.name
+        check_json_content_type(headers)
+        raw = await read_body(receive, headers, limit)
+        body = parse_chat_body(raw)
+        ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started)
+        ex.stream = bool(body.get("stream"))
+        if body["model"] in entry.tenant.routes:
+            ex.model = model = body["model"]
+        else:
+            raise errors.model_not_found(body["model"])
+        watch = DisconnectWatch(receive)
+        try:
+            await chat(rt, ex, send, watch)
+        except asyncio.CancelledError:
+            if not watch.disconnected:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            REQUESTS.labels(tenant_name, model, ex.upstream_label, "499").inc()
+            log.info("request %s: client disconnected; upstream call cancelled", request_id)
+            return
+        finally:
+            watch.finish()
+    except GatewayError as error:
+        REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
+        await send_error(send, error, rid_header)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request %s failed inside the gateway", request_id)
+        REQUESTS.labels(tenant_name, model, UNKNOWN, "500").inc()
+        await send_error(send, errors.internal_error(request_id), rid_header)
+
+
+async def list_models(rt: Runtime, scope: Scope, send: Send) -> None:
+    """The virtual models the caller's tenant may use, in OpenAI's list shape."""
+    headers = header_map(scope)
+    try:
+        entry = authenticate(rt.policies, bearer_token(headers.get(b"authorization")))
+    except GatewayError as error:
+        await send_error(send, error)
+        return
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "kimi-gateway"} for name in entry.tenant.routes]
+    await send_json(send, 200, {"object": "list", "data": data})

@@ -1,0 +1,128 @@
+"""The ASGI application: routes, lifespan, health.
+
+A plain ASGI callable with a dict of routes keeps the per-request cost of the chat endpoints near
+the floor measured for a bare proxy (bench/RESULTS.md). The lifespan opens the upstream clients
+inside the server's event loop and closes them on shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from gateway import errors
+from gateway.api import openai as openai_api
+from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
+from gateway.config import LoadedConfig, load_config
+from gateway.observability import log, metrics_payload
+from gateway.pipeline import Runtime
+from gateway.policy.store import load_policies
+from gateway.upstreams.base import Upstream
+from gateway.upstreams.factory import build_upstreams
+
+CONFIG_ENV = "KIMI_GATEWAY_CONFIG"
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class GatewayApp:
+    """Everything one gateway process serves."""
+
+    def __init__(self, config: LoadedConfig) -> None:
+        self.config = config
+        policies = load_policies(config)
+        self.upstreams: dict[str, Upstream] = build_upstreams(config)
+        self.runtime = Runtime(policies, self.upstreams)
+        self.ready = False
+        limit = config.settings.max_body_bytes
+        rt = self.runtime
+
+        async def chat(scope: Scope, receive: Receive, send: Send) -> None:
+            await openai_api.chat_completions(rt, limit, scope, receive, send)
+
+        async def models(scope: Scope, receive: Receive, send: Send) -> None:
+            await openai_api.list_models(rt, scope, send)
+
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": chat},
+            "/chat/completions": {"POST": chat},
+            "/v1/models": {"GET": models},
+            "/models": {"GET": models},
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/metrics": {"GET": self._metrics},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            methods = self.routes.get(path)
+            if methods is None and path.endswith("/") and len(path) > 1:
+                methods = self.routes.get(path.rstrip("/"))
+            if methods is None:
+                await send_error(send, errors.not_found(path))
+                return
+            handler = methods.get(scope["method"])
+            if handler is None:
+                error = errors.method_not_allowed(scope["method"], path)
+                error.headers.append((b"allow", ", ".join(methods).encode()))
+                await send_error(send, error)
+                return
+            await handler(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # the server must not start half-configured
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.start()
+        self.ready = True
+        log.info(
+            "kimi-gateway ready: %d tenants, upstreams %s",
+            len(self.runtime.policies.tenants),
+            ", ".join(sorted(self.upstreams)),
+        )
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"})
+
+    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ready:
+            await send_json(send, 200, {"status": "ready", "upstreams": sorted(self.upstreams)})
+        else:
+            await send_bytes(send, 503, orjson.dumps({"status": "starting"}), [])
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        payload, content_type = metrics_payload()
+        await send_bytes(send, 200, payload, [], content_type.encode())
+
+
+def create_app(config_path: str | None = None) -> GatewayApp:
+    """App factory for uvicorn (``--factory``); the config path comes from the CLI or ``KIMI_GATEWAY_CONFIG``."""
+    path = config_path or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"no config: pass a path or set {CONFIG_ENV}")
+    return GatewayApp(load_config(path))

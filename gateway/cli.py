@@ -1,0 +1,139 @@
+"""``kimi-gateway``: serve, simulate, check configuration, hash keys."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible gateway for Kimi K2 Thinking.")
+keys_app = typer.Typer(no_args_is_help=True, help="Tenant API keys.")
+config_app = typer.Typer(no_args_is_help=True, help="Configuration files.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
+
+
+def _load_or_exit(config: Path):  # type: ignore[no-untyped-def]
+    """Config and policies, or every problem on stderr and exit status 2."""
+    from gateway.config import load_config
+    from gateway.policy.store import load_policies
+    from gateway.yamlfile import ConfigError
+
+    try:
+        loaded = load_config(config)
+        policies = load_policies(loaded)
+    except ConfigError as exc:
+        typer.echo(f"kimi-gateway: configuration is invalid ({len(exc.problems)} problem(s)):", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(2) from None
+    return loaded, policies
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config YAML.")] = Path("config/demo.yaml"),
+    host: Annotated[str | None, typer.Option(help="Listen address (default: config listen.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default: config listen.port).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: config workers).")] = None,
+) -> None:
+    """Run the gateway (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    from gateway.observability import setup_logging
+
+    loaded, _ = _load_or_exit(config)
+    settings = loaded.settings
+    setup_logging(settings.log_level)
+    n = workers or settings.workers
+    common = {
+        "host": host or settings.listen.host,
+        "port": port or settings.listen.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "log_level": settings.log_level,
+        "timeout_keep_alive": 75,
+        "server_header": False,
+    }
+    if n == 1:
+        from gateway.app import GatewayApp
+
+        uvicorn.run(GatewayApp(loaded), **common)  # type: ignore[arg-type]
+    else:
+        from gateway.app import CONFIG_ENV
+
+        os.environ[CONFIG_ENV] = str(config.resolve())
+        uvicorn.run("gateway.app:create_app", factory=True, workers=n, **common)  # type: ignore[arg-type]
+
+
+@app.command()
+def simulate(
+    port: Annotated[int, typer.Option(help="Listen port.")] = 9000,
+    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    profile: Annotated[str, typer.Option(help="Simulator profile.")] = "moonshot-standard",
+    ttft_ms: Annotated[float | None, typer.Option(help="Override time to first token (ms).")] = None,
+    tokens_per_s: Annotated[float | None, typer.Option(help="Override generation speed (0 = instant).")] = None,
+) -> None:
+    """Run the upstream simulator as a real HTTP server (Moonshot or vLLM wire format)."""
+    from gateway.simulator import profile_from
+    from gateway.simulator import serve as serve_simulator
+
+    overrides: dict[str, float] = {}
+    if ttft_ms is not None:
+        overrides["ttft_s"] = ttft_ms / 1000
+    if tokens_per_s is not None:
+        overrides["tokens_per_s"] = tokens_per_s
+    try:
+        chosen = profile_from(profile, **overrides)
+    except ValueError as exc:
+        typer.echo(f"kimi-gateway simulate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    serve_simulator(host, port, chosen)
+
+
+@config_app.command("check")
+def config_check(
+    config: Annotated[Path, typer.Argument(help="Gateway config YAML.")] = Path("config/demo.yaml"),
+) -> None:
+    """Validate a config and the policy files it points at; exit 2 on any problem."""
+    loaded, policies = _load_or_exit(config)
+    typer.echo(
+        f"{config}: ok ({len(loaded.settings.upstreams)} upstreams, {len(policies.tenants)} tenants "
+        f"from {loaded.policies_dir})"
+    )
+
+
+@keys_app.command("hash")
+def keys_hash(key: Annotated[str | None, typer.Argument(help="The key; read from stdin when omitted.")] = None) -> None:
+    """Print the sha256:<hex> form of a key, for a policy file's keys list."""
+    from gateway.auth import hash_key
+
+    value = key if key is not None else sys.stdin.readline().strip()
+    if not value:
+        typer.echo("kimi-gateway keys hash: empty key", err=True)
+        raise typer.Exit(2)
+    typer.echo(hash_key(value))
+
+
+@keys_app.command("new")
+def keys_new(prefix: Annotated[str, typer.Option(help="Key prefix.")] = "sk-kg-") -> None:
+    """Make a random key and print it with its hash (store only the hash)."""
+    import secrets
+
+    from gateway.auth import hash_key
+
+    key = prefix + secrets.token_urlsafe(32)
+    typer.echo(f"key:  {key}\nhash: {hash_key(key)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The gateway's own configuration file (``config/*.yaml``) as typed, validated settings.
+
+Only shapes live here; the policies that name tenants live in ``gateway/policy``. Secrets never sit
+in YAML: an upstream names the environment variable (or file) that holds its key, and a key given
+inline is refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.yamlfile import ConfigError, YamlDoc, load_yaml, validation_problems
+
+SECRET_KEYS = ("api_key", "apikey", "key", "token", "password", "secret", "authorization")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 4000
+
+
+class Timeouts(_Strict):
+    """Upstream timeouts in seconds.
+
+    ``first_byte_s`` bounds the wait for a stream's first byte (K2 Thinking starts reasoning fast, so
+    a silent upstream is a sick one); a non-stream answer arrives whole and is bounded by ``total_s``.
+    """
+
+    connect_s: Annotated[float, Field(gt=0)] = 5.0
+    first_byte_s: Annotated[float, Field(gt=0)] = 60.0
+    idle_s: Annotated[float, Field(gt=0)] = 120.0
+    total_s: Annotated[float, Field(gt=0)] = 900.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.first_byte_s > self.total_s:
+            raise ValueError(f"first_byte_s ({self.first_byte_s}) must not exceed total_s ({self.total_s})")
+        return self
+
+
+def _model_map(value: Any) -> Any:
+    """``models`` may list names (served under the same id) or map local names to upstream ids."""
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            return value  # let pydantic name the bad item
+        return {v: v for v in value}
+    return value
+
+
+class UpstreamConfig(_Strict):
+    kind: Literal["openai", "simulated"]
+    models: Annotated[dict[str, str], Field(min_length=1)]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 512
+    # idle pooled connections live this long; a connection the upstream closed first is retried once
+    keepalive_s: Annotated[float, Field(gt=0)] = 15.0
+    reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # simulated upstreams
+    profile: str | None = None
+    ttft_ms: Annotated[float, Field(ge=0)] | None = None
+    tokens_per_s: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in SECRET_KEYS:
+                if key in data:
+                    raise ValueError(
+                        f"'{key}' holds a secret, and secrets never go in YAML: name the environment "
+                        "variable that holds it with api_key_env (or a file with api_key_file)"
+                    )
+            if "models" in data:
+                data = {**data, "models": _model_map(data["models"])}
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/") if v else v
+
+    @field_validator("headers")
+    @classmethod
+    def _no_secret_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name.lower() in ("authorization", "x-api-key", "api-key"):
+                raise ValueError(f"header '{name}' carries a secret; use api_key_env or api_key_file")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> UpstreamConfig:
+        if self.kind == "openai":
+            if not self.base_url:
+                raise ValueError("an upstream of kind 'openai' needs base_url")
+            if self.profile or self.ttft_ms is not None or self.tokens_per_s is not None:
+                raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
+        if self.kind == "simulated" and (self.base_url or self.api_key_env or self.api_key_file):
+            raise ValueError("an upstream of kind 'simulated' runs in-process: no base_url or key")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+
+class GatewayConfig(_Strict):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    policies_dir: str = "../policies"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]
+
+    @field_validator("upstreams")
+    @classmethod
+    def _names(cls, v: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
+        for name in v:
+            if "/" in name or not name:
+                raise ValueError(f"upstream name {name!r} must be non-empty and contain no '/'")
+        return v
+
+
+class LoadedConfig:
+    """A validated config plus what it resolved: its file, the policy folder, upstream keys."""
+
+    def __init__(self, path: Path, settings: GatewayConfig, api_keys: dict[str, str | None], doc: YamlDoc) -> None:
+        self.path = path
+        self.settings = settings
+        self.api_keys = api_keys
+        self.doc = doc
+
+    @property
+    def policies_dir(self) -> Path:
+        return (self.path.parent / self.settings.policies_dir).resolve()
+
+
+def _resolve_key(doc: YamlDoc, name: str, up: UpstreamConfig, env: dict[str, str]) -> tuple[str | None, str | None]:
+    """The upstream's API key, or a problem line naming the key path."""
+    if up.api_key_env:
+        value = env.get(up.api_key_env)
+        if not value:
+            return None, doc.problem(
+                ("upstreams", name, "api_key_env"),
+                f"environment variable {up.api_key_env} is not set (it must hold this upstream's API key)",
+            )
+        return value.strip(), None
+    if up.api_key_file:
+        key_path = (doc.path.parent / up.api_key_file).resolve()
+        try:
+            value = key_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            return None, doc.problem(
+                ("upstreams", name, "api_key_file"), f"cannot read {key_path}: {exc.strerror or exc}"
+            )
+        if not value:
+            return None, doc.problem(("upstreams", name, "api_key_file"), f"{key_path} is empty")
+        return value, None
+    return None, None
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
+    """Load and validate a gateway config; raises :class:`ConfigError` listing every problem."""
+    file = Path(path)
+    doc = load_yaml(file)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{file}: expected a mapping at the top level, got {type(doc.data).__name__}"])
+    try:
+        settings = GatewayConfig.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(doc, exc, GatewayConfig)) from None
+    environ = dict(os.environ) if env is None else env
+    problems: list[str] = []
+    keys: dict[str, str | None] = {}
+    for name, up in settings.upstreams.items():
+        keys[name], problem = _resolve_key(doc, name, up, environ)
+        if problem:
+            problems.append(problem)
+        if up.kind == "simulated":
+            from gateway.simulator import PROFILES
+
+            profile = up.profile or "moonshot-standard"
+            if profile not in PROFILES:
+                problems.append(
+                    doc.problem(
+                        ("upstreams", name, "profile"),
+                        f"unknown simulator profile {profile!r} (known: {', '.join(sorted(PROFILES))})",
+                    )
+                )
+    loaded = LoadedConfig(file, settings, keys, doc)
+    if not loaded.policies_dir.is_dir():
+        problems.append(
+            doc.problem(("policies_dir",), f"expected a folder of policy files, {loaded.policies_dir} is not one")
+        )
+    if problems:
+        raise ConfigError(problems)
+    return loaded

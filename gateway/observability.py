@@ -1,0 +1,69 @@
+"""Prometheus metrics and logging.
+
+Label values come only from configuration (tenant, virtual model, upstream names) or from small
+fixed sets (status codes, failure kinds), never from raw request input, so cardinality stays
+bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+UNKNOWN = "(unknown)"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+REQUESTS = Counter(
+    "gateway_requests",
+    "Requests answered, by tenant, virtual model, upstream and HTTP status.",
+    ("tenant", "model", "upstream", "status"),
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from the request's arrival to the end of its response.",
+    ("tenant", "model", "upstream", "stream"),
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TTFT = Histogram(
+    "gateway_ttft_seconds",
+    "Time from the request's arrival to the first streamed byte sent to the client.",
+    ("tenant", "model", "upstream"),
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+OVERHEAD = Histogram(
+    "gateway_overhead_seconds",
+    "Time spent inside the gateway itself for a request, upstream time excluded.",
+    ("stream",),
+    buckets=_OVERHEAD_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_FAILURES = Counter(
+    "gateway_upstream_failures",
+    "Upstream calls that failed below HTTP or with an error status, by kind.",
+    ("upstream", "kind"),
+    registry=REGISTRY,
+)
+
+
+def metrics_payload() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr; keys and request bodies are never logged."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+log = logging.getLogger("kimi_gateway")

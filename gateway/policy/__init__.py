@@ -1,0 +1,1 @@
+"""Tenant policies: who may call, which virtual models they see, and how each is served."""

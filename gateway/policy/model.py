@@ -1,0 +1,64 @@
+"""The schema of one tenant's policy file (``policies/<tenant>.yaml``).
+
+A policy names a tenant, the keys that authenticate it (stored only as ``sha256:<hex>``) and its
+virtual models: the model name an app sends, mapped to an ordered list of ``upstream/model``
+candidates. Validation here is about one file; cross-file checks live in ``store.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VirtualModel(_Strict):
+    candidates: Annotated[list[str], Field(min_length=1)]
+    strategy: Literal["pinned"] = "pinned"
+
+    @field_validator("candidates")
+    @classmethod
+    def _shape(cls, v: list[str]) -> list[str]:
+        for item in v:
+            upstream, sep, model = item.partition("/")
+            if not sep or not upstream or not model:
+                raise ValueError(f"candidate {item!r} must look like 'upstream/model'")
+        if len(set(v)) != len(v):
+            raise ValueError("candidates must not repeat")
+        return v
+
+
+class TenantPolicy(_Strict):
+    tenant: str
+    description: str = ""
+    keys: Annotated[list[str], Field(min_length=1)]
+    models: Annotated[dict[str, VirtualModel], Field(min_length=1)]
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        if not TENANT_NAME.match(v):
+            raise ValueError(f"tenant {v!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        return v
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for i, key in enumerate(v):
+            if not KEY_HASH.match(key):
+                shown = key if key.startswith("sha256:") else key[:4] + "..."
+                raise ValueError(
+                    f"keys[{i}] ({shown}) must be 'sha256:' followed by 64 lowercase hex digits; store the "
+                    "hash of a key, never the key (kimi-gateway keys hash KEY prints it)"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("a key hash is listed twice")
+        return v

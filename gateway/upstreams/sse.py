@@ -1,0 +1,75 @@
+"""Server-sent events relayed at event boundaries, as bytes.
+
+Upstream chunks are cut wherever TCP cut them; the relay forwards everything up to the last
+complete event and keeps the rest, so a client never sees half an event and an error event can be
+appended cleanly when the upstream breaks. No event is parsed or re-encoded here.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+DONE = b"data: [DONE]"
+
+
+def _last_boundary(data: bytes) -> int:
+    """Index just past the last blank line (``\\n\\n`` or ``\\r\\n\\r\\n``), or 0."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def error_event(message: str, kind: str) -> bytes:
+    """An SSE event the OpenAI SDKs raise as an APIError."""
+    payload = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class SSERelay:
+    """Event-aligned pass-through with end-of-stream bookkeeping."""
+
+    __slots__ = ("_last", "_tail")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events now available (possibly ``b""``)."""
+        data = self._tail + chunk if self._tail else chunk
+        cut = _last_boundary(data)
+        if cut == 0:
+            self._tail = data
+            return b""
+        if cut == len(data):
+            self._tail = b""
+            self._last = data
+            return data
+        self._tail = data[cut:]
+        out = data[:cut]
+        self._last = out
+        return out
+
+    @property
+    def saw_done(self) -> bool:
+        return DONE in self._last[-64:]
+
+    def finish(self) -> bytes:
+        """Bytes that end the stream after the upstream closed it cleanly.
+
+        A final event without its blank line is completed; a stream that ended without ``[DONE]``
+        is an upstream that stopped early, which the client hears about as an error event.
+        """
+        out = b""
+        if self._tail.strip():
+            out = self._tail.rstrip(b"\r\n") + b"\n\n"
+            self._last = out
+        self._tail = b""
+        if self.saw_done:
+            return out
+        return out + error_event("upstream ended the stream before it was complete", "upstream_error")
+
+    def abort(self, message: str, kind: str) -> bytes:
+        """Bytes that end the stream after an upstream failure: an error event, never half an event."""
+        self._tail = b""
+        return error_event(message, kind)

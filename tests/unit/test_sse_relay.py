@@ -1,0 +1,66 @@
+"""The SSE relay forwards whole events only, whatever way TCP cut the bytes."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.upstreams.sse import SSERelay
+
+EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"think"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+    b"data: [DONE]\n\n",
+]
+STREAM = b"".join(EVENTS)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, last = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[last:p])
+        last = p
+    return [c for c in out if c]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=20))
+def test_any_split_yields_the_same_bytes_at_event_boundaries(cuts: list[int]) -> None:
+    relay = SSERelay()
+    outs = [relay.feed(chunk) for chunk in split(STREAM, cuts)]
+    outs.append(relay.finish())
+    assert b"".join(outs) == STREAM
+    for out in outs:
+        assert out == b"" or out.endswith(b"\n\n")
+
+
+def test_crlf_boundaries_are_honoured() -> None:
+    relay = SSERelay()
+    assert relay.feed(b"data: a\r\n\r\ndata: b") == b"data: a\r\n\r\n"
+    assert relay.feed(b"\r\n\r\ndata: [DONE]\r\n\r\n") == b"data: b\r\n\r\ndata: [DONE]\r\n\r\n"
+    assert relay.finish() == b""
+
+
+def test_stream_without_done_ends_with_error_event() -> None:
+    relay = SSERelay()
+    relay.feed(EVENTS[0] + EVENTS[1])
+    tail = relay.finish()
+    assert tail.startswith(b"data: ")
+    assert orjson.loads(tail[6:])["error"]["type"] == "upstream_error"
+
+
+def test_final_event_without_blank_line_is_completed() -> None:
+    relay = SSERelay()
+    assert relay.feed(EVENTS[2] + b"data: [DONE]") == EVENTS[2]
+    assert relay.finish() == b"data: [DONE]\n\n"
+
+
+def test_abort_drops_half_event_and_sends_error() -> None:
+    relay = SSERelay()
+    relay.feed(EVENTS[0] + EVENTS[1][:20])
+    out = relay.abort("cut", "upstream_error")
+    assert b"reasoning" not in out
+    assert orjson.loads(out[6:])["error"]["message"] == "cut"
