@@ -120,6 +120,8 @@ class GatewayConfig(_Strict):
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     policies_dir: str = "../policies"
+    # file names inside policies_dir to load; all *.yaml when absent (lets configs share one folder)
+    policy_files: list[str] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]
 
@@ -203,6 +205,10 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         problems.append(
             doc.problem(("policies_dir",), f"expected a folder of policy files, {loaded.policies_dir} is not one")
         )
+    else:
+        for i, name in enumerate(settings.policy_files or ()):
+            if not (loaded.policies_dir / name).is_file():
+                problems.append(doc.problem(("policy_files", i), f"no such file in {loaded.policies_dir}"))
     if problems:
         raise ConfigError(problems)
     return loaded

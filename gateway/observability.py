@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 UNKNOWN = "(unknown)"
@@ -49,6 +49,31 @@ UPSTREAM_FAILURES = Counter(
     "gateway_upstream_failures",
     "Upstream calls that failed below HTTP or with an error status, by kind.",
     ("upstream", "kind"),
+    registry=REGISTRY,
+)
+
+TOKENS = Counter(
+    "gateway_tokens",
+    "Tokens metered, by kind: prompt (cached included), cached, completion (reasoning included), reasoning.",
+    ("tenant", "model", "upstream", "kind"),
+    registry=REGISTRY,
+)
+SPEND = Counter(
+    "gateway_spend_usd",
+    "Spend in USD as settled in the ledger (the ledger holds the exact Decimal amounts).",
+    ("tenant", "model", "upstream"),
+    registry=REGISTRY,
+)
+CACHE_SAVINGS = Counter(
+    "gateway_cache_savings_usd",
+    "What cache hits saved in USD against the cache-miss price.",
+    ("tenant", "model", "upstream"),
+    registry=REGISTRY,
+)
+BUDGET_REMAINING = Gauge(
+    "gateway_budget_remaining_usd",
+    "Remaining tenant budget in USD per window (daily, monthly), updated as requests settle.",
+    ("tenant", "window"),
     registry=REGISTRY,
 )
 

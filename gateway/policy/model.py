@@ -8,6 +8,7 @@ candidates. Validation here is about one file; cross-file checks live in ``store
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,11 +37,32 @@ class VirtualModel(_Strict):
         return v
 
 
+class Caps(_Strict):
+    """Hard spend caps in USD per UTC calendar window."""
+
+    daily_usd: Annotated[Decimal, Field(gt=0)] | None = None
+    monthly_usd: Annotated[Decimal, Field(gt=0)] | None = None
+
+
+class Budget(Caps):
+    """Tenant caps, per-app caps (apps are named by the ``app`` tag), and what to do when a request
+    does not fit: ``reject`` answers 429 ``budget_exceeded``; ``downgrade`` lowers ``max_tokens`` to
+    what fits (never below ``min_max_tokens``) and rejects only when even that does not fit."""
+
+    when_exhausted: Literal["reject", "downgrade"] = "reject"
+    min_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    apps: dict[str, Caps] = Field(default_factory=dict)
+
+
 class TenantPolicy(_Strict):
     tenant: str
     description: str = ""
     keys: Annotated[list[str], Field(min_length=1)]
     models: Annotated[dict[str, VirtualModel], Field(min_length=1)]
+    budget: Budget | None = None
+    # K2 Thinking's reasoning counts against max_tokens and Moonshot recommends >= 16,000; a request
+    # without max_tokens is reserved (and, with routing, sent) with this bound.
+    default_max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 32768
 
     @field_validator("tenant")
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway.config import LoadedConfig
-from gateway.policy.model import TenantPolicy
+from gateway.policy.model import Budget, TenantPolicy
 from gateway.yamlfile import ConfigError, YamlDoc, load_yaml, validation_problems
 
 
@@ -43,6 +43,8 @@ class Tenant:
     name: str
     routes: dict[str, Route]
     source: Path
+    budget: Budget | None = None
+    default_max_tokens: int = 32768
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,8 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
     """Read and validate every ``*.yaml`` in the policy folder; raises ConfigError listing all problems."""
 
     folder = folder or config.policies_dir
-    files = policy_files(folder)
+    names = config.settings.policy_files
+    files = [folder / name for name in names] if names and folder == config.policies_dir else policy_files(folder)
     problems: list[str] = []
     if not files:
         raise ConfigError([f"{folder}: no policy files (*.yaml): no tenant could call the gateway"])
@@ -137,7 +140,7 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             )
             for name, vm in policy.models.items()
         }
-        tenant = Tenant(policy.tenant, routes, file)
+        tenant = Tenant(policy.tenant, routes, file, policy.budget, policy.default_max_tokens)
         tenants[policy.tenant] = tenant
         for key in policy.keys:
             digest = key.removeprefix("sha256:")
