@@ -8,6 +8,7 @@ inside the server's event loop and closes them on shutdown.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -15,12 +16,15 @@ import orjson
 from gateway import errors
 from gateway.api import openai as openai_api
 from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
-from gateway.config import LoadedConfig, load_config
+from gateway.metering.budget import Budgets, seed_from_ledger
+from gateway.metering.ledger import Ledger, ledger_from_url
+from gateway.metering.meter import Meter
 from gateway.observability import log, metrics_payload
 from gateway.pipeline import Runtime
-from gateway.policy.store import load_policies
+from gateway.state.memory import MemoryBudgetState
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.factory import build_upstreams
+from gateway.wiring import Loaded, load_all
 
 CONFIG_ENV = "KIMI_GATEWAY_CONFIG"
 
@@ -30,11 +34,18 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 class GatewayApp:
     """Everything one gateway process serves."""
 
-    def __init__(self, config: LoadedConfig) -> None:
+    def __init__(self, loaded: Loaded) -> None:
+        config = loaded.config
         self.config = config
-        policies = load_policies(config)
         self.upstreams: dict[str, Upstream] = build_upstreams(config)
-        self.runtime = Runtime(policies, self.upstreams)
+        ledger_cfg = config.settings.ledger
+        self.ledger: Ledger = ledger_from_url(
+            config.ledger_url, batch_size=ledger_cfg.batch_size, max_delay=ledger_cfg.flush_interval_s
+        )
+        self.budgets = Budgets(MemoryBudgetState())
+        self.meter = Meter(loaded.prices, self.budgets, self.ledger)
+        self.runtime = Runtime(loaded.policies, self.upstreams, self.meter)
+        self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self.ready = False
         limit = config.settings.max_body_bytes
         rt = self.runtime
@@ -92,6 +103,8 @@ class GatewayApp:
                 return
 
     async def startup(self) -> None:
+        await self.ledger.open()
+        await reconcile_and_seed(self.ledger, self.meter, self.runtime)
         for upstream in self.upstreams.values():
             await upstream.start()
         self.ready = True
@@ -105,6 +118,7 @@ class GatewayApp:
         self.ready = False
         for upstream in self.upstreams.values():
             await upstream.close()
+        await self.ledger.close()
 
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
@@ -120,9 +134,17 @@ class GatewayApp:
         await send_bytes(send, 200, payload, [], content_type.encode())
 
 
+async def reconcile_and_seed(ledger: Ledger, meter: Meter, runtime: Runtime) -> None:
+    """Crash recovery, then budget counters: reservations a dead process left open become estimated
+    ledger rows, and the in-process counters start from what the ledger says was spent."""
+    await ledger.reconcile_open_reservations(reason="the gateway stopped before this request settled")
+    tenants = [(t.name, t.budget) for t in runtime.policies.tenants.values()]
+    await seed_from_ledger(meter.budgets, ledger, tenants, time.time())
+
+
 def create_app(config_path: str | None = None) -> GatewayApp:
     """App factory for uvicorn (``--factory``); the config path comes from the CLI or ``KIMI_GATEWAY_CONFIG``."""
     path = config_path or os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"no config: pass a path or set {CONFIG_ENV}")
-    return GatewayApp(load_config(path))
+    return GatewayApp(load_all(path))

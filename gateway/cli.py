@@ -17,20 +17,17 @@ app.add_typer(config_app, name="config")
 
 
 def _load_or_exit(config: Path):  # type: ignore[no-untyped-def]
-    """Config and policies, or every problem on stderr and exit status 2."""
-    from gateway.config import load_config
-    from gateway.policy.store import load_policies
+    """Config, policies and prices, or every problem on stderr and exit status 2."""
+    from gateway.wiring import load_all
     from gateway.yamlfile import ConfigError
 
     try:
-        loaded = load_config(config)
-        policies = load_policies(loaded)
+        return load_all(config)
     except ConfigError as exc:
         typer.echo(f"kimi-gateway: configuration is invalid ({len(exc.problems)} problem(s)):", err=True)
         for problem in exc.problems:
             typer.echo(f"  {problem}", err=True)
         raise typer.Exit(2) from None
-    return loaded, policies
 
 
 @app.command()
@@ -45,8 +42,8 @@ def serve(
 
     from gateway.observability import setup_logging
 
-    loaded, _ = _load_or_exit(config)
-    settings = loaded.settings
+    loaded = _load_or_exit(config)
+    settings = loaded.config.settings
     setup_logging(settings.log_level)
     n = workers or settings.workers
     common = {
@@ -101,10 +98,10 @@ def config_check(
     config: Annotated[Path, typer.Argument(help="Gateway config YAML.")] = Path("config/demo.yaml"),
 ) -> None:
     """Validate a config and the policy files it points at; exit 2 on any problem."""
-    loaded, policies = _load_or_exit(config)
+    loaded = _load_or_exit(config)
     typer.echo(
-        f"{config}: ok ({len(loaded.settings.upstreams)} upstreams, {len(policies.tenants)} tenants "
-        f"from {loaded.policies_dir})"
+        f"{config}: ok ({len(loaded.config.settings.upstreams)} upstreams, {len(loaded.policies.tenants)} tenants "
+        f"from {loaded.config.policies_dir}, {len(loaded.prices.targets())} priced targets)"
     )
 
 

@@ -115,6 +115,26 @@ class UpstreamConfig(_Strict):
         return self
 
 
+class LedgerConfig(_Strict):
+    """Where the ledger lives: ``sqlite:///path`` (relative paths are relative to the config file) or
+    ``postgresql://...`` for several replicas."""
+
+    url: str = "sqlite:///../data/ledger.db"
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.05
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"expected sqlite:///PATH or postgresql://..., got {v!r}")
+        return v
+
+
+class StateConfig(_Strict):
+    backend: Literal["memory"] = "memory"
+
+
 class GatewayConfig(_Strict):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     workers: Annotated[int, Field(ge=1, le=256)] = 1
@@ -123,6 +143,11 @@ class GatewayConfig(_Strict):
     # file names inside policies_dir to load; all *.yaml when absent (lets configs share one folder)
     policy_files: list[str] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    prices: str = "prices.yaml"
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    # the environment variable holding the admin key (finance: every tenant's spend); unset = no admin
+    admin_key_env: str = "KIMI_GATEWAY_ADMIN_KEY"
     upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]
 
     @field_validator("upstreams")
@@ -146,6 +171,18 @@ class LoadedConfig:
     @property
     def policies_dir(self) -> Path:
         return (self.path.parent / self.settings.policies_dir).resolve()
+
+    @property
+    def prices_path(self) -> Path:
+        return (self.path.parent / self.settings.prices).resolve()
+
+    @property
+    def ledger_url(self) -> str:
+        """The ledger URL with a relative SQLite path made relative to the config file."""
+        url = self.settings.ledger.url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+            return "sqlite:///" + str((self.path.parent / url.removeprefix("sqlite:///")).resolve())
+        return url
 
 
 def _resolve_key(doc: YamlDoc, name: str, up: UpstreamConfig, env: dict[str, str]) -> tuple[str | None, str | None]:

@@ -1,12 +1,14 @@
 """The one place that orders the steps of a chat/completions request.
 
-policy → candidate → request shaping → upstream call → relay. Each step is a small function in its
-own module; this file composes them and owns nothing else. Stream and non-stream share the steps:
-a non-stream answer is relayed as one body, a stream as its SSE events.
+policy → candidate → price → shaping → budget reservation → upstream call → relay → settlement.
+Each step is a small function in its own module; this file composes them and owns nothing else.
+Stream and non-stream share the steps: a non-stream answer is relayed as one body, a stream as its
+SSE events. Settlement runs exactly once on every path out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,11 @@ import orjson
 from gateway import errors
 from gateway.api.http import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
 from gateway.errors import GatewayError
+from gateway.metering.meter import Meter, Metered
+from gateway.metering.money import fmt_usd
+from gateway.metering.stream import StreamTap
+from gateway.metering.tokens import upper_bound_tokens
+from gateway.metering.usage import usage_of_response
 from gateway.observability import DURATION, OVERHEAD, REQUESTS, TTFT, UNKNOWN, UPSTREAM_FAILURES, log
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
@@ -33,12 +40,14 @@ class Exchange:
     body: dict[str, Any]
     raw: bytes
     started: float
+    metered: Metered
     stream: bool = False
     model: str = UNKNOWN
     candidate: Candidate | None = None
     route_reason: str = ""
     status: int = 0
     upstream_time: float = 0.0
+    dirty: bool = False  # the body was changed: serialize it again before sending
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @property
@@ -47,11 +56,12 @@ class Exchange:
 
 
 class Runtime:
-    """What the pipeline reads per request: policies (swapped whole on reload) and upstream clients."""
+    """What the pipeline reads per request: policies (swapped whole on reload), upstreams, the meter."""
 
-    def __init__(self, policies: PolicySet, upstreams: dict[str, Upstream]) -> None:
+    def __init__(self, policies: PolicySet, upstreams: dict[str, Upstream], meter: Meter) -> None:
         self.policies = policies
         self.upstreams = upstreams
+        self.meter = meter
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
 
@@ -66,7 +76,7 @@ def choose_candidate(rt: Runtime, ex: Exchange) -> Candidate:
             ex.route_reason = (
                 "pinned: first candidate"
                 if candidate is route.candidates[0]
-                else ("pinned: first live candidate (earlier ones answered 404 for their model)")
+                else "pinned: first live candidate (earlier ones answered 404 for their model)"
             )
             return candidate
     raise GatewayError(
@@ -79,16 +89,37 @@ def choose_candidate(rt: Runtime, ex: Exchange) -> Candidate:
     )
 
 
+def ask_for_stream_usage(ex: Exchange) -> bool:
+    """Make sure the upstream reports stream usage; returns whether the client asked for it itself."""
+    options = ex.body.get("stream_options")
+    wants = isinstance(options, dict) and options.get("include_usage") is True
+    if not wants:
+        ex.body["stream_options"] = (
+            {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        )
+        ex.dirty = True
+    return wants
+
+
+def requested_max_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def shape_request(ex: Exchange, candidate: Candidate) -> bytes:
     """Bytes for the upstream: the client's own bytes unless something must change.
 
-    Only the model name is rewritten, in place, so key order and every unknown field stay as the
-    client sent them; provider prompt caches see the same bytes turn after turn.
+    Changes are made in place (the model name, stream usage, a budget's max_tokens), so key order
+    and every unknown field stay as the client sent them; provider prompt caches see the same bytes
+    turn after turn.
     """
-    if ex.model == candidate.upstream_model:
-        return ex.raw
-    ex.body["model"] = candidate.upstream_model
-    return orjson.dumps(ex.body)
+    if ex.model != candidate.upstream_model:
+        ex.body["model"] = candidate.upstream_model
+        ex.dirty = True
+    return orjson.dumps(ex.body) if ex.dirty else ex.raw
 
 
 def _response_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -110,14 +141,50 @@ def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
         OVERHEAD.labels("true" if ex.stream else "false").observe(max(0.0, now - ex.started - ex.upstream_time))
 
 
+async def _reserve(rt: Runtime, ex: Exchange) -> None:
+    """Hold the worst-case cost on every budget that caps this request (429 when it does not fit)."""
+    m = ex.metered
+    budget = ex.tenant.budget
+    if budget is None or m.price is None:
+        return
+    asked = requested_max_tokens(ex.body)
+    max_tokens = asked or ex.tenant.default_max_tokens
+    bound = upper_bound_tokens(ex.raw)
+    reservation = await rt.meter.budgets.reserve(
+        request_id=ex.request_id,
+        tenant=ex.tenant.name,
+        budget=budget,
+        app=m.app,
+        price=m.price,
+        prompt_tokens=bound,
+        max_tokens=max_tokens,
+        now=m.ts,
+    )
+    m.reservation = reservation
+    if reservation is None:
+        return
+    if reservation.downgraded or asked is None:
+        # the upstream must not generate more than the reservation covers
+        key = "max_completion_tokens" if "max_completion_tokens" in ex.body else "max_tokens"
+        ex.body[key] = reservation.max_tokens
+        ex.dirty = True
+        if reservation.downgraded:
+            ex.route_reason += f"; budget: max_tokens lowered to {reservation.max_tokens}"
+    rt.meter.opened(m, bound)
+
+
 async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) -> UpstreamReply:
     upstream = rt.upstreams[candidate.upstream]
+    m = ex.metered
     try:
         reply = await upstream.send(body, stream=ex.stream)
     except UpstreamFailure as failure:
         UPSTREAM_FAILURES.labels(candidate.upstream, failure.kind).inc()
         if failure.is_timeout:
+            m.outcome, m.reached_upstream = "timeout", True
+            m.estimate_reason = "upstream timed out before usage arrived; the prompt may be billed"
             raise errors.gateway_timeout(failure.message) from None
+        m.outcome = "upstream_error"
         raise errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}") from None
     if reply.status >= 400:
         try:
@@ -127,6 +194,7 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
         finally:
             await reply.aclose()
         UPSTREAM_FAILURES.labels(candidate.upstream, str(reply.status)).inc()
+        m.outcome = "upstream_error"
         error = upstream_error(candidate, reply.status, payload, reply.retry_after)
         if reply.status == 404 and error.code == "upstream_model_not_found":
             rt.dead.add(candidate.label)
@@ -138,58 +206,133 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
                 candidate.label,
             )
         raise error
+    m.reached_upstream = True
     return reply
 
 
 async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) -> None:
     """Serve one chat/completions request end to end; raises GatewayError before any byte is sent."""
-    candidate = choose_candidate(rt, ex)
-    ex.candidate = candidate
-    body = shape_request(ex, candidate)
-    sent_at = time.perf_counter()
-    reply = await _call(rt, ex, candidate, body)
+    m = ex.metered
     try:
-        if ex.stream:
-            await _relay_stream(ex, reply, send, watch, sent_at)
-        else:
-            payload = await _read_whole(reply)
-            ex.upstream_time = time.perf_counter() - sent_at
-            ex.status = 200
-            watch.finish()
-            await send_bytes(send, 200, payload, _response_headers(ex))
-            _observe(ex)
+        candidate = choose_candidate(rt, ex)
+        ex.candidate = candidate
+        m.upstream, m.upstream_model, m.label = candidate.upstream, candidate.upstream_model, candidate.label
+        m.route_reason = ex.route_reason
+        m.price = rt.meter.price(candidate.label, m.ts)
+        client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
+        await _reserve(rt, ex)
+        m.route_reason = ex.route_reason
+        body = shape_request(ex, candidate)
+        sent_at = time.perf_counter()
+        reply = await _call(rt, ex, candidate, body)
+        try:
+            if ex.stream:
+                await _relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
+            else:
+                await _relay_whole(rt, ex, reply, send, watch, sent_at)
+        finally:
+            await reply.aclose(abort=watch.disconnected)
+    except GatewayError as error:
+        m.status = error.status
+        if m.outcome == "ok":
+            m.outcome = "rejected"
+        raise
+    except asyncio.CancelledError:
+        if watch.disconnected:
+            m.status, m.outcome = 499, "client_cancelled"
+            if m.usage is None:
+                m.estimate_reason = "client disconnected before the upstream reported usage"
+        raise
     finally:
-        await reply.aclose(abort=watch.disconnected)
+        m.latency_ms = (time.perf_counter() - ex.started) * 1000
+        await rt.meter.settle(m)
 
 
-async def _read_whole(reply: UpstreamReply) -> bytes:
+async def _relay_whole(
+    rt: Runtime, ex: Exchange, reply: UpstreamReply, send: Send, watch: DisconnectWatch, sent_at: float
+) -> None:
+    m = ex.metered
     try:
-        return await reply.read()
+        payload = await reply.read()
     except UpstreamFailure as failure:
+        m.estimate_reason = f"{failure.message}; the upstream may have billed the prompt"
         if failure.is_timeout:
+            m.outcome = "timeout"
             raise errors.gateway_timeout(failure.message) from None
+        m.outcome = "cut"
         raise errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}") from None
+    ex.upstream_time = time.perf_counter() - sent_at
+    try:
+        parsed = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        m.usage = usage_of_response(parsed)
+        if m.tool_calls is not None and parsed.get("choices"):
+            _count_builtin_calls(parsed, m.tool_calls)
+    if m.usage is None:
+        m.estimate_reason = "the upstream reported no usage"
+    ex.status = m.status = 200
+    m.ttft_ms = (time.perf_counter() - ex.started) * 1000
+    cost = rt.meter.compute(m)
+    headers = _response_headers(ex)
+    headers.append((b"x-gateway-cost-usd", fmt_usd(cost.usd, 9).encode()))
+    watch.finish()
+    await send_bytes(send, 200, payload, headers)
+    _observe(ex)
 
 
-async def _relay_stream(ex: Exchange, reply: UpstreamReply, send: Send, watch: DisconnectWatch, sent_at: float) -> None:
+def _count_builtin_calls(parsed: dict[str, Any], into: dict[str, int]) -> None:
+    """Per-call tool fees (Moonshot's ``$web_search``) are billed for builtin calls in the answer."""
+    for choice in parsed.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for call in calls or ():
+            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+            if isinstance(name, str) and name.startswith("$"):
+                into[name] = into.get(name, 0) + 1
+
+
+async def _relay_stream(
+    rt: Runtime,
+    ex: Exchange,
+    reply: UpstreamReply,
+    send: Send,
+    watch: DisconnectWatch,
+    sent_at: float,
+    client_wants_usage: bool,
+) -> None:
     """Relay SSE events as they arrive; a broken upstream ends the stream with an error event."""
-    ex.status = 200
+    m = ex.metered
+    ex.status = m.status = 200
     await send({"type": "http.response.start", "status": 200, "headers": [CT_SSE, NO_CACHE, *_response_headers(ex)]})
     relay = SSERelay()
+    tap = m.tap = StreamTap(client_wants_usage)
     first_byte_at: float | None = None
     try:
         async for chunk in reply.chunks():
-            out = relay.feed(chunk)
+            out = tap.process(relay.feed(chunk))
             if out:
                 if first_byte_at is None:
                     first_byte_at = time.perf_counter()
+                    m.ttft_ms = (first_byte_at - ex.started) * 1000
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-        tail = relay.finish()
+        tail = tap.process(relay.finish())
+        if not relay.saw_done:
+            m.outcome = "cut"
     except UpstreamFailure as failure:
         UPSTREAM_FAILURES.labels(ex.upstream_label.split("/", 1)[0], failure.kind).inc()
         log.warning("request %s: %s", ex.request_id, failure.message)
         ex.status = 504 if failure.is_timeout else 502
+        m.outcome = "timeout" if failure.is_timeout else "cut"
         tail = relay.abort(failure.message, "timeout_error" if failure.is_timeout else "upstream_error")
+    m.usage = tap.usage
+    if m.usage is None:
+        m.estimate_reason = (
+            "the upstream stream broke before it reported usage"
+            if m.outcome != "ok"
+            else "the upstream reported no usage"
+        )
     ex.upstream_time = time.perf_counter() - sent_at
     watch.finish()
     await send({"type": "http.response.body", "body": tail, "more_body": False})

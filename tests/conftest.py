@@ -96,15 +96,43 @@ def start_gateway(config: Path, env: dict[str, str] | None = None) -> Process:
     return Process(args, port, config.parent / f"gateway-{port}.log", "/readyz", env=env)
 
 
+# Moonshot's kimi-k2-thinking list prices, USD per 1M tokens: the default for test candidates
+K2_PRICES = {"input_miss": "0.60", "input_hit": "0.15", "output": "2.50"}
+
+
+def write_prices(path: Path, targets: dict[str, dict[str, str]]) -> None:
+    import yaml
+
+    entries = [{"target": t, "effective_from": "2025-01-01", **p} for t, p in sorted(targets.items())]
+    path.write_text(yaml.safe_dump({"currency": "USD", "prices": entries}))
+
+
 def write_gateway(
-    folder: Path, upstreams_yaml: str, policy_yaml: str, extra_yaml: str = "", name: str = "gateway"
+    folder: Path,
+    upstreams_yaml: str,
+    policy_yaml: str,
+    extra_yaml: str = "",
+    name: str = "gateway",
+    prices: dict[str, dict[str, str]] | None = None,
 ) -> Path:
-    """A config file and one policy file in ``folder``; returns the config path."""
+    """A config file, one policy file and a prices file in ``folder``; returns the config path.
+
+    Every candidate of the policy gets Moonshot's kimi-k2-thinking prices unless ``prices`` says
+    otherwise; the ledger is a SQLite file in ``folder``.
+    """
+    import yaml
+
     policies = folder / f"{name}-policies"
     policies.mkdir(parents=True, exist_ok=True)
     (policies / "tenant.yaml").write_text(policy_yaml)
+    targets = {c: dict(K2_PRICES) for vm in yaml.safe_load(policy_yaml)["models"].values() for c in vm["candidates"]}
+    targets.update(prices or {})
+    write_prices(folder / f"{name}-prices.yaml", targets)
     config = folder / f"{name}.yaml"
-    config.write_text(f"policies_dir: {policies.name}\n{extra_yaml}\nupstreams:\n{upstreams_yaml}")
+    config.write_text(
+        f"policies_dir: {policies.name}\nprices: {name}-prices.yaml\n"
+        f'ledger: {{url: "sqlite:///{name}-ledger.db"}}\n{extra_yaml}\nupstreams:\n{upstreams_yaml}'
+    )
     return config
 
 

@@ -28,6 +28,7 @@ from gateway.api.http import (
 )
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
+from gateway.metering.meter import Metered
 from gateway.observability import REQUESTS, UNKNOWN, log
 from gateway.pipeline import Exchange, Runtime, chat
 
@@ -38,6 +39,32 @@ def _type_name(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
     )
+
+
+MAX_TAGS = 16
+
+
+def parse_tags(value: bytes | None) -> dict[str, str]:
+    """``x-gateway-tags: app=checkout,team=payments`` → a dict; 400 on a malformed header."""
+    if not value:
+        return {}
+    tags: dict[str, str] = {}
+    for item in value.decode("utf-8", "replace").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or not key or len(key) > 64 or len(val) > 128:
+            raise invalid_request(
+                f"x-gateway-tags entry {item[:80]!r} must be key=value (key <= 64, value <= 128 characters).",
+                param="x-gateway-tags",
+                code="invalid_tags",
+            )
+        tags[key] = val
+    if len(tags) > MAX_TAGS:
+        raise invalid_request(f"x-gateway-tags has more than {MAX_TAGS} entries.", param="x-gateway-tags")
+    return tags
 
 
 def parse_chat_body(raw: bytes) -> dict[str, Any]:
@@ -103,8 +130,23 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
         body = parse_chat_body(raw)
-        ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started)
-        ex.stream = bool(body.get("stream"))
+        tags = parse_tags(headers.get(b"x-gateway-tags"))
+        user = body.get("user")
+        stream = bool(body.get("stream"))
+        metered = Metered(
+            request_id,
+            time.time(),
+            entry.tenant,
+            entry.key_id,
+            body["model"],
+            stream,
+            body,
+            app=tags.get("app"),
+            user=user if isinstance(user, str) else None,
+            tags=tags,
+        )
+        ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
+        ex.stream = stream
         if body["model"] in entry.tenant.routes:
             ex.model = model = body["model"]
         else:

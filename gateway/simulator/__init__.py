@@ -1,0 +1,32 @@
+"""A faithful simulated upstream for kimi-gateway: Moonshot's API or a self-hosted vLLM serving Kimi K2
+Thinking, minus the model.
+
+It powers the demo (in-process upstreams), the tests (wire-format details, validation errors, injected
+faults) and the benchmarks (the `instant` profile as a near-zero-cost upstream).  Its text is synthetic;
+everything around the text (reasoning fields, tool-call ids and deltas, usage placement, cached tokens,
+error shapes, timing) follows the real upstreams as documented in protocols.md.
+
+    engine.Simulator   transport-free protocol logic: handle(body) -> SimReply
+    server             raw ASGI app for uvicorn (build_app, serve, BackgroundServer)
+    profiles           named timing/behaviour profiles (PROFILES, profile_from)
+    faults             injected errors, stalls, drops and cut streams
+"""
+
+from .engine import SimReply, SimStats, SimulatedDisconnect, Simulator
+from .faults import Fault
+from .profiles import PROFILES, Profile, profile_from
+from .server import BackgroundServer, build_app, serve
+
+__all__ = [
+    "PROFILES",
+    "BackgroundServer",
+    "Fault",
+    "Profile",
+    "SimReply",
+    "SimStats",
+    "SimulatedDisconnect",
+    "Simulator",
+    "build_app",
+    "profile_from",
+    "serve",
+]
