@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -46,6 +47,7 @@ class GatewayApp:
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
         self.runtime = Runtime(loaded.policies, self.upstreams, self.meter)
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
+        self._finance_app: Any = None
         self.ready = False
         limit = config.settings.max_body_bytes
         rt = self.runtime
@@ -56,7 +58,12 @@ class GatewayApp:
         async def models(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.list_models(rt, scope, send)
 
+        finance = self._finance
         self.routes: dict[str, dict[str, Handler]] = {
+            "/v1/spend": {"GET": finance},
+            "/v1/budget": {"GET": finance},
+            "/finance/docs": {"GET": finance},
+            "/finance/openapi.json": {"GET": finance},
             "/v1/chat/completions": {"POST": chat},
             "/chat/completions": {"POST": chat},
             "/v1/models": {"GET": models},
@@ -119,6 +126,14 @@ class GatewayApp:
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.ledger.close()
+
+    async def _finance(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The finance API is a FastAPI app, built on first use to keep start-up fast."""
+        if self._finance_app is None:
+            from gateway.api.finance import build_finance_app
+
+            self._finance_app = build_finance_app(self.runtime, self.admin_key)
+        await self._finance_app(scope, receive, send)
 
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})

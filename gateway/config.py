@@ -209,8 +209,13 @@ def _resolve_key(doc: YamlDoc, name: str, up: UpstreamConfig, env: dict[str, str
     return None, None
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
-    """Load and validate a gateway config; raises :class:`ConfigError` listing every problem."""
+def load_config(
+    path: str | os.PathLike[str], env: dict[str, str] | None = None, *, resolve_keys: bool = True
+) -> LoadedConfig:
+    """Load and validate a gateway config; raises :class:`ConfigError` listing every problem.
+
+    ``resolve_keys=False`` skips reading upstream keys (tools that only read the ledger need none).
+    """
     file = Path(path)
     doc = load_yaml(file)
     if not isinstance(doc.data, dict):
@@ -223,9 +228,10 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     problems: list[str] = []
     keys: dict[str, str | None] = {}
     for name, up in settings.upstreams.items():
-        keys[name], problem = _resolve_key(doc, name, up, environ)
-        if problem:
-            problems.append(problem)
+        if resolve_keys:
+            keys[name], problem = _resolve_key(doc, name, up, environ)
+            if problem:
+                problems.append(problem)
         if up.kind == "simulated":
             from gateway.simulator import PROFILES
 

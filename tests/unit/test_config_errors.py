@@ -117,7 +117,8 @@ def test_unknown_simulator_profile(tmp_path: Path) -> None:
 
 def test_timeouts_must_be_consistent(tmp_path: Path) -> None:
     config = GOOD_UPSTREAMS.replace(
-        "    api_key_env: TEST_MOONSHOT_KEY\n", "    api_key_env: TEST_MOONSHOT_KEY\n    timeouts: {first_byte_s: 99, total_s: 10}\n"
+        "    api_key_env: TEST_MOONSHOT_KEY\n",
+        "    api_key_env: TEST_MOONSHOT_KEY\n    timeouts: {first_byte_s: 99, total_s: 10}\n",
     )
     [p] = problems(tmp_path, config)
     assert "upstreams.moonshot.timeouts" in p and "total_s" in p

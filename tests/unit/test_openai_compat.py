@@ -91,8 +91,11 @@ async def test_stream_chunks_arrive_as_sent(serve) -> None:
 
 async def test_error_status_and_retry_after_are_kept(serve) -> None:
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response({"error": {"message": "slow down", "type": "rate_limit_reached_error"}},
-                                 status=429, headers={"Retry-After": "7"})
+        return web.json_response(
+            {"error": {"message": "slow down", "type": "rate_limit_reached_error"}},
+            status=429,
+            headers={"Retry-After": "7"},
+        )
 
     up = upstream(await serve(handler))
     await up.start()

@@ -54,7 +54,12 @@ def test_unknown_fields_and_key_order_survive() -> None:
     assert body["thinking"] == {"type": "enabled"}
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c)))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    )
+)
 def test_any_json_value_is_accepted_or_refused_with_400(value: object) -> None:
     raw = orjson.dumps(value)
     try:

@@ -1,0 +1,691 @@
+"""The spend ledger: one row per request, written in batches off the request path.
+
+Why it is shaped this way:
+
+* The request path must never wait on a database. :meth:`Ledger.record` and
+  :meth:`Ledger.reservation_opened` only append to an in-memory deque; a background task drains it in
+  batches (up to ``batch_size`` entries, or whatever arrived within ``max_delay``) and writes each batch
+  in one transaction.
+* Money is never dropped. The deque is unbounded: past ``backlog_warn`` entries the ledger logs a
+  warning (and :attr:`Ledger.backlog` is there for a gauge) but keeps everything. A single deque, not a
+  bounded queue plus an overflow list, because entries must be written in the order they were made (a
+  reservation before the row that settles it) and one FIFO is the simplest thing that guarantees it.
+  A failing database is retried with backoff; an entry the database refuses as *data* (the only kind of
+  loss possible) is logged in full, as JSON, at ERROR and counted in :attr:`Ledger.rejected`.
+* :meth:`Ledger.close` drains and writes everything before disconnecting, so a graceful shutdown loses
+  nothing; if the database stays unreachable past the timeout, the unwritten entries go to the log.
+* Open reservations are persisted so that after a crash :meth:`Ledger.reconcile_open_reservations`
+  turns each one into an estimated row (the money was probably spent upstream) instead of forgetting it.
+
+Backends (:mod:`gateway.metering.ledger_sqlite`, :mod:`gateway.metering.ledger_postgres`) provide the
+SQL; everything about batching, ordering and failure handling lives here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import difflib
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+
+log = logging.getLogger("gateway.metering.ledger")
+
+OUTCOMES = frozenset({"ok", "upstream_error", "cut", "client_cancelled", "timeout", "rejected", "crashed"})
+
+RECONCILED_STATUS = 0
+"""HTTP status of a row made from an orphaned reservation: no client ever got a status. A real row for
+the same request (a replica that was only slow, not dead) replaces such a row instead of being refused
+as a duplicate."""
+
+GROUPS: dict[str, str] = {
+    "tenant": "tenant",
+    "app": "app",
+    "key": "key_id",
+    "model": "virtual_model",
+    "upstream": "upstream",
+    "day": "day",
+    "month": "month",
+}
+"""Report group names (what users type) and the ledger column each one groups by."""
+
+METRICS = (
+    "requests",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "cache_savings_usd",
+    "estimated_requests",
+)
+"""The figures :meth:`Ledger.spend` returns for every group, in report column order."""
+
+
+@dataclass(slots=True)
+class LedgerRow:
+    """One request, as finance sees it. ``day``/``month`` (UTC) are derived from ``ts`` when stored."""
+
+    request_id: str
+    ts: float  # unix seconds, UTC
+    tenant: str
+    key_id: str  # first 12 hex digits of the key hash; never the key
+    app: str | None
+    user: str | None  # the request's `user` field
+    tags: dict[str, str]
+    virtual_model: str
+    upstream: str | None
+    upstream_model: str | None
+    stream: bool
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    tool_calls_billed: int
+    cost_usd: Decimal
+    cache_savings_usd: Decimal
+    price_version: str | None
+    ttft_ms: float | None
+    latency_ms: float
+    status: int  # HTTP status the client got (499 = client went away, 0 = reconciled after a crash)
+    outcome: str  # one of OUTCOMES
+    estimated: bool
+    estimate_reason: str | None
+    route_reason: str
+
+
+@dataclass(slots=True)
+class OpenReservation:
+    """Budget held for a request in flight; persisted so a crash cannot make its spend vanish."""
+
+    request_id: str
+    ts: float
+    tenant: str
+    key_id: str
+    app: str | None
+    virtual_model: str
+    upstream: str | None
+    upstream_model: str | None
+    amount_usd: Decimal
+    prompt_tokens_estimate: int
+    windows: list[str] = field(default_factory=list)
+
+
+Entry = LedgerRow | OpenReservation
+
+
+# --------------------------------------------------------------------------------------------------
+# Small shared helpers (pure; the backends use them to stay identical in behaviour)
+
+
+def utc_day_month(ts: float) -> tuple[str, str]:
+    """``('YYYY-MM-DD', 'YYYY-MM')`` of a unix time, in UTC: the columns reports group by."""
+    day = dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+    return day, day[:7]
+
+
+def clean_text(s: str) -> str:
+    """``s`` made storable everywhere: PostgreSQL refuses NUL in text and no driver can encode a lone
+    surrogate, and a client's ``user`` field may contain either. Returns ``s`` itself when clean."""
+    if "\x00" in s:
+        s = s.replace("\x00", "\ufffd")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    return s
+
+
+def opt_text(s: str | None) -> str | None:
+    return None if s is None else clean_text(s)
+
+
+def dump_json(value: Any) -> str:
+    """Tags and windows as JSON text: sorted keys so equal tags give equal text."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def entry_json(entry: Entry) -> str:
+    """An entry as one JSON line, so an entry that could not be stored can be recovered from the log."""
+    kind = "ledger_row" if isinstance(entry, LedgerRow) else "open_reservation"
+    try:
+        doc = {"kind": kind, **asdict(entry)}
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except TypeError:  # e.g. an int beyond 64 bits: the slower encoder copes
+            return json.dumps(doc, default=str, ensure_ascii=False)
+    except Exception:  # this runs on error paths; it must never raise
+        return repr(entry)
+
+
+def check_group_by(group_by: Sequence[str]) -> list[str]:
+    """``group_by`` as a list, or ValueError naming the bad entry and the valid choices."""
+    if isinstance(group_by, str):
+        raise ValueError(f"group_by must be a list of names, not the string {group_by!r}")
+    seen: list[str] = []
+    for name in group_by:
+        if name not in GROUPS:
+            hint = difflib.get_close_matches(str(name), GROUPS, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown group {name!r}{did_you_mean}; choose from {', '.join(GROUPS)}")
+        if name in seen:
+            raise ValueError(f"group {name!r} is listed twice")
+        seen.append(name)
+    return seen
+
+
+def build_spend_query(
+    group_by: Sequence[str],
+    *,
+    since: float | None,
+    until: float | None,
+    tenant: str | None,
+    cost_col: str,
+    savings_col: str,
+    placeholder: Callable[[int], str],
+    collate: str,
+) -> tuple[str, list[Any]]:
+    """The aggregate query behind :meth:`Ledger.spend`, for either dialect.
+
+    ``since`` is inclusive and ``until`` exclusive, so consecutive periods never count a row twice.
+    Ordering is by code point with NULLs last on both databases (``collate`` gives PostgreSQL the "C"
+    collation), so SQLite and PostgreSQL return the same rows in the same order.
+    """
+    cols = [GROUPS[g] for g in group_by]
+    select = [f'{c} AS "{g}"' for g, c in zip(group_by, cols, strict=True)]
+    select += [
+        "COUNT(*) AS requests",
+        "COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens",
+        "COALESCE(SUM(cached_tokens), 0) AS cached_tokens",
+        "COALESCE(SUM(completion_tokens), 0) AS completion_tokens",
+        "COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens",
+        f"COALESCE(SUM({cost_col}), 0) AS cost_usd",
+        f"COALESCE(SUM({savings_col}), 0) AS cache_savings_usd",
+        "COALESCE(SUM(CASE WHEN estimated THEN 1 ELSE 0 END), 0) AS estimated_requests",
+    ]
+    where: list[str] = []
+    params: list[Any] = []
+    for cond, value in (("ts >= {}", since), ("ts < {}", until), ("tenant = {}", tenant)):
+        if value is not None:
+            params.append(float(value) if cond.startswith("ts") else value)
+            where.append(cond.format(placeholder(len(params))))
+    sql = f"SELECT {', '.join(select)} FROM ledger"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if cols:
+        sql += " GROUP BY " + ", ".join(cols)
+        sql += " ORDER BY " + ", ".join(f"{c}{collate} NULLS LAST" for c in cols)
+    return sql, params
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one transaction must do, in this order, to have the effect of the entries in sequence.
+
+    Rows are inserted, then the reservations of all recorded rows are deleted, then the reservations
+    that no later row in the batch settles are upserted. A reservation and its row in the same batch
+    therefore leave nothing open, and a (pathological) reservation made *after* its row stays open,
+    exactly as if each entry had been written on its own.
+    """
+
+    rows: list[LedgerRow]
+    settled: list[str]
+    reservations: list[OpenReservation]
+
+
+def plan_batch(entries: Sequence[Entry]) -> Batch:
+    rows: list[LedgerRow] = []
+    reservations: list[OpenReservation] = []
+    settled_after: set[str] = set()
+    for entry in reversed(entries):
+        if isinstance(entry, LedgerRow):
+            settled_after.add(entry.request_id)
+            rows.append(entry)
+        elif entry.request_id not in settled_after:
+            reservations.append(entry)
+    rows.reverse()
+    reservations.reverse()
+    return Batch(rows, list(dict.fromkeys(r.request_id for r in rows)), reservations)
+
+
+def split_existing(rows: Sequence[LedgerRow], existing: dict[str, bool]) -> tuple[list[LedgerRow], list[str]]:
+    """Rows to insert and stored rows to replace, given the batch's ids already in the ledger
+    (``existing[id]`` is True when the stored row is a reconciled estimate a real row may replace).
+
+    A request id already recorded for real keeps its first row; the later one is logged, not stored,
+    because a unique-constraint error would otherwise fail the whole batch.
+    """
+    insert: list[LedgerRow] = []
+    replace: list[str] = []
+    seen: set[str] = set()
+    for row in rows:
+        rid = row.request_id
+        if rid in seen or (rid in existing and not existing[rid]):
+            log.warning("ledger: request %s is already recorded; keeping the first, dropping %s", rid, entry_json(row))
+            continue
+        seen.add(rid)
+        if existing.get(rid):
+            log.info("ledger: request %s settled after it was reconciled as crashed; replacing the estimate", rid)
+            replace.append(rid)
+        insert.append(row)
+    return insert, replace
+
+
+def reconciled_row(res: OpenReservation, cost: Decimal, reason: str) -> LedgerRow:
+    """The estimated row standing in for a request whose gateway died before settling it."""
+    return LedgerRow(
+        request_id=res.request_id,
+        ts=res.ts,
+        tenant=res.tenant,
+        key_id=res.key_id,
+        app=res.app,
+        user=None,
+        tags={},
+        virtual_model=res.virtual_model,
+        upstream=res.upstream,
+        upstream_model=res.upstream_model,
+        stream=False,
+        prompt_tokens=res.prompt_tokens_estimate,
+        cached_tokens=0,
+        completion_tokens=0,
+        reasoning_tokens=0,
+        tool_calls_billed=0,
+        cost_usd=cost,
+        cache_savings_usd=Decimal(0),
+        price_version=None,
+        ttft_ms=None,
+        latency_ms=0.0,
+        status=RECONCILED_STATUS,
+        outcome="crashed",
+        estimated=True,
+        estimate_reason=reason,
+        route_reason="reconciled from an open reservation",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def pending_migrations(migrations: Sequence[Migration], applied: Iterable[int], where: str) -> list[Migration]:
+    """The migrations still to apply, in order; warns when the database is newer than this code
+    (a rollback during a deploy) rather than refusing to start, since migrations only add."""
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise RuntimeError(f"ledger migrations must have unique, increasing versions: {versions}")
+    done = set(applied)
+    unknown = sorted(done - set(versions))
+    if unknown:
+        log.warning("ledger schema at %s has migrations %s this gateway does not know; continuing", where, unknown)
+    return [m for m in migrations if m.version not in done]
+
+
+# --------------------------------------------------------------------------------------------------
+# The interface and the batching writer
+
+
+class Ledger(ABC):
+    """Append-only spend records plus open reservations; see the module docstring for the design.
+
+    Use from one event loop: ``record``/``reservation_opened`` are plain (non-async) appends.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 500,
+        max_delay: float = 0.05,
+        backlog_warn: int = 10_000,
+        close_timeout: float = 30.0,
+        retry_max_delay: float = 5.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.batch_size = batch_size
+        self.max_delay = max_delay
+        self.backlog_warn = backlog_warn
+        self.close_timeout = close_timeout
+        self.retry_max_delay = retry_max_delay
+        self._pending: deque[Entry] = deque()
+        self._inflight: list[Entry] = []
+        self._enqueued = 0
+        self._written = 0  # entries stored, or rejected and logged
+        self._rejected = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._state = "new"  # new -> open -> closing -> closed
+        self._backlog_warned = False
+
+    # ---- what a backend provides
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """Where the data lives, for logs (never includes a password)."""
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Connect and apply pending migrations."""
+
+    @abstractmethod
+    async def _disconnect(self) -> None: ...
+
+    @abstractmethod
+    async def _write(self, batch: Batch) -> None:
+        """Apply ``batch`` in one transaction (see :class:`Batch` for the order)."""
+
+    @abstractmethod
+    def _is_data_error(self, exc: BaseException) -> bool:
+        """True when the database refused the *data* (retrying cannot help); False for outages."""
+
+    @abstractmethod
+    async def _reconcile(
+        self, opened_before: float | None, make_row: Callable[[OpenReservation], LedgerRow]
+    ) -> list[LedgerRow]:
+        """In one transaction: take the open reservations (opened before the cutoff), store
+        ``make_row`` of each unless the request already has a row, delete them; return stored rows."""
+
+    @abstractmethod
+    async def _spend(
+        self, group_by: list[str], since: float | None, until: float | None, tenant: str | None
+    ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def window_spend(self, tenant: str, app: str | None, since: float) -> Decimal:
+        """Total cost of ``tenant`` (only its ``app`` if given, all apps if None) from ``since`` on,
+        for seeding budget counters at start-up."""
+
+    @abstractmethod
+    async def get(self, request_id: str) -> LedgerRow | None: ...
+
+    @abstractmethod
+    async def open_reservations(self) -> list[OpenReservation]:
+        """Reservations written and not yet settled, oldest first."""
+
+    @abstractmethod
+    async def applied_migrations(self) -> list[int]: ...
+
+    # ---- life cycle
+
+    async def open(self) -> None:
+        """Connect, migrate, start the writer. Entries recorded before this are kept and written."""
+        if self._state != "new":
+            raise RuntimeError(f"ledger is {self._state}; open() is allowed once")
+        await self._connect()
+        self._state = "open"
+        self._task = asyncio.create_task(self._run(), name=f"ledger-writer {self.where}")
+        if self._pending:
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Write everything recorded so far, stop the writer, disconnect. Idempotent.
+
+        Waits at most ``close_timeout`` seconds for an unreachable database; whatever is
+        still unwritten then is logged as JSON at ERROR, one entry per line, so it can be replayed.
+        """
+        if self._state in ("closing", "closed"):
+            return
+        if self._state == "new":
+            self._state = "closed"
+            self._log_unwritten(list(self._pending), "the ledger was closed without being opened")
+            return
+        self._state = "closing"
+        self._wake.set()
+        self._hurry.set()
+        task = self._task
+        assert task is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.close_timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self._log_unwritten(self._inflight + list(self._pending), "the database stayed unreachable at close")
+            self._pending.clear()
+            self._inflight = []
+        finally:
+            self._state = "closed"
+            for _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("the ledger closed before these entries were written"))
+            self._waiters.clear()
+            await self._disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---- the request path (non-blocking)
+
+    def record(self, row: LedgerRow) -> None:
+        """Queue a settled request's row; its open reservation is deleted in the same transaction."""
+        self._enqueue(row)
+
+    def reservation_opened(self, res: OpenReservation) -> None:
+        """Queue a reservation made before forwarding, so a crash leaves a trace of the spend."""
+        self._enqueue(res)
+
+    def _enqueue(self, entry: Entry) -> None:
+        if self._state == "closed":
+            self._rejected += 1
+            log.error("ledger: an entry arrived after close(); it is NOT stored: %s", entry_json(entry))
+            return
+        self._pending.append(entry)
+        self._enqueued += 1
+        n = len(self._pending)
+        if n >= self.batch_size:
+            self._hurry.set()
+        self._wake.set()
+        if n > self.backlog_warn and not self._backlog_warned:
+            self._backlog_warned = True
+            log.warning(
+                "ledger backlog is %d entries (warning threshold %d): %s is not keeping up; nothing is dropped,"
+                " but memory grows until it does",
+                n,
+                self.backlog_warn,
+                self.where,
+            )
+
+    @property
+    def backlog(self) -> int:
+        """Entries recorded but not yet written (a gauge: it should hover near zero)."""
+        return self._enqueued - self._written
+
+    @property
+    def rejected(self) -> int:
+        """Entries the database refused as invalid or that arrived after close (each was logged)."""
+        return self._rejected
+
+    async def flush(self) -> None:
+        """Return once every entry recorded before the call is written (or rejected and logged)."""
+        target = self._enqueued
+        if self._written >= target:
+            return
+        if self._state == "closed":
+            raise RuntimeError("the ledger is closed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        self._hurry.set()
+        self._wake.set()
+        await fut
+
+    # ---- queries
+
+    async def spend(
+        self,
+        *,
+        group_by: Sequence[str],
+        since: float | None = None,
+        until: float | None = None,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Spend per group: one dict per group with the group names as keys plus :data:`METRICS`
+        (money as Decimal), ordered by the groups. ``since`` is inclusive, ``until`` exclusive.
+        With no groups, one row of totals (or none when nothing matches)."""
+        groups = check_group_by(group_by)
+        rows = await self._spend(groups, since, until, tenant)
+        return [r for r in rows if r["requests"]]
+
+    async def reconcile_open_reservations(
+        self,
+        *,
+        reason: str = "gateway stopped before the request settled",
+        estimate: Callable[[OpenReservation], Decimal] | None = None,
+        opened_before: float | None = None,
+    ) -> list[LedgerRow]:
+        """Turn reservations left open by a dead gateway into estimated rows; returns the new rows.
+
+        Call at start-up, before serving. The cost is ``estimate(res)``, by default the amount the
+        reservation held (an upper bound, which is what finance wants from a guess). With several
+        replicas on one database pass ``opened_before`` (e.g. now minus the longest request time) so
+        a replica starting up does not take over requests still running elsewhere; should it happen
+        anyway, the real row replaces the estimate when it arrives. Each reservation is reconciled
+        once even when replicas run this at the same moment.
+        """
+        guess = estimate or (lambda res: res.amount_usd)
+        rows = await self._reconcile(opened_before, lambda res: reconciled_row(res, guess(res), reason))
+        if rows:
+            log.warning("ledger: reconciled %d open reservations into estimated rows (%s)", len(rows), reason)
+        return rows
+
+    # ---- the writer
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if not self._pending:
+                if self._state == "closing":
+                    return
+                self._wake.clear()
+                continue
+            if not self._hurry.is_set() and len(self._pending) < self.batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self.max_delay)
+            while self._pending:
+                n = min(len(self._pending), self.batch_size)
+                self._inflight = [self._pending.popleft() for _ in range(n)]
+                try:
+                    await self._store(self._inflight)
+                except Exception:  # a bug, not an outage: keep the writer alive and the entries in the log
+                    log.exception("ledger writer failed unexpectedly")
+                    self._log_unwritten(self._inflight, "the ledger writer failed unexpectedly")
+                self._inflight = []
+                self._written += n
+                self._wake_waiters()
+            self._hurry.clear()
+            if self._backlog_warned and self.backlog <= self.backlog_warn // 2:
+                self._backlog_warned = False
+                log.info("ledger backlog is back to %d entries", self.backlog)
+
+    async def _store(self, entries: list[Entry]) -> None:
+        """Write ``entries``; retry outages forever (close() bounds that), split a batch the database
+        refuses as data until the bad entry is isolated, then log and skip that one entry."""
+        delay = 0.05
+        while True:
+            try:
+                await self._write(plan_batch(entries))
+                return
+            except Exception as exc:
+                if isinstance(exc, (TypeError, ValueError, ArithmeticError)) or self._is_data_error(exc):
+                    if len(entries) == 1:
+                        self._rejected += 1
+                        log.error("ledger: %s refused %r; NOT stored: %s", self.where, exc, entry_json(entries[0]))
+                        return
+                    mid = len(entries) // 2
+                    await self._store(entries[:mid])
+                    await self._store(entries[mid:])
+                    return
+                log.error(
+                    "ledger: writing %d entries to %s failed (%r); retrying in %.2f s",
+                    len(entries),
+                    self.where,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_delay)
+
+    def _wake_waiters(self) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for target, fut in self._waiters:
+            if target <= self._written:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._waiters = still
+
+    def _log_unwritten(self, entries: list[Entry], why: str) -> None:
+        if not entries:
+            return
+        self._rejected += len(entries)
+        log.error("ledger: %d entries are NOT stored because %s; they follow, one JSON per line", len(entries), why)
+        for entry in entries:
+            log.error("ledger unwritten: %s", entry_json(entry))
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing a backend by URL
+
+
+def ledger_from_url(url: str, **options: Any) -> Ledger:
+    """An unopened ledger for ``url``:
+
+    * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (as in SQLAlchemy),
+      ``sqlite:///:memory:`` (one process only, gone at close);
+    * ``postgresql://user@host:port/db`` or ``postgres://…``; a ``schema=name`` query parameter puts
+      the tables in that schema (created if missing); other parameters go to asyncpg.
+
+    ``options`` are :class:`Ledger` settings (``batch_size``, ``max_delay``, ...).
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(f"ledger URL {url!r} needs a scheme: sqlite:///path.db or postgresql://host/db")
+    if scheme == "sqlite":
+        from gateway.metering.ledger_sqlite import SqliteLedger
+
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                f"ledger URL {url!r}: write sqlite:///relative.db, sqlite:////abs/path.db or sqlite:///:memory:"
+            )
+        path = rest[1:].split("?", 1)[0]
+        return SqliteLedger(path, **options)
+    if scheme in ("postgresql", "postgres"):
+        from gateway.metering.ledger_postgres import PostgresLedger
+
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schema = next((v for k, v in query if k == "schema"), None)
+        rest_query = urlencode([(k, v) for k, v in query if k != "schema"])
+        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, rest_query, parts.fragment))
+        return PostgresLedger(dsn, schema=schema, **options)
+    raise ValueError(f"ledger URL {url!r}: unknown scheme {scheme!r}; use sqlite:/// or postgresql://")
+
+
+async def open_ledger(url: str, **options: Any) -> Ledger:
+    """:func:`ledger_from_url`, opened (connected, migrated, writer running)."""
+    ledger = ledger_from_url(url, **options)
+    await ledger.open()
+    return ledger

@@ -1,0 +1,355 @@
+"""The embedded ledger: one SQLite file in WAL mode, through aiosqlite so every query runs in
+aiosqlite's thread and never on the event loop.
+
+Money is stored as INTEGER nanodollars: SQLite has no exact decimal type, and integer sums are exact.
+Each batch is one ``BEGIN IMMEDIATE`` transaction: taking the write lock up front (with a busy
+timeout) lets several processes share the file without the deadlock-prone lock upgrade of a deferred
+transaction. Reports read through a second connection, so a long report never holds up the writer
+(WAL lets readers and the writer proceed together); ``:memory:`` has a single connection instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from gateway.metering.ledger import (
+    GROUPS,
+    Batch,
+    Ledger,
+    LedgerRow,
+    Migration,
+    OpenReservation,
+    build_spend_query,
+    clean_text,
+    dump_json,
+    opt_text,
+    pending_migrations,
+    split_existing,
+    utc_day_month,
+)
+from gateway.metering.money import from_nanos, to_nanos
+
+BUSY_TIMEOUT_MS = 10_000
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "ledger and open reservations",
+        (
+            """CREATE TABLE ledger (
+                id INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL UNIQUE,
+                ts REAL NOT NULL,
+                day TEXT NOT NULL,
+                month TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                app TEXT,
+                end_user TEXT,
+                tags TEXT NOT NULL,
+                virtual_model TEXT NOT NULL,
+                upstream TEXT,
+                upstream_model TEXT,
+                stream INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                cached_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                reasoning_tokens INTEGER NOT NULL,
+                tool_calls_billed INTEGER NOT NULL,
+                cost_nanos INTEGER NOT NULL,
+                cache_savings_nanos INTEGER NOT NULL,
+                price_version TEXT,
+                ttft_ms REAL,
+                latency_ms REAL NOT NULL,
+                status INTEGER NOT NULL,
+                outcome TEXT NOT NULL,
+                estimated INTEGER NOT NULL,
+                estimate_reason TEXT,
+                route_reason TEXT NOT NULL
+            )""",
+            "CREATE INDEX ledger_tenant_ts ON ledger (tenant, ts)",
+            "CREATE INDEX ledger_day ON ledger (day)",
+            """CREATE TABLE open_reservations (
+                request_id TEXT PRIMARY KEY,
+                ts REAL NOT NULL,
+                tenant TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                app TEXT,
+                virtual_model TEXT NOT NULL,
+                upstream TEXT,
+                upstream_model TEXT,
+                amount_nanos INTEGER NOT NULL,
+                prompt_tokens_estimate INTEGER NOT NULL,
+                windows TEXT NOT NULL
+            )""",
+            "CREATE INDEX open_reservations_ts ON open_reservations (ts)",
+        ),
+    ),
+)
+
+ROW_COLUMNS = (
+    "request_id", "ts", "day", "month", "tenant", "key_id", "app", "end_user", "tags", "virtual_model",
+    "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
+    "reasoning_tokens", "tool_calls_billed", "cost_nanos", "cache_savings_nanos", "price_version",
+    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason",
+)  # fmt: skip
+RES_COLUMNS = (
+    "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
+    "amount_nanos", "prompt_tokens_estimate", "windows",
+)  # fmt: skip
+
+INSERT_ROW = f"INSERT INTO ledger ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
+UPSERT_RES = (
+    f"INSERT INTO open_reservations ({', '.join(RES_COLUMNS)}) VALUES ({', '.join('?' * len(RES_COLUMNS))})"
+    " ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in RES_COLUMNS[1:])
+)
+SELECT_ROW = f"SELECT {', '.join(ROW_COLUMNS)} FROM ledger"
+SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
+
+
+def encode_row(r: LedgerRow) -> tuple[Any, ...]:
+    day, month = utc_day_month(r.ts)
+    return (
+        r.request_id, float(r.ts), day, month, clean_text(r.tenant), clean_text(r.key_id),
+        opt_text(r.app), opt_text(r.user), clean_text(dump_json(r.tags)), clean_text(r.virtual_model),
+        opt_text(r.upstream), opt_text(r.upstream_model), int(bool(r.stream)), int(r.prompt_tokens),
+        int(r.cached_tokens), int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed),
+        to_nanos(r.cost_usd), to_nanos(r.cache_savings_usd), opt_text(r.price_version),
+        None if r.ttft_ms is None else float(r.ttft_ms), float(r.latency_ms), int(r.status),
+        clean_text(r.outcome), int(bool(r.estimated)), opt_text(r.estimate_reason), clean_text(r.route_reason),
+    )  # fmt: skip
+
+
+def decode_row(v: Sequence[Any]) -> LedgerRow:
+    (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
+     completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
+     reason, route) = v  # fmt: skip
+    return LedgerRow(
+        rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, bool(stream), prompt,
+        cached, completion, reasoning, tools, from_nanos(cost), from_nanos(savings), price_version, ttft, latency,
+        status, outcome, bool(estimated), reason, route,
+    )  # fmt: skip
+
+
+def encode_res(r: OpenReservation) -> tuple[Any, ...]:
+    return (
+        r.request_id, float(r.ts), clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
+        clean_text(r.virtual_model), opt_text(r.upstream), opt_text(r.upstream_model), to_nanos(r.amount_usd),
+        int(r.prompt_tokens_estimate), clean_text(dump_json(list(r.windows))),
+    )  # fmt: skip
+
+
+def decode_res(v: Sequence[Any]) -> OpenReservation:
+    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows = v
+    return OpenReservation(
+        rid, ts, tenant, key_id, app, vmodel, upstream, umodel, from_nanos(amount), prompt, orjson.loads(windows)
+    )
+
+
+def marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def chunks(items: Sequence[str], size: int = 500) -> list[list[str]]:
+    """``IN (...)`` lists small enough for any SQLite's host-parameter limit."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+class SqliteLedger(Ledger):
+    """The ledger in one SQLite file (or ``:memory:``)."""
+
+    def __init__(self, path: str | Path, **options: Any) -> None:
+        super().__init__(**options)
+        self.path = str(path)
+        self.memory = self.path == ":memory:"
+        self._conn: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        # Guards the write connection: a transaction spans several awaits, and on :memory: reports
+        # share that connection, so nothing else may run a statement inside someone's transaction.
+        self._lock = asyncio.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    async def _open_connection(self, *, reader: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if not self.memory:
+                await conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+            await conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable up to the last checkpoint
+            if reader:
+                await conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _connect(self) -> None:
+        if not self.memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = await self._open_connection(reader=False)
+        try:
+            await self._migrate()
+            self._reader = self._conn if self.memory else await self._open_connection(reader=True)
+        except BaseException:
+            await self._disconnect()
+            raise
+
+    async def _disconnect(self) -> None:
+        reader, conn = self._reader, self._conn
+        self._reader = self._conn = None
+        if reader is not None and reader is not conn:
+            await reader.close()
+        if conn is not None:
+            await conn.close()
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            applied = [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations")]
+            for m in pending_migrations(MIGRATIONS, applied, self.where):
+                for statement in m.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (m.version, m.name, time.time()),
+                )
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the ledger is not open")
+        async with self._lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                await conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._reader is None:
+            raise RuntimeError("the ledger is not open")
+        if self.memory:
+            async with self._lock:
+                yield self._reader
+        else:
+            yield self._reader
+
+    def _is_data_error(self, exc: BaseException) -> bool:
+        # OperationalError (locked, disk full, I/O) is an outage and is retried; these are not.
+        return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError))
+
+    async def _existing(self, conn: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, bool]:
+        """Which of ``ids`` are recorded, and whether each is a replaceable reconciled estimate."""
+        found: dict[str, bool] = {}
+        for part in chunks(ids):
+            rows = await conn.execute_fetchall(
+                "SELECT request_id, (outcome = 'crashed' AND estimated AND status = 0) FROM ledger"
+                f" WHERE request_id IN ({marks(len(part))})",
+                part,
+            )
+            found.update((rid, bool(replaceable)) for rid, replaceable in rows)
+        return found
+
+    async def _write(self, batch: Batch) -> None:
+        encoded = {id(r): encode_row(r) for r in batch.rows}
+        reservations = [encode_res(r) for r in batch.reservations]
+        async with self._transaction() as conn:
+            if batch.rows:
+                existing = await self._existing(conn, [r.request_id for r in batch.rows])
+                insert, replace = split_existing(batch.rows, existing)
+                for part in chunks(replace):
+                    await conn.execute(f"DELETE FROM ledger WHERE request_id IN ({marks(len(part))})", part)
+                await conn.executemany(INSERT_ROW, [encoded[id(r)] for r in insert])
+                for part in chunks(batch.settled):
+                    await conn.execute(f"DELETE FROM open_reservations WHERE request_id IN ({marks(len(part))})", part)
+            if reservations:
+                await conn.executemany(UPSERT_RES, reservations)
+
+    async def _reconcile(
+        self, opened_before: float | None, make_row: Callable[[OpenReservation], LedgerRow]
+    ) -> list[LedgerRow]:
+        where, params = ("WHERE ts < ?", [float(opened_before)]) if opened_before is not None else ("", [])
+        async with self._transaction() as conn:  # BEGIN IMMEDIATE: no one else changes them meanwhile
+            found = await conn.execute_fetchall(
+                f"SELECT {', '.join('o.' + c for c in RES_COLUMNS)},"
+                " EXISTS (SELECT 1 FROM ledger l WHERE l.request_id = o.request_id)"
+                f" FROM open_reservations o {where} ORDER BY o.ts, o.request_id",
+                params,
+            )
+            rows = [make_row(decode_res(v[:-1])) for v in found if not v[-1]]
+            await conn.executemany(INSERT_ROW, [encode_row(r) for r in rows])
+            await conn.execute(f"DELETE FROM open_reservations {where}", params)
+        return rows
+
+    async def _spend(
+        self, group_by: list[str], since: float | None, until: float | None, tenant: str | None
+    ) -> list[dict[str, Any]]:
+        sql, params = build_spend_query(
+            group_by,
+            since=since,
+            until=until,
+            tenant=tenant,
+            cost_col="cost_nanos",
+            savings_col="cache_savings_nanos",
+            placeholder=lambda _: "?",
+            collate="",
+        )
+        async with self._reading() as conn:
+            fetched = await conn.execute_fetchall(sql, params)
+        names = [*group_by, "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens",
+                 "cost_usd", "cache_savings_usd", "estimated_requests"]  # fmt: skip
+        out = []
+        for values in fetched:
+            row = dict(zip(names, values, strict=True))
+            row["cost_usd"] = from_nanos(row["cost_usd"])
+            row["cache_savings_usd"] = from_nanos(row["cache_savings_usd"])
+            out.append(row)
+        return out
+
+    async def window_spend(self, tenant: str, app: str | None, since: float) -> Decimal:
+        sql = "SELECT COALESCE(SUM(cost_nanos), 0) FROM ledger WHERE tenant = ? AND ts >= ?"
+        params: list[Any] = [tenant, float(since)]
+        if app is not None:
+            sql += " AND app = ?"
+            params.append(app)
+        async with self._reading() as conn:
+            ((total,),) = await conn.execute_fetchall(sql, params)
+        return from_nanos(total)
+
+    async def get(self, request_id: str) -> LedgerRow | None:
+        async with self._reading() as conn:
+            found = await conn.execute_fetchall(SELECT_ROW + " WHERE request_id = ?", [request_id])
+        return decode_row(next(iter(found))) if found else None
+
+    async def open_reservations(self) -> list[OpenReservation]:
+        async with self._reading() as conn:
+            found = await conn.execute_fetchall(SELECT_RES + " ORDER BY ts, request_id")
+        return [decode_res(v) for v in found]
+
+    async def applied_migrations(self) -> list[int]:
+        async with self._reading() as conn:
+            return [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+assert set(GROUPS.values()) <= set(ROW_COLUMNS), "every report group must be a stored column"

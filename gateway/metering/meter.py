@@ -1,0 +1,167 @@
+"""Settle a request: true cost from usage (or an estimate), ledger row, metrics, budget release.
+
+The request path fills a :class:`Metered` as it goes and calls :meth:`Meter.settle` exactly once on
+every path out (success, upstream error, timeout, client cancel). Settling never awaits I/O: the
+ledger row is queued for the batch writer, the budget counter is adjusted in the state backend.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from gateway.metering.budget import Budgets, Reservation, windows
+from gateway.metering.ledger import Ledger, LedgerRow, OpenReservation
+from gateway.metering.money import from_nanos
+from gateway.metering.prices import Cost, Price, PriceBook, cost_of
+from gateway.metering.stream import StreamTap
+from gateway.metering.tokens import count_prompt
+from gateway.metering.usage import Usage
+from gateway.observability import BUDGET_REMAINING, CACHE_SAVINGS, SPEND, TOKENS, log
+from gateway.policy.store import Tenant
+
+ZERO = Decimal(0)
+
+
+@dataclass(slots=True)
+class Metered:
+    """What settlement needs to know about one request."""
+
+    request_id: str
+    ts: float
+    tenant: Tenant
+    key_id: str
+    virtual_model: str
+    stream: bool
+    body: dict[str, Any]
+    app: str | None = None
+    user: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    upstream: str | None = None
+    upstream_model: str | None = None
+    label: str | None = None
+    price: Price | None = None
+    reservation: Reservation | None = None
+    usage: Usage | None = None
+    tap: StreamTap | None = None
+    tool_calls: dict[str, int] = field(default_factory=dict)
+    status: int = 0
+    outcome: str = "ok"
+    reached_upstream: bool = False
+    estimate_reason: str | None = None
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    route_reason: str = ""
+    cost: Cost | None = None
+    settled: bool = False
+
+
+class Meter:
+    def __init__(self, prices: PriceBook, budgets: Budgets, ledger: Ledger | None) -> None:
+        self.prices = prices
+        self.budgets = budgets
+        self.ledger = ledger
+
+    def price(self, label: str, when: float) -> Price | None:
+        return self.prices.at(label, when)
+
+    def opened(self, m: Metered, prompt_bound: int) -> None:
+        """Record an open reservation so a crash before settlement is reconciled at start-up."""
+        if self.ledger is None or m.reservation is None:
+            return
+        self.ledger.reservation_opened(
+            OpenReservation(
+                request_id=m.request_id,
+                ts=m.ts,
+                tenant=m.tenant.name,
+                key_id=m.key_id,
+                app=m.app,
+                virtual_model=m.virtual_model,
+                upstream=m.upstream,
+                upstream_model=m.upstream_model,
+                amount_usd=from_nanos(m.reservation.amount),
+                prompt_tokens_estimate=prompt_bound,
+                windows=[line.limit.key for line in m.reservation.lines],
+            )
+        )
+
+    def compute(self, m: Metered) -> Cost:
+        """Usage (reported, else estimated when the upstream may have billed) and its exact cost."""
+        if m.usage is None and m.reached_upstream and m.estimate_reason is not None:
+            prompt = count_prompt(m.body)
+            completion = m.tap.estimate_completion_tokens() if m.tap is not None else 0
+            m.usage = Usage(prompt, completion, 0, 0)
+        elif m.usage is None:
+            m.estimate_reason = None
+        usage = m.usage or Usage()
+        if m.price is None:
+            m.cost = Cost(ZERO, ZERO, "")
+        else:
+            m.cost = cost_of(m.price, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, m.tool_calls)
+        return m.cost
+
+    async def settle(self, m: Metered) -> None:
+        if m.settled:
+            return
+        m.settled = True
+        cost = m.cost or self.compute(m)
+        await self.budgets.settle(m.reservation, cost.usd)
+        usage = m.usage or Usage()
+        tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or "(none)"
+        if usage.prompt_tokens or usage.completion_tokens:
+            TOKENS.labels(tenant, model, upstream, "prompt").inc(usage.prompt_tokens)
+            TOKENS.labels(tenant, model, upstream, "cached").inc(usage.cached_tokens)
+            TOKENS.labels(tenant, model, upstream, "completion").inc(usage.completion_tokens)
+            TOKENS.labels(tenant, model, upstream, "reasoning").inc(usage.reasoning_tokens)
+        if cost.usd:
+            SPEND.labels(tenant, model, upstream).inc(float(cost.usd))
+        if cost.cache_savings:
+            CACHE_SAVINGS.labels(tenant, model, upstream).inc(float(cost.cache_savings))
+        if m.tenant.budget is not None:
+            await self._update_remaining(m)
+        if self.ledger is not None:
+            self.ledger.record(
+                LedgerRow(
+                    request_id=m.request_id,
+                    ts=m.ts,
+                    tenant=tenant,
+                    key_id=m.key_id,
+                    app=m.app,
+                    user=m.user,
+                    tags=m.tags,
+                    virtual_model=model,
+                    upstream=m.upstream,
+                    upstream_model=m.upstream_model,
+                    stream=m.stream,
+                    prompt_tokens=usage.prompt_tokens,
+                    cached_tokens=usage.cached_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    reasoning_tokens=usage.reasoning_tokens,
+                    tool_calls_billed=sum(m.tool_calls.values()),
+                    cost_usd=cost.usd,
+                    cache_savings_usd=cost.cache_savings,
+                    price_version=cost.price_version or None,
+                    ttft_ms=m.ttft_ms,
+                    latency_ms=m.latency_ms,
+                    status=m.status,
+                    outcome=m.outcome,
+                    estimated=m.estimate_reason is not None,
+                    estimate_reason=m.estimate_reason,
+                    route_reason=m.route_reason,
+                )
+            )
+
+    async def _update_remaining(self, m: Metered) -> None:
+        try:
+            for row in await self.budgets.remaining(m.tenant.name, m.tenant.budget, time.time()):
+                if row["scope"] == "tenant":
+                    BUDGET_REMAINING.labels(m.tenant.name, str(row["window"])).set(float(str(row["remaining_usd"])))
+        except Exception:  # a gauge must never fail a request
+            log.exception("budget gauge update failed")
+
+
+def current_window_keys(now: float) -> tuple[str, str]:
+    daily, monthly = windows(now)
+    return daily.key, monthly.key

@@ -1,0 +1,63 @@
+"""Money is ``Decimal`` end to end, never float.
+
+A float cannot hold 0.1 exactly and its sums drift, which finance notices. Amounts are rounded once,
+to the nanodollar (:data:`NANO`), with banker's rounding; stores that lack an exact decimal type
+(SQLite, Redis counters) keep integer nanodollars, which are exact and add up exactly in SQL.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Context, Decimal
+
+USD = Decimal
+"""Type alias used in signatures to say "this Decimal is an amount of US dollars"."""
+
+NANO = Decimal("0.000000001")
+"""The quantum: every stored amount is a whole number of nanodollars (1e-9 USD)."""
+
+# 28 digits (the default context) would cap amounts near 1e19 nanodollars; a wider private context
+# keeps quantize() from ever raising on a large but legitimate total.
+_CTX = Context(prec=60, rounding=ROUND_HALF_EVEN)
+
+
+def _check(d: Decimal | int) -> Decimal:
+    if isinstance(d, bool) or not isinstance(d, (Decimal, int)):
+        raise TypeError(f"money must be a Decimal (or int), not {type(d).__name__}: {d!r}")
+    value = Decimal(d)
+    if not value.is_finite():
+        raise ValueError(f"money must be a finite amount, not {value}")
+    return value
+
+
+def to_nanos(d: Decimal | int) -> int:
+    """Whole nanodollars in ``d`` USD, rounded half-to-even (exact for any finite amount)."""
+    q = _check(d).quantize(NANO, context=_CTX)
+    return int(q.scaleb(9, context=_CTX))
+
+
+def from_nanos(n: int) -> Decimal:
+    """The USD amount of ``n`` nanodollars, with nine decimal places (``from_nanos(1) == NANO``)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"nanodollars must be an int, not {type(n).__name__}: {n!r}")
+    return Decimal(n).scaleb(-9, context=_CTX)
+
+
+def quantize_usd(d: Decimal | int) -> Decimal:
+    """``d`` rounded to the nanodollar the way storage will round it (what a round trip returns)."""
+    return from_nanos(to_nanos(d))
+
+
+def fmt_usd(d: Decimal | int, places: int = 6) -> str:
+    """A human-readable amount (no currency sign, no exponent), rounded half-to-even to ``places``.
+
+    For people (tables, logs); exports use ``str()`` of the full nine-place amount instead.
+    """
+    if places < 0:
+        raise ValueError(f"places must be >= 0, not {places}")
+    q = _check(d).quantize(Decimal(1).scaleb(-places), context=_CTX)
+    if q.is_zero():
+        q = abs(q)  # never print "-0.000000"
+    return f"{q:f}"
+
+
+__all__ = ["NANO", "USD", "fmt_usd", "from_nanos", "quantize_usd", "to_nanos"]

@@ -1,0 +1,196 @@
+"""Prices per ``upstream/model``, with history, and the cost of a request.
+
+Money is Decimal end to end. A price entry is in force from its ``effective_from`` date (UTC) until
+the next entry for the same target; a request is priced by the entry in force at its time and its
+ledger row records which entry (``price_version``), so a price change never rewrites history.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.metering.money import NANO
+from gateway.yamlfile import ConfigError, load_yaml, validation_problems
+
+MILLION = Decimal(1_000_000)
+Money = Annotated[Decimal, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuCost(_Strict):
+    """A self-hosted deployment priced as GPU cost per hour over measured throughput (an estimate)."""
+
+    usd_per_hour: Money
+    tokens_per_s: Annotated[float, Field(gt=0)]
+    cached_factor: Annotated[Decimal, Field(ge=0, le=1)] = Decimal("0.1")
+
+
+class PriceEntry(_Strict):
+    target: str
+    effective_from: dt.date
+    input_miss: Money | None = None
+    input_hit: Money | None = None
+    output: Money | None = None
+    gpu: GpuCost | None = None
+    tool_fees: dict[str, Money] = Field(default_factory=dict)
+    verify: bool = False
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PriceEntry:
+        per_token = (self.input_miss, self.input_hit, self.output)
+        if self.gpu is not None:
+            if any(p is not None for p in per_token):
+                raise ValueError("give either gpu or input_miss/input_hit/output, not both")
+        elif any(p is None for p in per_token):
+            raise ValueError("needs input_miss, input_hit and output (USD per 1M tokens), or gpu")
+        if "/" not in self.target:
+            raise ValueError(f"target {self.target!r} must look like 'upstream/model'")
+        return self
+
+
+class PriceFile(_Strict):
+    currency: str = "USD"
+    prices: list[PriceEntry]
+
+    @model_validator(mode="after")
+    def _usd(self) -> PriceFile:
+        if self.currency != "USD":
+            raise ValueError(f"only USD is supported, got {self.currency!r}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Per-token prices (USD) in force for one target from ``since``."""
+
+    target: str
+    since: float
+    version: str
+    miss: Decimal
+    hit: Decimal
+    out: Decimal
+    tool_fees: dict[str, Decimal] = field(default_factory=dict)
+    estimate: bool = False
+
+    @classmethod
+    def from_entry(cls, entry: PriceEntry) -> Price:
+        since = dt.datetime.combine(entry.effective_from, dt.time(), tzinfo=dt.UTC).timestamp()
+        version = f"{entry.target}@{entry.effective_from.isoformat()}"
+        if entry.gpu is not None:
+            per_token = entry.gpu.usd_per_hour / (Decimal(str(entry.gpu.tokens_per_s)) * 3600)
+            return cls(
+                entry.target,
+                since,
+                version,
+                per_token,
+                per_token * entry.gpu.cached_factor,
+                per_token,
+                dict(entry.tool_fees),
+                estimate=True,
+            )
+        assert entry.input_miss is not None and entry.input_hit is not None and entry.output is not None
+        return cls(
+            entry.target,
+            since,
+            version,
+            entry.input_miss / MILLION,
+            entry.input_hit / MILLION,
+            entry.output / MILLION,
+            dict(entry.tool_fees),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    usd: Decimal
+    cache_savings: Decimal
+    price_version: str
+
+
+class PriceBook:
+    """Every target's price history, sorted by start time."""
+
+    def __init__(self, entries: list[PriceEntry]) -> None:
+        history: dict[str, list[Price]] = {}
+        for entry in entries:
+            history.setdefault(entry.target, []).append(Price.from_entry(entry))
+        for prices in history.values():
+            prices.sort(key=lambda p: p.since)
+        self._history = history
+        self._starts = {t: [p.since for p in ps] for t, ps in history.items()}
+
+    def targets(self) -> set[str]:
+        return set(self._history)
+
+    def at(self, target: str, when: float) -> Price | None:
+        """The price in force for ``target`` at ``when`` (unix seconds), or None."""
+        starts = self._starts.get(target)
+        if not starts:
+            return None
+        i = bisect.bisect_right(starts, when) - 1
+        return self._history[target][i] if i >= 0 else None
+
+
+def cost_of(
+    price: Price,
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    tool_calls: dict[str, int] | None = None,
+) -> Cost:
+    """Exact cost: uncached input at the miss price, cached at the hit price, output, tool fees."""
+    cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
+    uncached = max(prompt_tokens, 0) - cached
+    usd = uncached * price.miss + cached * price.hit + max(completion_tokens, 0) * price.out
+    for name, count in (tool_calls or {}).items():
+        fee = price.tool_fees.get(name)
+        if fee is not None:
+            usd += fee * count
+    savings = cached * (price.miss - price.hit)
+    return Cost(usd.quantize(NANO), savings.quantize(NANO), price.version)
+
+
+def worst_case(price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+    """The most a request can cost: every prompt token a cache miss, every output token used."""
+    return (prompt_tokens * price.miss + max_tokens * price.out).quantize(NANO)
+
+
+def load_prices(path: Path) -> PriceBook:
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{path}: expected a mapping with 'prices', got {type(doc.data).__name__}"])
+    try:
+        parsed = PriceFile.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(doc, exc, PriceFile)) from None
+    seen: dict[tuple[str, dt.date], int] = {}
+    problems = []
+    for i, entry in enumerate(parsed.prices):
+        key = (entry.target, entry.effective_from)
+        if key in seen:
+            problems.append(
+                doc.problem(
+                    ("prices", i),
+                    f"{entry.target} already has a price from {entry.effective_from} (prices[{seen[key]}])",
+                )
+            )
+        seen[key] = i
+    if problems:
+        raise ConfigError(problems)
+    return PriceBook(list(parsed.prices))
+
+
+def missing_prices(book: PriceBook, targets: set[str], now: float) -> list[str]:
+    """Routable targets with no price in force now."""
+    return sorted(t for t in targets if book.at(t, now) is None)

@@ -1,0 +1,132 @@
+"""Usage capture on a relayed SSE stream, with OpenAI's ``include_usage`` semantics for the client.
+
+The gateway always asks upstreams for stream usage, so the client must get OpenAI's final usage chunk
+(``choices: []``) only if it asked for one, and must get it even from an upstream that reports usage
+elsewhere (Moonshot puts it inside the last chunk's choice). Events without a usage object pass
+through as the same bytes; only the one or two events that carry usage are parsed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.metering.tokens import count_text
+from gateway.metering.usage import USAGE_RE, Usage, usage_of_response
+
+_DONE = b"[DONE]"
+
+
+def _events(block: bytes) -> list[bytes]:
+    """Split a block of whole SSE events, keeping each event's bytes exactly."""
+    out, start = [], 0
+    n = len(block)
+    while start < n:
+        lf = block.find(b"\n\n", start)
+        crlf = block.find(b"\r\n\r\n", start)
+        if lf < 0 and crlf < 0:
+            out.append(block[start:])
+            break
+        end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+        out.append(block[start:end])
+        start = end
+    return out
+
+
+def _data(event: bytes) -> bytes:
+    """The payload of an event's ``data:`` lines (joined as the SSE spec says)."""
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+class StreamTap:
+    """Watches relayed events: captures usage, drops or synthesizes the client's usage chunk."""
+
+    __slots__ = ("_meta", "_wants_usage", "blocks", "sent_usage_chunk", "usage")
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        self._wants_usage = client_wants_usage
+        self._meta: dict[str, Any] | None = None
+        self.usage: Usage | None = None
+        self.sent_usage_chunk = False
+        self.blocks: list[bytes] = []  # what reached the client, kept by reference for estimates
+
+    def process(self, block: bytes) -> bytes:
+        if not block:
+            return block
+        if USAGE_RE.search(block) is None and not (self._wants_usage and _DONE in block):
+            self.blocks.append(block)
+            return block
+        out = b"".join(self._event(ev) for ev in _events(block))
+        self.blocks.append(out)
+        return out
+
+    def _event(self, event: bytes) -> bytes:
+        data = _data(event)
+        if data == _DONE:
+            if self._wants_usage and not self.sent_usage_chunk and self.usage is not None:
+                self.sent_usage_chunk = True
+                return self._usage_chunk() + event
+            return event
+        if USAGE_RE.search(data) is None:
+            return event
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        found = usage_of_response(chunk)
+        if found is None:
+            return event
+        self.usage = found
+        self._meta = {k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if k in chunk}
+        usage_only = not chunk.get("choices")
+        if usage_only:
+            if self._wants_usage:
+                self.sent_usage_chunk = True
+                return event
+            return b""  # the client did not ask for OpenAI's usage chunk
+        return event
+
+    def _usage_chunk(self) -> bytes:
+        assert self.usage is not None
+        meta = self._meta or {}
+        chunk = {
+            "id": meta.get("id", ""),
+            "object": "chat.completion.chunk",
+            "created": meta.get("created", 0),
+            "model": meta.get("model", ""),
+            "choices": [],
+            "usage": self.usage.openai_shape(),
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def generated_text(self) -> str:
+        """Text the model generated so far (reasoning, content, tool arguments), for estimates."""
+        parts: list[str] = []
+        for block in self.blocks:
+            for event in _events(block):
+                data = _data(event)
+                if not data or data == _DONE:
+                    continue
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    continue
+                for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    if not isinstance(delta, dict):
+                        continue
+                    for key in ("reasoning_content", "reasoning", "content"):
+                        if isinstance(delta.get(key), str):
+                            parts.append(delta[key])
+                    for call in delta.get("tool_calls") or ():
+                        fn = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(fn, dict):
+                            parts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
+        return "".join(parts)
+
+    def estimate_completion_tokens(self) -> int:
+        return count_text(self.generated_text())

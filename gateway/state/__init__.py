@@ -1,0 +1,1 @@
+"""Shared state behind one interface: in-process memory by default, Redis across replicas."""

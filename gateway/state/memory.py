@@ -1,0 +1,62 @@
+"""In-process state: the default for one process.
+
+Every method runs without an ``await`` between its check and its update, so on one event loop each
+is atomic without locks. Counters expire after their window's TTL so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.state.base import BudgetState, Limit, Refusal
+
+
+class MemoryBudgetState(BudgetState):
+    def __init__(self, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self._clock = clock
+        self._spent: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
+        self._expires: dict[str, float] = {}
+        self._reservations: dict[str, tuple[tuple[str, ...], int]] = {}
+
+    def _touch(self, key: str, ttl_s: int) -> None:
+        self._expires[key] = max(self._expires.get(key, 0.0), self._clock() + ttl_s)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for key in [k for k, t in self._expires.items() if t < now]:
+            self._expires.pop(key, None)
+            self._spent.pop(key, None)
+            self._reserved.pop(key, None)
+
+    async def reserve(self, request_id: str, limits: list[Limit], amount: int) -> Refusal | None:
+        if len(self._expires) > 4096:
+            self._expire()
+        for limit in limits:
+            used = self._spent.get(limit.key, 0) + self._reserved.get(limit.key, 0)
+            if used + amount > limit.cap:
+                return Refusal(limit.key, limit.cap, used)
+        for limit in limits:
+            self._reserved[limit.key] = self._reserved.get(limit.key, 0) + amount
+            self._touch(limit.key, limit.ttl_s)
+        self._reservations[request_id] = (tuple(limit.key for limit in limits), amount)
+        return None
+
+    async def settle(self, request_id: str, actual: int) -> None:
+        entry = self._reservations.pop(request_id, None)
+        if entry is None:
+            return
+        keys, amount = entry
+        for key in keys:
+            self._reserved[key] = max(0, self._reserved.get(key, 0) - amount)
+            self._spent[key] = self._spent.get(key, 0) + actual
+
+    async def used(self, key: str) -> int:
+        return self._spent.get(key, 0) + self._reserved.get(key, 0)
+
+    async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
+        self._spent[key] = self._spent.get(key, 0) + amount
+        self._touch(key, ttl_s)
+
+    async def open_reservations(self) -> int:
+        return len(self._reservations)
