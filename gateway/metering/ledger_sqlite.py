@@ -187,7 +187,7 @@ class SqliteLedger(Ledger):
         try:
             await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if not self.memory:
-                await conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+                await self._enable_wal(conn)
             await conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable up to the last checkpoint
             if reader:
                 await conn.execute("PRAGMA query_only = 1")
@@ -195,6 +195,23 @@ class SqliteLedger(Ledger):
             await conn.close()
             raise
         return conn
+
+    @staticmethod
+    async def _enable_wal(conn: aiosqlite.Connection) -> None:
+        """Switch the file to WAL (persistent, so usually already done). Changing the journal mode can
+        fail with "database is locked" *without* waiting on the busy timeout when another process opens
+        the same new file at that moment, so retry here, for as long as the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                ((mode,),) = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+                if str(mode).lower() != "wal":
+                    raise RuntimeError(f"SQLite refused WAL mode (journal_mode is {mode!r})")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     async def _connect(self) -> None:
         if not self.memory:

@@ -10,7 +10,6 @@ import datetime as dt
 import logging
 import os
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,6 +18,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import asyncpg
@@ -488,7 +488,7 @@ async def test_entries_recorded_before_open_are_kept(make: Factory) -> None:
     assert await count(ledger) == 1
 
 
-async def test_an_entry_after_close_is_logged_not_silently_lost(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_entry_after_close_is_logged_not_lost_quietly(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
     ledger = make()
     await ledger.open()
     await ledger.close()
@@ -636,19 +636,25 @@ CRASH = textwrap.dedent(
 )
 
 
+C3 = Decimal("0.0075")
+
+
 async def test_reservations_left_by_a_crash_become_estimated_rows(make: Factory, ledger_url: str) -> None:
-    done = subprocess.run([sys.executable, "-c", CRASH, ledger_url], cwd=ROOT, capture_output=True, timeout=30)
-    assert done.returncode == 3, done.stderr.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASH, ledger_url, cwd=ROOT, stdout=PIPE, stderr=PIPE
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 3, stderr.decode()
     ledger = make()
     await ledger.open()
     assert [r.request_id for r in await ledger.open_reservations()] == ["req-00001", "req-00003"]
     rows = await ledger.reconcile_open_reservations(reason="replica died", estimate=lambda r: r.amount_usd / 4)
-    assert [(r.request_id, r.cost_usd) for r in rows] == [("req-00001", Decimal("0.0025")), ("req-00003", Decimal("0.0075"))]
+    assert [(r.request_id, r.cost_usd) for r in rows] == [("req-00001", Decimal("0.0025")), ("req-00003", C3)]
     assert await ledger.open_reservations() == []
-    stored = await ledger.get("req-00003")
-    assert stored is not None
-    assert (stored.outcome, stored.status, stored.estimated, stored.estimate_reason) == ("crashed", 0, True, "replica died")
-    assert (stored.tenant, stored.app, stored.prompt_tokens, stored.cost_usd) == ("acme", "checkout", 1500, Decimal("0.0075"))
+    got = await ledger.get("req-00003")
+    assert got is not None
+    assert (got.outcome, got.status, got.estimated, got.estimate_reason) == ("crashed", 0, True, "replica died")
+    assert (got.tenant, got.app, got.prompt_tokens, got.cost_usd) == ("acme", "checkout", 1500, C3)
     (total,) = await ledger.spend(group_by=[])
     assert (total["requests"], total["estimated_requests"]) == (3, 2)
     assert await ledger.reconcile_open_reservations() == []  # nothing left to do

@@ -1,0 +1,317 @@
+"""Metering end to end: exact costs from published prices, estimates, hard budgets under concurrency,
+a ledger that survives restarts and crashes, and spend visible only to whom it belongs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import Process, start_gateway, write_gateway
+
+KEY_A, KEY_B, ADMIN = "sk-meter-a", "sk-meter-b", "sk-finance-admin"
+MISS, HIT, OUT = Decimal("0.60"), Decimal("0.15"), Decimal("2.50")  # kimi-k2-thinking, USD per 1M tokens
+M = Decimal(1_000_000)
+# a system prompt long enough for Moonshot-style prefix caching (> 256 tokens)
+SYSTEM = {"role": "system", "content": "You are a meticulous assistant. " * 120}
+
+
+def hashed(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def expected_cost(usage: dict) -> Decimal:
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    cached = usage.get("cached_tokens") or (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return (Decimal(prompt - cached) * MISS + Decimal(cached) * HIT + Decimal(completion) * OUT) / M
+
+
+def upstream_yaml(sim: Process) -> str:
+    return f"""\
+  sim:
+    kind: openai
+    base_url: {sim.url}/v1
+    models: [kimi-k2-thinking]
+    timeouts: {{connect_s: 1, first_byte_s: 2, idle_s: 2, total_s: 5}}
+"""
+
+
+def policy_yaml(tenant: str, key: str, budget: str = "") -> str:
+    return (
+        f'tenant: {tenant}\nkeys: ["{hashed(key)}"]\n'
+        f"models:\n  kimi-k2-thinking: {{candidates: [sim/kimi-k2-thinking]}}\n{budget}"
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("metering")
+
+
+@pytest.fixture(scope="module")
+def gateway(folder: Path, simulator: Process) -> Iterator[Process]:
+    config = write_gateway(folder, upstream_yaml(simulator), policy_yaml("tenant-a", KEY_A), name="meter")
+    (folder / "meter-policies" / "b.yaml").write_text(policy_yaml("tenant-b", KEY_B))
+    proc = start_gateway(config, env={"KIMI_GATEWAY_ADMIN_KEY": ADMIN})
+    yield proc
+    proc.stop()
+
+
+def ledger_row(gateway: Process, request_id: str, key: str = ADMIN) -> dict:
+    """The ledger row of one request, through the finance API grouped finely enough to isolate it."""
+    for _ in range(40):
+        resp = httpx.get(
+            gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert resp.status_code == 200, resp.text
+        time.sleep(0.02)
+        if resp.json()["data"]:
+            break
+    return resp.json()
+
+
+def spend_total(gateway: Process, key: str = ADMIN, **params: str) -> dict:
+    resp = httpx.get(
+        gateway.url + "/v1/spend",
+        params={"group_by": "tenant", **params},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"][-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_exact_cost_with_and_without_cache_hits(gateway: Process, sim: Process, stream: bool) -> None:
+    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0)
+    before = Decimal(spend_total(gateway)["cost_usd"])
+    messages = [SYSTEM, {"role": "user", "content": f"Tell me about caching ({stream})"}]
+    usages = []
+    for _ in range(2):  # the second turn hits the prefix cached by the first
+        if stream:
+            chunks = list(
+                client.chat.completions.create(
+                    model="kimi-k2-thinking",
+                    messages=messages,
+                    max_tokens=200,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            assert chunks[-1].choices == [] and chunks[-1].usage is not None  # OpenAI's usage chunk
+            usages.append(chunks[-1].usage.model_dump())
+        else:
+            raw = client.chat.completions.with_raw_response.create(
+                model="kimi-k2-thinking", messages=messages, max_tokens=200
+            )
+            reply = raw.parse()
+            assert reply.usage is not None
+            usage = reply.usage.model_dump()
+            usages.append(usage)
+            assert Decimal(raw.headers["x-gateway-cost-usd"]) == expected_cost(usage)
+    first, second = usages
+    assert (first.get("cached_tokens") or 0) == 0
+    cached = second.get("cached_tokens") or second["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 256, second
+    total = spend_total(gateway)
+    assert Decimal(total["cost_usd"]) - before == expected_cost(first) + expected_cost(second)
+    # what the cache hit saved against the miss price
+    assert Decimal(total["cache_savings_usd"]) >= Decimal(cached) * (MISS - HIT) / M
+
+
+def test_stream_without_include_usage_gets_no_usage_chunk_but_is_metered(gateway: Process, sim: Process) -> None:
+    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0)
+    before = spend_total(gateway)
+    chunks = list(client.chat.completions.create(model="kimi-k2-thinking", messages=[SYSTEM], stream=True))
+    assert all(chunk.choices for chunk in chunks)  # no choices: [] usage chunk for a client that did not ask
+    [seen] = httpx.get(sim.url + "/_sim/requests").json()
+    assert seen["body"]["stream_options"] == {"include_usage": True}  # the gateway asked the upstream
+    after = spend_total(gateway)
+    assert after["requests"] == before["requests"] + 1
+    assert after["completion_tokens"] > before["completion_tokens"]
+    assert after["estimated_requests"] == before["estimated_requests"]
+
+
+def test_cut_stream_is_estimated(gateway: Process, sim: Process) -> None:
+    before = spend_total(gateway)
+    body = {
+        "model": "kimi-k2-thinking",
+        "messages": [SYSTEM],
+        "stream": True,
+        "sim": {"fault": {"cut_after_events": 6}},
+    }
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"}
+    ) as resp:
+        text = b"".join(resp.iter_raw()).decode()
+    assert '"error"' in text.splitlines()[-2]
+    after = spend_total(gateway)
+    assert after["estimated_requests"] == before["estimated_requests"] + 1
+    assert after["prompt_tokens"] > before["prompt_tokens"]  # estimated, not dropped
+
+
+def test_client_disconnect_is_estimated(gateway: Process, sim: Process) -> None:
+    before = spend_total(gateway)
+    body = {
+        "model": "kimi-k2-thinking",
+        "messages": [SYSTEM],
+        "stream": True,
+        "sim": {"reasoning_chunks": 300, "fault": {"stall_mid_s": 1.0}},
+    }
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"}
+    ) as resp:
+        next(resp.iter_raw())
+    for _ in range(50):
+        after = spend_total(gateway)
+        if after["requests"] > before["requests"]:
+            break
+        time.sleep(0.05)
+    assert after["estimated_requests"] == before["estimated_requests"] + 1
+    assert Decimal(after["cost_usd"]) > Decimal(before["cost_usd"])
+
+
+def test_tenant_sees_only_its_own_spend(gateway: Process) -> None:
+    for key in (KEY_A, KEY_B):
+        OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+    own = httpx.get(
+        gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {KEY_B}"}
+    )
+    assert [r["tenant"] for r in own.json()["data"] if not r["total"]] == ["tenant-b"]
+    other = httpx.get(
+        gateway.url + "/v1/spend", params={"tenant": "tenant-a"}, headers={"Authorization": f"Bearer {KEY_B}"}
+    )
+    assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+    admin = httpx.get(
+        gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert {r["tenant"] for r in admin.json()["data"] if not r["total"]} == {"tenant-a", "tenant-b"}
+    assert httpx.get(gateway.url + "/v1/spend", headers={"Authorization": "Bearer nope"}).status_code == 401
+    csv = httpx.get(gateway.url + "/v1/spend", params={"format": "csv"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert csv.headers["content-type"].startswith("text/csv") and "cache_savings_usd" in csv.text.splitlines()[0]
+    bad = httpx.get(
+        gateway.url + "/v1/spend", params={"group_by": "planet"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def worst_case(body: dict, max_tokens: int) -> Decimal:
+    raw = json.dumps(body).encode()  # the gateway bounds prompt tokens by body bytes / 2 + 16
+    return (Decimal(len(raw) // 2 + 16) * MISS + Decimal(max_tokens) * OUT) / M
+
+
+async def _fire(url: str, n: int, body: dict) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=20) as client:
+        return await asyncio.gather(
+            *[client.post(url, json=body, headers={"Authorization": f"Bearer {KEY_A}"}) for _ in range(n)]
+        )
+
+
+def test_fifty_concurrent_against_a_budget_that_fits_ten(tmp_path: Path, simulator: Process) -> None:
+    httpx.post(simulator.url + "/_sim/reset")
+    body = {
+        "model": "kimi-k2-thinking",
+        "messages": [{"role": "user", "content": "budget test"}],
+        "max_tokens": 1000,
+        "sim": {"fault": {"stall_s": 0.8}},  # every request is in flight at once
+    }
+    # the gateway's exact JSON may differ in spacing; bound the reservation from the compact form
+    compact = json.dumps(body, separators=(",", ":")).encode()
+    per_request = (Decimal(len(compact) // 2 + 16) * MISS + Decimal(1000) * OUT) / M
+    cap = (per_request * 10 + Decimal("0.0000001")).quantize(Decimal("0.000000001"))
+    budget = f"budget: {{daily_usd: '{cap}', when_exhausted: reject}}\n"
+    config = write_gateway(tmp_path, upstream_yaml(simulator), policy_yaml("tenant-a", KEY_A, budget), name="budget")
+    proc = start_gateway(config, env={"KIMI_GATEWAY_ADMIN_KEY": ADMIN})
+    try:
+        responses = asyncio.run(_fire(proc.url + "/v1/chat/completions", 50, body))
+        ok = [r for r in responses if r.status_code == 200]
+        refused = [r for r in responses if r.status_code != 200]
+        assert len(ok) == 10, [r.status_code for r in responses]
+        assert len(refused) == 40
+        for r in refused:
+            error = r.json()["error"]
+            assert r.status_code == 429 and error["type"] == "budget_exceeded"
+            assert "remaining" in error["message"] and "resets at" in error["message"]
+            assert r.headers["x-should-retry"] == "false"
+        total = spend_total(proc)
+        assert Decimal(total["cost_usd"]) <= cap
+        assert total["requests"] == 50  # refused requests are in the ledger too, at zero cost
+        assert total["completion_tokens"] > 0
+        [tenant] = httpx.get(proc.url + "/v1/budget", headers={"Authorization": f"Bearer {KEY_A}"}).json()["data"]
+        daily = next(w for w in tenant["windows"] if w["window"] == "daily")
+        # nothing left reserved: used is exactly what the ledger says was spent
+        assert Decimal(daily["used_usd"]) == Decimal(total["cost_usd"])
+    finally:
+        proc.stop()
+
+
+def test_downgrade_lowers_max_tokens_to_what_fits(tmp_path: Path, simulator: Process) -> None:
+    httpx.post(simulator.url + "/_sim/reset")
+    body = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "downgrade"}], "max_tokens": 100000}
+    budget = "budget: {daily_usd: '0.01', when_exhausted: downgrade, min_max_tokens: 256}\n"
+    config = write_gateway(tmp_path, upstream_yaml(simulator), policy_yaml("tenant-a", KEY_A, budget), name="down")
+    proc = start_gateway(config)
+    try:
+        resp = httpx.post(proc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"})
+        assert resp.status_code == 200, resp.text
+        assert "max_tokens lowered" in resp.headers["x-gateway-route-reason"]
+        [seen] = httpx.get(simulator.url + "/_sim/requests").json()
+        assert 256 <= seen["body"]["max_tokens"] < 4000  # $0.01 buys < 4,000 output tokens at $2.50/M
+    finally:
+        proc.stop()
+
+
+# ---------------------------------------------------------------- durability
+
+
+def test_ledger_survives_restart_and_crash_is_reconciled(tmp_path: Path, simulator: Process) -> None:
+    budget = "budget: {daily_usd: '100'}\n"
+    config = write_gateway(tmp_path, upstream_yaml(simulator), policy_yaml("tenant-a", KEY_A, budget), name="crash")
+    env = {"KIMI_GATEWAY_ADMIN_KEY": ADMIN}
+    proc = start_gateway(config, env=env)
+    client = OpenAI(base_url=proc.url + "/v1", api_key=KEY_A, max_retries=0)
+    client.chat.completions.create(model="kimi-k2-thinking", messages=[{"role": "user", "content": "x"}], max_tokens=50)
+    first = spend_total(proc)
+    proc.stop()  # graceful: everything flushed
+    proc = start_gateway(config, env=env)
+    assert spend_total(proc)["cost_usd"] == first["cost_usd"]
+    # a request in flight when the process dies: its reservation is on disk, its row is not
+    body = {
+        "model": "kimi-k2-thinking",
+        "messages": [{"role": "user", "content": "y"}],
+        "stream": True,
+        "max_tokens": 400,
+        "sim": {"fault": {"stall_mid_s": 5}},
+    }
+    with httpx.stream(
+        "POST", proc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"}
+    ) as resp:
+        chunks = resp.iter_raw()  # keep the generator: dropping it would close the connection
+        next(chunks)
+        time.sleep(0.4)  # the batch writer has stored the reservation
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait()
+    proc.stop()
+    proc = start_gateway(config, env=env)
+    try:
+        after = spend_total(proc)
+        assert after["requests"] == first["requests"] + 1
+        assert after["estimated_requests"] == first["estimated_requests"] + 1
+        assert Decimal(after["cost_usd"]) > Decimal(first["cost_usd"])
+        assert "reconciled" in proc.output()
+    finally:
+        proc.stop()

@@ -1,0 +1,222 @@
+"""Prices, usage dialects, the stream tap and budget reservations, each alone."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.metering.budget import Budgets, lines_for, windows
+from gateway.metering.prices import PriceBook, PriceEntry, cost_of, load_prices
+from gateway.metering.stream import StreamTap
+from gateway.metering.usage import parse_usage, usage_of_response
+from gateway.policy.model import Budget
+from gateway.state.memory import MemoryBudgetState
+from gateway.yamlfile import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+M = Decimal(1_000_000)
+
+
+def book() -> PriceBook:
+    return PriceBook(
+        [
+            PriceEntry(
+                target="ms/k2",
+                effective_from="2025-11-06",
+                input_miss="0.60",
+                input_hit="0.15",
+                output="2.50",
+                tool_fees={"$web_search": "0.005"},
+            ),
+            PriceEntry(target="ms/k2", effective_from="2026-06-01", input_miss="0.50", input_hit="0.10", output="2.00"),
+        ]
+    )
+
+
+def test_cost_is_exact_decimal_by_hand() -> None:
+    price = book().at("ms/k2", 1_763_000_000)  # 2025-11-13
+    assert price is not None and price.version == "ms/k2@2025-11-06"
+    cost = cost_of(price, prompt_tokens=1210, cached_tokens=1024, completion_tokens=184, tool_calls={"$web_search": 2})
+    by_hand = (Decimal(186) * Decimal("0.60") + Decimal(1024) * Decimal("0.15") + Decimal(184) * Decimal("2.50")) / M
+    assert cost.usd == (by_hand + Decimal("0.010")).quantize(Decimal("1e-9"))
+    assert cost.cache_savings == (Decimal(1024) * Decimal("0.45") / M).quantize(Decimal("1e-9"))
+
+
+def test_price_history_prices_by_request_time() -> None:
+    b = book()
+    assert b.at("ms/k2", 1_700_000_000) is None  # before the first entry
+    assert b.at("ms/k2", 1_790_000_000).version == "ms/k2@2026-06-01"  # type: ignore[union-attr]
+
+
+def test_shipped_prices_load_with_published_moonshot_figures() -> None:
+    b = load_prices(ROOT / "config" / "prices.yaml")
+    price = b.at("moonshot/kimi-k2-thinking", 1_780_000_000)
+    assert price is not None and (price.miss * M, price.hit * M, price.out * M) == (
+        Decimal("0.60"),
+        Decimal("0.15"),
+        Decimal("2.50"),
+    )
+    turbo = b.at("moonshot/kimi-k2-thinking-turbo", 1_780_000_000)
+    assert turbo is not None and (turbo.miss * M, turbo.out * M) == (Decimal("1.15"), Decimal("8.00"))
+    vllm = b.at("vllm/kimi-k2-thinking", 1_780_000_000)
+    assert vllm is not None and vllm.estimate and vllm.out == Decimal("16.00") / (Decimal(2500) * 3600)
+
+
+def test_price_file_errors_name_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text("prices:\n  - {target: a/b, effective_from: 2025-01-01, input_miss: '1'}\n")
+    with pytest.raises(ConfigError, match=r"prices\[0\].*needs input_miss, input_hit and output"):
+        load_prices(path)
+    path.write_text(
+        "prices:\n  - {target: a/b, effective_from: 2025-01-01, input_miss: '1', input_hit: '1', output: '1'}\n"
+        "  - {target: a/b, effective_from: 2025-01-01, input_miss: '2', input_hit: '1', output: '1'}\n"
+    )
+    with pytest.raises(ConfigError, match=r"prices\[1\].*already has a price"):
+        load_prices(path)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens": 100, "completion_tokens": 9, "cached_tokens": 64}, (100, 9, 64, 0)),  # Moonshot
+        (
+            {"prompt_tokens": 100, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 32}},
+            (100, 9, 32, 0),
+        ),
+        ({"prompt_tokens": 100, "completion_tokens": 9, "prompt_cache_hit_tokens": 16}, (100, 9, 16, 0)),  # DeepSeek
+        (
+            {"prompt_tokens": 10, "completion_tokens": 9, "completion_tokens_details": {"reasoning_tokens": 7}},
+            (10, 9, 0, 7),
+        ),
+    ],
+)
+def test_usage_dialects(usage: dict, expected: tuple[int, int, int, int]) -> None:
+    u = parse_usage(usage)
+    assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens) == expected
+
+
+def test_usage_inside_choices_is_found() -> None:
+    chunk = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {},
+                "finish_reason": "stop",
+                "usage": {"prompt_tokens": 19, "completion_tokens": 13, "cached_tokens": 8},
+            }
+        ]
+    }
+    u = usage_of_response(chunk)
+    assert u is not None and (u.prompt_tokens, u.cached_tokens) == (19, 8)
+
+
+def sse(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+DELTA = sse({"id": "c1", "created": 5, "model": "k2", "choices": [{"index": 0, "delta": {"content": "hi"}}]})
+FINISH_MOONSHOT = sse(
+    {
+        "id": "c1",
+        "created": 5,
+        "model": "k2",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {},
+                "finish_reason": "stop",
+                "usage": {"prompt_tokens": 19, "completion_tokens": 13, "total_tokens": 32, "cached_tokens": 8},
+            }
+        ],
+    }
+)
+USAGE_CHUNK = sse(
+    {"id": "c1", "choices": [], "usage": {"prompt_tokens": 19, "completion_tokens": 13, "cached_tokens": 8}}
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def test_tap_drops_the_usage_chunk_for_a_client_that_did_not_ask() -> None:
+    tap = StreamTap(client_wants_usage=False)
+    out = tap.process(DELTA) + tap.process(FINISH_MOONSHOT + USAGE_CHUNK) + tap.process(DONE)
+    assert out == DELTA + FINISH_MOONSHOT + DONE
+    assert tap.usage is not None and tap.usage.cached_tokens == 8
+
+
+def test_tap_keeps_the_upstreams_usage_chunk_as_sent() -> None:
+    tap = StreamTap(client_wants_usage=True)
+    out = tap.process(DELTA + FINISH_MOONSHOT + USAGE_CHUNK + DONE)
+    assert out == DELTA + FINISH_MOONSHOT + USAGE_CHUNK + DONE
+
+
+def test_tap_synthesizes_openais_usage_chunk_from_moonshots_choice_usage() -> None:
+    tap = StreamTap(client_wants_usage=True)
+    out = tap.process(DELTA + FINISH_MOONSHOT) + tap.process(DONE)
+    events = out.split(b"\n\n")
+    chunk = orjson.loads(events[-3][6:])
+    assert chunk["choices"] == [] and chunk["id"] == "c1" and chunk["model"] == "k2"
+    assert chunk["usage"]["prompt_tokens_details"] == {"cached_tokens": 8} and chunk["usage"]["cached_tokens"] == 8
+    assert out.endswith(DONE)
+
+
+def test_tap_passes_usage_null_chunks_untouched() -> None:
+    tap = StreamTap(client_wants_usage=False)
+    block = sse({"choices": [{"index": 0, "delta": {"content": "x"}}], "usage": None})
+    assert tap.process(block) == block and tap.usage is None
+
+
+def test_tap_estimate_counts_generated_text() -> None:
+    tap = StreamTap(client_wants_usage=False)
+    tap.process(sse({"choices": [{"index": 0, "delta": {"reasoning_content": "thinking hard about it"}}]}))
+    tap.process(sse({"choices": [{"index": 0, "delta": {"content": " the answer"}}]}))
+    assert tap.generated_text() == "thinking hard about it the answer"
+    assert 4 <= tap.estimate_completion_tokens() <= 10
+
+
+def test_budget_windows_and_keys() -> None:
+    now = 1_795_940_000  # 2026-11-29
+    daily, monthly = windows(now)
+    assert (daily.key, monthly.key) == ("d2026-11-29", "m2026-11")
+    budget = Budget(daily_usd=Decimal(1), monthly_usd=Decimal(10), apps={"checkout": {"daily_usd": Decimal("0.5")}})
+    keys = [line.limit.key for line in lines_for("acme", budget, "checkout", now)]
+    assert keys == [
+        "budget:acme:tenant:d2026-11-29",
+        "budget:acme:tenant:m2026-11",
+        "budget:acme:app=checkout:d2026-11-29",
+    ]
+
+
+async def test_concurrent_reservations_never_pass_the_cap() -> None:
+    price = book().at("ms/k2", 1_780_000_000)
+    assert price is not None
+    budgets = Budgets(MemoryBudgetState())
+    per = Decimal(100) * price.miss + Decimal(1000) * price.out
+    budget = Budget(daily_usd=per * 10)
+
+    async def one(i: int) -> bool:
+        try:
+            r = await budgets.reserve(
+                request_id=f"r{i}",
+                tenant="t",
+                budget=budget,
+                app=None,
+                price=price,
+                prompt_tokens=100,
+                max_tokens=1000,
+                now=1_780_000_000,
+            )
+        except Exception:
+            return False
+        await asyncio.sleep(0.01)
+        await budgets.settle(r, per / 2)
+        return True
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert sum(results) == 10
+    assert await budgets.state.open_reservations() == 0
+    used = await budgets.state.used("budget:t:tenant:" + windows(1_780_000_000)[0].key)
+    assert Decimal(used) / Decimal(10**9) == (per / 2 * 10).quantize(Decimal("1e-9"))
