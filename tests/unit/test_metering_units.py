@@ -220,3 +220,21 @@ async def test_concurrent_reservations_never_pass_the_cap() -> None:
     assert await budgets.state.open_reservations() == 0
     used = await budgets.state.used("budget:t:tenant:" + windows(1_780_000_000)[0].key)
     assert Decimal(used) / Decimal(10**9) == (per / 2 * 10).quantize(Decimal("1e-9"))
+
+
+def test_token_estimates_work_with_the_network_unreachable() -> None:
+    """The tokenizer file ships in the package: loading it must not touch the network."""
+    import subprocess
+    import sys
+
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k):\n    raise OSError('network is unreachable (test)')\n"
+        "socket.socket.connect = refuse\nsocket.create_connection = refuse\nsocket.getaddrinfo = refuse\n"
+        "import os; os.environ.pop('TIKTOKEN_CACHE_DIR', None)\n"
+        "from gateway.metering.tokens import count_text\n"
+        "print(count_text('Why is the sky blue? Rayleigh scattering.'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert 5 <= int(out.stdout.strip()) <= 15
