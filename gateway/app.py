@@ -111,7 +111,11 @@ class GatewayApp:
 
     async def startup(self) -> None:
         await self.ledger.open()
-        await reconcile_and_seed(self.ledger, self.meter, self.runtime)
+        settings = self.config.settings
+        shared = not self.config.ledger_url.startswith("sqlite:") or settings.workers > 1
+        # with other processes on the same ledger, leave their requests in flight alone
+        longest = max(up.timeouts.total_s for up in settings.upstreams.values())
+        await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)
         for upstream in self.upstreams.values():
             await upstream.start()
         self.ready = True
@@ -149,10 +153,12 @@ class GatewayApp:
         await send_bytes(send, 200, payload, [], content_type.encode())
 
 
-async def reconcile_and_seed(ledger: Ledger, meter: Meter, runtime: Runtime) -> None:
+async def reconcile_and_seed(ledger: Ledger, meter: Meter, runtime: Runtime, opened_before: float | None) -> None:
     """Crash recovery, then budget counters: reservations a dead process left open become estimated
     ledger rows, and the in-process counters start from what the ledger says was spent."""
-    await ledger.reconcile_open_reservations(reason="the gateway stopped before this request settled")
+    await ledger.reconcile_open_reservations(
+        reason="the gateway stopped before this request settled", opened_before=opened_before
+    )
     tenants = [(t.name, t.budget) for t in runtime.policies.tenants.values()]
     await seed_from_ledger(meter.budgets, ledger, tenants, time.time())
 

@@ -268,7 +268,7 @@ async def _relay_whole(
         parsed = None
     if isinstance(parsed, dict):
         m.usage = usage_of_response(parsed)
-        if m.tool_calls is not None and parsed.get("choices"):
+        if parsed.get("choices"):
             _count_builtin_calls(parsed, m.tool_calls)
     if m.usage is None:
         m.estimate_reason = "the upstream reported no usage"

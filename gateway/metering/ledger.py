@@ -35,12 +35,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
 log = logging.getLogger("gateway.metering.ledger")
+T = TypeVar("T")
 
 OUTCOMES = frozenset({"ok", "upstream_error", "cut", "client_cancelled", "timeout", "rejected", "crashed"})
 
@@ -167,6 +168,19 @@ def entry_json(entry: Entry) -> str:
             return json.dumps(doc, default=str, ensure_ascii=False)
     except Exception:  # this runs on error paths; it must never raise
         return repr(entry)
+
+
+class BadEntry(Exception):
+    """An entry that cannot even be encoded for storage (a float amount, a value out of range):
+    retrying cannot help, so the writer isolates it, logs it and moves on."""
+
+
+def encode_all(encode: Callable[[T], tuple[Any, ...]], entries: Sequence[T]) -> list[tuple[Any, ...]]:
+    """``encode`` of every entry; a failure is a :class:`BadEntry`, never mistaken for an outage."""
+    try:
+        return [encode(e) for e in entries]
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise BadEntry(repr(exc)) from exc
 
 
 def check_group_by(group_by: Sequence[str]) -> list[str]:
@@ -607,7 +621,7 @@ class Ledger(ABC):
                 await self._write(plan_batch(entries))
                 return
             except Exception as exc:
-                if isinstance(exc, (TypeError, ValueError, ArithmeticError)) or self._is_data_error(exc):
+                if isinstance(exc, BadEntry) or self._is_data_error(exc):
                     if len(entries) == 1:
                         self._rejected += 1
                         log.error("ledger: %s refused %r; NOT stored: %s", self.where, exc, entry_json(entries[0]))

@@ -27,6 +27,7 @@ from gateway.metering.ledger import (
     build_spend_query,
     clean_text,
     dump_json,
+    encode_all,
     opt_text,
     pending_migrations,
     split_existing,
@@ -224,11 +225,12 @@ class PostgresLedger(Ledger):
 
     def _is_data_error(self, exc: BaseException) -> bool:
         # Connection loss, shutdowns, lock timeouts, missing tables ... are outages and are retried.
-        return isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError))
+        # OverflowError is asyncpg refusing, client-side, an int that does not fit the column.
+        return isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, OverflowError))
 
     async def _write(self, batch: Batch) -> None:
-        encoded = {id(r): encode_row(r) for r in batch.rows}
-        reservations = [encode_res(r) for r in batch.reservations]
+        encoded = dict(zip(map(id, batch.rows), encode_all(encode_row, batch.rows), strict=True))
+        reservations = encode_all(encode_res, batch.reservations)
         async with self.pool.acquire() as conn, conn.transaction():
             if batch.rows:
                 found = await conn.fetch(EXISTING, [r.request_id for r in batch.rows])

@@ -32,6 +32,7 @@ from gateway.metering.ledger import (
     build_spend_query,
     clean_text,
     dump_json,
+    encode_all,
     opt_text,
     pending_migrations,
     split_existing,
@@ -289,8 +290,8 @@ class SqliteLedger(Ledger):
         return found
 
     async def _write(self, batch: Batch) -> None:
-        encoded = {id(r): encode_row(r) for r in batch.rows}
-        reservations = [encode_res(r) for r in batch.reservations]
+        encoded = dict(zip(map(id, batch.rows), encode_all(encode_row, batch.rows), strict=True))
+        reservations = encode_all(encode_res, batch.reservations)
         async with self._transaction() as conn:
             if batch.rows:
                 existing = await self._existing(conn, [r.request_id for r in batch.rows])
