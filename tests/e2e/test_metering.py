@@ -315,3 +315,21 @@ def test_ledger_survives_restart_and_crash_is_reconciled(tmp_path: Path, simulat
         assert "reconciled" in proc.output()
     finally:
         proc.stop()
+
+
+def test_spend_report_cli_reads_the_ledger(gateway: Process, folder: Path) -> None:
+    import subprocess
+    import sys
+
+    OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0).chat.completions.create(
+        model="kimi-k2-thinking", messages=[{"role": "user", "content": "for the report"}], max_tokens=20
+    )
+    expected = spend_total(gateway, group_by="tenant")  # flushes the ledger
+    cmd = [sys.executable, "-m", "gateway.cli", "spend", "report", "--config", str(folder / "meter.yaml")]
+    out = subprocess.run([*cmd, "--group-by", "tenant", "--format", "csv"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("tenant,requests") and "cache_savings_usd" in lines[0]
+    assert lines[-1].split(",")[0] == "TOTAL" and expected["cost_usd"] in lines[-1]
+    bad = subprocess.run([*cmd, "--group-by", "colour"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "colour" in bad.stderr
