@@ -58,6 +58,8 @@ def serve(
         "log_level": settings.log_level,
         "timeout_keep_alive": 75,
         "server_header": False,
+        # X-Forwarded-* rewriting costs every request and the gateway logs no client addresses
+        "proxy_headers": False,
     }
     if n == 1:
         from gateway.app import GatewayApp

@@ -7,8 +7,11 @@ bounded whatever clients send.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -76,6 +79,51 @@ BUDGET_REMAINING = Gauge(
     ("tenant", "window"),
     registry=REGISTRY,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """The metric children of one (tenant, model, upstream, stream) combination.
+
+    ``labels()`` builds a key and takes a lock on every call; label values come from configuration,
+    so the combinations are few and their children can be looked up once and reused.
+    """
+
+    key: tuple[str, str, str]
+    requests: dict[str, Any]  # by HTTP status, filled as statuses occur
+    duration: Any
+    ttft: Any
+    overhead: Any
+    prompt: Any
+    cached: Any
+    completion: Any
+    reasoning: Any
+    spend: Any
+    savings: Any
+
+    def status(self, status: int) -> Any:
+        child = self.requests.get(str(status))
+        if child is None:
+            child = self.requests[str(status)] = REQUESTS.labels(*self.key, str(status))
+        return child
+
+
+@functools.lru_cache(maxsize=4096)
+def series(tenant: str, model: str, upstream: str, stream: bool) -> Series:
+    flag = "true" if stream else "false"
+    return Series(
+        key=(tenant, model, upstream),
+        requests={},
+        duration=DURATION.labels(tenant, model, upstream, flag),
+        ttft=TTFT.labels(tenant, model, upstream),
+        overhead=OVERHEAD.labels(flag),
+        prompt=TOKENS.labels(tenant, model, upstream, "prompt"),
+        cached=TOKENS.labels(tenant, model, upstream, "cached"),
+        completion=TOKENS.labels(tenant, model, upstream, "completion"),
+        reasoning=TOKENS.labels(tenant, model, upstream, "reasoning"),
+        spend=SPEND.labels(tenant, model, upstream),
+        savings=CACHE_SAVINGS.labels(tenant, model, upstream),
+    )
 
 
 def metrics_payload() -> tuple[bytes, str]:

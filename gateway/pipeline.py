@@ -23,7 +23,7 @@ from gateway.metering.money import fmt_usd
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_response
-from gateway.observability import DURATION, OVERHEAD, REQUESTS, TTFT, UNKNOWN, UPSTREAM_FAILURES, log
+from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
@@ -132,13 +132,13 @@ def _response_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
 
 def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
     now = time.perf_counter()
-    tenant, upstream = ex.tenant.name, ex.upstream_label
-    REQUESTS.labels(tenant, ex.model, upstream, str(ex.status)).inc()
-    DURATION.labels(tenant, ex.model, upstream, "true" if ex.stream else "false").observe(now - ex.started)
+    s = series(ex.tenant.name, ex.model, ex.upstream_label, ex.stream)
+    s.status(ex.status).inc()
+    s.duration.observe(now - ex.started)
     if first_byte_at is not None:
-        TTFT.labels(tenant, ex.model, upstream).observe(first_byte_at - ex.started)
+        s.ttft.observe(first_byte_at - ex.started)
     if ex.status < 500 and ex.upstream_time:
-        OVERHEAD.labels("true" if ex.stream else "false").observe(max(0.0, now - ex.started - ex.upstream_time))
+        s.overhead.observe(max(0.0, now - ex.started - ex.upstream_time))
 
 
 async def _reserve(rt: Runtime, ex: Exchange) -> None:

@@ -7,6 +7,7 @@ several times slower per request (bench/RESULTS.md); these helpers keep that cod
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -26,8 +27,13 @@ CT_SSE = (b"content-type", b"text/event-stream")
 NO_CACHE = (b"cache-control", b"no-cache")
 
 
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_ids = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """Unique across processes (a random per-process prefix) without a system call per request."""
+    return f"{_ID_PREFIX}{next(_ids):010x}"
 
 
 def header_map(scope: Scope) -> dict[bytes, bytes]:

@@ -19,7 +19,7 @@ from gateway.metering.prices import Cost, Price, PriceBook, cost_of
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import count_prompt
 from gateway.metering.usage import Usage
-from gateway.observability import BUDGET_REMAINING, CACHE_SAVINGS, SPEND, TOKENS, log
+from gateway.observability import BUDGET_REMAINING, UNKNOWN, log, series
 from gateway.policy.store import Tenant
 
 ZERO = Decimal(0)
@@ -109,16 +109,17 @@ class Meter:
         cost = m.cost or self.compute(m)
         await self.budgets.settle(m.reservation, cost.usd)
         usage = m.usage or Usage()
-        tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or "(none)"
+        tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
+        s = series(tenant, model, upstream, m.stream)
         if usage.prompt_tokens or usage.completion_tokens:
-            TOKENS.labels(tenant, model, upstream, "prompt").inc(usage.prompt_tokens)
-            TOKENS.labels(tenant, model, upstream, "cached").inc(usage.cached_tokens)
-            TOKENS.labels(tenant, model, upstream, "completion").inc(usage.completion_tokens)
-            TOKENS.labels(tenant, model, upstream, "reasoning").inc(usage.reasoning_tokens)
+            s.prompt.inc(usage.prompt_tokens)
+            s.cached.inc(usage.cached_tokens)
+            s.completion.inc(usage.completion_tokens)
+            s.reasoning.inc(usage.reasoning_tokens)
         if cost.usd:
-            SPEND.labels(tenant, model, upstream).inc(float(cost.usd))
+            s.spend.inc(float(cost.usd))
         if cost.cache_savings:
-            CACHE_SAVINGS.labels(tenant, model, upstream).inc(float(cost.cache_savings))
+            s.savings.inc(float(cost.cache_savings))
         if m.tenant.budget is not None:
             await self._update_remaining(m)
         if self.ledger is not None:

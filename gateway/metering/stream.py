@@ -14,6 +14,7 @@ import orjson
 
 from gateway.metering.tokens import count_text
 from gateway.metering.usage import USAGE_RE, Usage, usage_of_response
+from gateway.upstreams.sse import last_boundary
 
 _DONE = b"[DONE]"
 
@@ -55,10 +56,16 @@ class StreamTap:
     def process(self, block: bytes) -> bytes:
         if not block:
             return block
-        if USAGE_RE.search(block) is None and not (self._wants_usage and _DONE in block):
+        match = USAGE_RE.search(block)
+        done = block.find(_DONE) if self._wants_usage else -1
+        if match is None and done < 0:
             self.blocks.append(block)
             return block
-        out = b"".join(self._event(ev) for ev in _events(block))
+        # only the events from the first interesting one on are looked at; the rest pass as bytes
+        first = min(p for p in (match.start() if match else -1, done) if p >= 0)
+        start = last_boundary(block, first)
+        head, tail = block[:start], block[start:]
+        out = head + b"".join(self._event(ev) for ev in _events(tail))
         self.blocks.append(out)
         return out
 

@@ -12,10 +12,10 @@ import orjson
 DONE = b"data: [DONE]"
 
 
-def _last_boundary(data: bytes) -> int:
-    """Index just past the last blank line (``\\n\\n`` or ``\\r\\n\\r\\n``), or 0."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
+def last_boundary(data: bytes, end: int | None = None) -> int:
+    """Index just past the last blank line (``\\n\\n`` or ``\\r\\n\\r\\n``) before ``end``, or 0."""
+    lf = data.rfind(b"\n\n", 0, end)
+    crlf = data.rfind(b"\r\n\r\n", 0, end)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
@@ -37,7 +37,7 @@ class SSERelay:
     def feed(self, chunk: bytes) -> bytes:
         """The complete events now available (possibly ``b""``)."""
         data = self._tail + chunk if self._tail else chunk
-        cut = _last_boundary(data)
+        cut = last_boundary(data)
         if cut == 0:
             self._tail = data
             return b""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.metering.budget import Budgets, lines_for, windows
 from gateway.metering.prices import PriceBook, PriceEntry, cost_of, load_prices
@@ -238,3 +240,17 @@ def test_token_estimates_work_with_the_network_unreachable() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert 5 <= int(out.stdout.strip()) <= 15
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2000), max_size=12), st.booleans())
+def test_tap_output_does_not_depend_on_how_tcp_cut_the_stream(cuts: list[int], wants: bool) -> None:
+    from gateway.upstreams.sse import SSERelay
+
+    stream = DELTA * 3 + FINISH_MOONSHOT + USAGE_CHUNK + DONE
+    expected = DELTA * 3 + FINISH_MOONSHOT + (USAGE_CHUNK if wants else b"") + DONE
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True) if b > a]
+    relay, tap = SSERelay(), StreamTap(client_wants_usage=wants)
+    out = b"".join(tap.process(relay.feed(p)) for p in pieces) + tap.process(relay.finish())
+    assert out == expected
+    assert tap.usage is not None and tap.usage.cached_tokens == 8
