@@ -19,10 +19,9 @@ from gateway import errors
 from gateway.api.http import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
 from gateway.errors import GatewayError
 from gateway.metering.meter import Meter, Metered
-from gateway.metering.money import fmt_usd
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import upper_bound_tokens
-from gateway.metering.usage import usage_of_response
+from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
@@ -48,6 +47,7 @@ class Exchange:
     status: int = 0
     upstream_time: float = 0.0
     dirty: bool = False  # the body was changed: serialize it again before sending
+    builtin_tools: bool = False  # the request declares provider builtins ($web_search): per-call fees
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @property
@@ -262,24 +262,30 @@ async def _relay_whole(
         m.outcome = "cut"
         raise errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}") from None
     ex.upstream_time = time.perf_counter() - sent_at
-    try:
-        parsed = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        m.usage = usage_of_response(parsed)
-        if parsed.get("choices"):
+    if ex.builtin_tools:
+        parsed = _loads(payload)
+        if isinstance(parsed, dict):
+            m.usage = usage_of_response(parsed)
             _count_builtin_calls(parsed, m.tool_calls)
+    else:
+        m.usage = usage_of_body(payload)
     if m.usage is None:
         m.estimate_reason = "the upstream reported no usage"
     ex.status = m.status = 200
     m.ttft_ms = (time.perf_counter() - ex.started) * 1000
-    cost = rt.meter.compute(m)
+    cost = await rt.meter.compute(m)
     headers = _response_headers(ex)
-    headers.append((b"x-gateway-cost-usd", fmt_usd(cost.usd, 9).encode()))
+    headers.append((b"x-gateway-cost-usd", f"{cost.usd:f}".encode()))  # already exact to the nanodollar
     watch.finish()
     await send_bytes(send, 200, payload, headers)
     _observe(ex)
+
+
+def _loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _count_builtin_calls(parsed: dict[str, Any], into: dict[str, int]) -> None:

@@ -147,6 +147,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         )
         ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
         ex.stream = stream
+        ex.builtin_tools = b'"builtin_function"' in raw
         if body["model"] in entry.tenant.routes:
             ex.model = model = body["model"]
         else:

@@ -7,12 +7,13 @@ ledger row is queued for the batch writer, the budget counter is adjusted in the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from gateway.metering.budget import Budgets, Reservation, windows
+from gateway.metering.budget import Budgets, Reservation
 from gateway.metering.ledger import Ledger, LedgerRow, OpenReservation
 from gateway.metering.money import from_nanos
 from gateway.metering.prices import Cost, Price, PriceBook, cost_of
@@ -87,12 +88,13 @@ class Meter:
             )
         )
 
-    def compute(self, m: Metered) -> Cost:
-        """Usage (reported, else estimated when the upstream may have billed) and its exact cost."""
+    async def compute(self, m: Metered) -> Cost:
+        """Usage (reported, else estimated when the upstream may have billed) and its exact cost.
+
+        Estimates tokenize the whole conversation, so they run in a thread, off the event loop.
+        """
         if m.usage is None and m.reached_upstream and m.estimate_reason is not None:
-            prompt = count_prompt(m.body)
-            completion = m.tap.estimate_completion_tokens() if m.tap is not None else 0
-            m.usage = Usage(prompt, completion, 0, 0)
+            m.usage = await asyncio.to_thread(_estimate, m)
         elif m.usage is None:
             m.estimate_reason = None
         usage = m.usage or Usage()
@@ -106,7 +108,7 @@ class Meter:
         if m.settled:
             return
         m.settled = True
-        cost = m.cost or self.compute(m)
+        cost = m.cost or await self.compute(m)
         await self.budgets.settle(m.reservation, cost.usd)
         usage = m.usage or Usage()
         tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
@@ -163,6 +165,7 @@ class Meter:
             log.exception("budget gauge update failed")
 
 
-def current_window_keys(now: float) -> tuple[str, str]:
-    daily, monthly = windows(now)
-    return daily.key, monthly.key
+def _estimate(m: Metered) -> Usage:
+    prompt = count_prompt(m.body)
+    completion = m.tap.estimate_completion_tokens() if m.tap is not None else 0
+    return Usage(prompt, completion, 0, 0)

@@ -21,8 +21,13 @@ _DONE = b"[DONE]"
 
 def _events(block: bytes) -> list[bytes]:
     """Split a block of whole SSE events, keeping each event's bytes exactly."""
-    out, start = [], 0
-    n = len(block)
+    if b"\r" not in block:  # the common case: one linear pass
+        parts = block.split(b"\n\n")
+        out = [p + b"\n\n" for p in parts[:-1]]
+        if parts[-1]:
+            out.append(parts[-1])
+        return out
+    out, start, n = [], 0, len(block)
     while start < n:
         lf = block.find(b"\n\n", start)
         crlf = block.find(b"\r\n\r\n", start)

@@ -97,7 +97,22 @@ def usage_of_response(body: dict[str, Any]) -> Usage | None:
     return total
 
 
+_LAST_USAGE = re.compile(rb'"usage"\s*:\s*')
+
+
 def usage_of_body(raw: bytes) -> Usage | None:
+    """Usage of a whole response body, parsing only the usage object when it comes last (it does in
+    every provider's answers); the whole body only when that fails."""
+    key = raw.rfind(b'"usage"')
+    match = _LAST_USAGE.match(raw, key) if key >= 0 else None
+    if match is not None:
+        # when usage is the last key, it spans from here to the body's closing brace
+        try:
+            found = parse_usage(orjson.loads(raw[match.end() : raw.rfind(b"}")]))
+        except orjson.JSONDecodeError:
+            found = None
+        if found is not None:
+            return found
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

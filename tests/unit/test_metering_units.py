@@ -254,3 +254,26 @@ def test_tap_output_does_not_depend_on_how_tcp_cut_the_stream(cuts: list[int], w
     out = b"".join(tap.process(relay.feed(p)) for p in pieces) + tap.process(relay.finish())
     assert out == expected
     assert tap.usage is not None and tap.usage.cached_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "id": "x",
+            "choices": [{"message": {"content": 'says "usage": {"prompt_tokens": 1}'}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 9, "cached_tokens": 64},
+        },
+        {"usage": {"prompt_tokens": 100, "completion_tokens": 9, "cached_tokens": 64}, "id": "x", "choices": []},
+        {
+            "id": "x",
+            "choices": [{"message": {}, "usage": {"prompt_tokens": 100, "completion_tokens": 9, "cached_tokens": 64}}],
+        },
+    ],
+)
+def test_usage_of_body_finds_usage_wherever_it_is(body: dict) -> None:
+    from gateway.metering.usage import usage_of_body
+
+    for raw in (orjson.dumps(body), orjson.dumps(body, option=orjson.OPT_INDENT_2)):
+        u = usage_of_body(raw)
+        assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (100, 9, 64)
