@@ -61,7 +61,8 @@ class StreamTap:
     def process(self, block: bytes) -> bytes:
         if not block:
             return block
-        match = USAGE_RE.search(block)
+        # memmem checks first: most events carry neither usage nor [DONE]
+        match = USAGE_RE.search(block) if b'"usage"' in block else None
         done = block.find(_DONE) if self._wants_usage else -1
         if match is None and done < 0:
             self.blocks.append(block)

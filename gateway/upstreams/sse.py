@@ -37,6 +37,10 @@ class SSERelay:
     def feed(self, chunk: bytes) -> bytes:
         """The complete events now available (possibly ``b""``)."""
         data = self._tail + chunk if self._tail else chunk
+        if data.endswith(b"\n\n"):  # the usual case: the chunk ends on an event boundary
+            self._tail = b""
+            self._last = data
+            return data
         cut = last_boundary(data)
         if cut == 0:
             self._tail = data
