@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.yamlfile import ConfigError, YamlDoc, load_yaml, validation_problems
+from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 SECRET_KEYS = ("api_key", "apikey", "key", "token", "password", "secret", "authorization")
 
@@ -217,13 +217,7 @@ def load_config(
     ``resolve_keys=False`` skips reading upstream keys (tools that only read the ledger need none).
     """
     file = Path(path)
-    doc = load_yaml(file)
-    if not isinstance(doc.data, dict):
-        raise ConfigError([f"{file}: expected a mapping at the top level, got {type(doc.data).__name__}"])
-    try:
-        settings = GatewayConfig.model_validate(doc.data)
-    except ValidationError as exc:
-        raise ConfigError(validation_problems(doc, exc, GatewayConfig)) from None
+    doc, settings = load_model(file, GatewayConfig)
     environ = dict(os.environ) if env is None else env
     problems: list[str] = []
     keys: dict[str, str | None] = {}

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 KeyPath = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -172,3 +173,14 @@ def validation_problems(doc: YamlDoc, exc: ValidationError, model: type[BaseMode
         fields = _fields_at(model, loc[:-1]) if err["type"] == "extra_forbidden" else None
         out.append(doc.problem((*base, *loc), _expected(dict(err), fields)))
     return out
+
+
+def load_model(path: Path, model: type[M], top: str = "a mapping") -> tuple[YamlDoc, M]:
+    """Parse ``path`` and validate it as ``model``; every problem becomes a precise ConfigError line."""
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{path}: expected {top} at the top level, got {type(doc.data).__name__}"])
+    try:
+        return doc, model.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(doc, exc, model)) from None

@@ -14,10 +14,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.metering.money import NANO
-from gateway.yamlfile import ConfigError, load_yaml, validation_problems
+from gateway.yamlfile import ConfigError, load_model
 
 MILLION = Decimal(1_000_000)
 Money = Annotated[Decimal, Field(ge=0)]
@@ -167,13 +167,7 @@ def worst_case(price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
 
 
 def load_prices(path: Path) -> PriceBook:
-    doc = load_yaml(path)
-    if not isinstance(doc.data, dict):
-        raise ConfigError([f"{path}: expected a mapping with 'prices', got {type(doc.data).__name__}"])
-    try:
-        parsed = PriceFile.model_validate(doc.data)
-    except ValidationError as exc:
-        raise ConfigError(validation_problems(doc, exc, PriceFile)) from None
+    doc, parsed = load_model(path, PriceFile, top="a mapping with 'prices'")
     seen: dict[tuple[str, dt.date], int] = {}
     problems = []
     for i, entry in enumerate(parsed.prices):

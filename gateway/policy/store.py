@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from gateway.config import LoadedConfig
 from gateway.policy.model import Budget, TenantPolicy
-from gateway.yamlfile import ConfigError, YamlDoc, load_yaml, validation_problems
+from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,17 +100,9 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
     key_owner: dict[str, str] = {}
     for file in files:
         try:
-            doc = load_yaml(file)
+            doc, policy = load_model(file, TenantPolicy)
         except ConfigError as exc:
             problems.extend(exc.problems)
-            continue
-        if not isinstance(doc.data, dict):
-            problems.append(f"{file}: expected a mapping at the top level, got {type(doc.data).__name__}")
-            continue
-        try:
-            policy = TenantPolicy.model_validate(doc.data)
-        except ValidationError as exc:
-            problems.extend(validation_problems(doc, exc, TenantPolicy))
             continue
         file_problems = _check_candidates(doc, policy, config)
         if policy.tenant in tenants:
