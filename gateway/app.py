@@ -20,7 +20,7 @@ from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_
 from gateway.metering.budget import Budgets, seed_from_ledger
 from gateway.metering.ledger import Ledger, ledger_from_url
 from gateway.metering.meter import Meter
-from gateway.observability import log, metrics_payload
+from gateway.observability import log, metrics_payload, setup_logging
 from gateway.pipeline import Runtime
 from gateway.state.memory import MemoryBudgetState
 from gateway.upstreams.base import Upstream
@@ -168,4 +168,6 @@ def create_app(config_path: str | None = None) -> GatewayApp:
     path = config_path or os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"no config: pass a path or set {CONFIG_ENV}")
-    return GatewayApp(load_all(path))
+    loaded = load_all(path)
+    setup_logging(loaded.config.settings.log_level)  # worker processes configure their own logging
+    return GatewayApp(loaded)

@@ -48,6 +48,15 @@ def serve(
     settings = loaded.config.settings
     setup_logging(settings.log_level)
     n = workers or settings.workers
+    budgeted = sorted(t.name for t in loaded.policies.tenants.values() if t.budget is not None)
+    if n > 1 and budgeted and settings.state.backend == "memory":
+        typer.echo(
+            f"kimi-gateway: {n} workers with in-memory state would each enforce the budgets of "
+            f"{', '.join(budgeted)} on their own, letting spend reach {n}x the caps; run one worker "
+            "(state.backend: memory keeps budgets in one process).",
+            err=True,
+        )
+        raise typer.Exit(2)
     common = {
         "host": host or settings.listen.host,
         "port": port or settings.listen.port,

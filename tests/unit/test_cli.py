@@ -1,0 +1,56 @@
+"""The command line: config check, key hashing, and refusing unsafe serve options."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, write_gateway
+
+CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def config(tmp_path: Path, budget: str = "") -> Path:
+    upstreams = "  sim: {kind: simulated, profile: instant, models: [kimi-k2-thinking]}\n"
+    policy = (
+        f'tenant: t\nkeys: ["sha256:{"a" * 64}"]\nmodels:\n  kimi-k2-thinking: {{candidates: [sim/kimi-k2-thinking]}}\n'
+        + budget
+    )
+    return write_gateway(tmp_path, upstreams, policy)
+
+
+def test_config_check_ok_and_demo_config_is_valid(tmp_path: Path) -> None:
+    out = run("config", "check", str(config(tmp_path)))
+    assert out.returncode == 0 and "ok" in out.stdout
+    demo = run("config", "check", "config/demo.yaml")
+    assert demo.returncode == 0, demo.stderr
+
+
+def test_config_check_lists_problems_and_exits_2(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    path.write_text(path.read_text().replace("profile: instant", "profile: warp"))
+    out = run("config", "check", str(path))
+    assert out.returncode == 2 and "upstreams.sim.profile" in out.stderr and "warp" in out.stderr
+
+
+def test_a_candidate_without_price_refuses_the_start(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    (tmp_path / "gateway-prices.yaml").write_text("prices: []\n")
+    out = run("serve", "--config", str(path), "--port", "9")
+    assert out.returncode == 2 and "sim/kimi-k2-thinking has no price" in out.stderr
+
+
+def test_keys_hash_matches_sha256() -> None:
+    out = run("keys", "hash", "sk-example")
+    assert out.stdout.strip() == "sha256:" + hashlib.sha256(b"sk-example").hexdigest()
+
+
+def test_workers_with_in_memory_budgets_are_refused(tmp_path: Path) -> None:
+    out = run("serve", "--config", str(config(tmp_path, "budget: {daily_usd: 5}\n")), "--workers", "2", "--port", "9")
+    assert out.returncode == 2 and "2x the caps" in out.stderr
