@@ -54,3 +54,33 @@ def test_keys_hash_matches_sha256() -> None:
 def test_workers_with_in_memory_budgets_are_refused(tmp_path: Path) -> None:
     out = run("serve", "--config", str(config(tmp_path, "budget: {daily_usd: 5}\n")), "--workers", "2", "--port", "9")
     assert out.returncode == 2 and "2x the caps" in out.stderr
+
+
+def test_simulate_serves_the_simulator_over_http(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.conftest import Process, free_port
+
+    port = free_port()
+    proc = Process(
+        [*CLI, "simulate", "--port", str(port), "--profile", "vllm", "--ttft-ms", "0"],
+        port,
+        tmp_path / "sim.log",
+        "/health",
+    )
+    try:
+        reply = httpx.post(
+            proc.url + "/v1/chat/completions",
+            json={
+                "model": "moonshotai/Kimi-K2-Thinking",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 64,
+            },
+            timeout=10,
+        ).json()
+        assert "reasoning" in reply["choices"][0]["message"]  # vLLM's field name
+        assert "prompt_tokens_details" in reply["usage"] or "cached_tokens" not in reply["usage"]
+    finally:
+        proc.stop()
+    bad = run("simulate", "--profile", "warp")
+    assert bad.returncode == 2 and "warp" in bad.stderr
