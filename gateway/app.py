@@ -7,6 +7,7 @@ inside the server's event loop and closes them on shutdown.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -118,6 +119,7 @@ class GatewayApp:
         await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)
         for upstream in self.upstreams.values():
             await upstream.start()
+        tune_gc()
         self.ready = True
         log.info(
             "kimi-gateway ready: %d tenants, upstreams %s",
@@ -151,6 +153,20 @@ class GatewayApp:
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         payload, content_type = metrics_payload()
         await send_bytes(send, 200, payload, [], content_type.encode())
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a long-running server.
+
+    Every request allocates a few hundred short-lived containers; with CPython's default thresholds
+    (700, 10, 10) the collector runs every few requests and its older generations keep scanning
+    everything loaded at start-up. Freezing the start-up heap and collecting the young generation
+    less often measured +14 % non-stream and +15 % stream throughput (bench/RESULTS.md). Cycles are
+    still collected, only in larger batches.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def reconcile_and_seed(ledger: Ledger, meter: Meter, runtime: Runtime, opened_before: float | None) -> None:
