@@ -315,14 +315,24 @@ async def _relay_stream(
     relay = SSERelay()
     tap = m.tap = StreamTap(client_wants_usage)
     first_byte_at: float | None = None
+
+    async def emit(out: bytes) -> None:
+        nonlocal first_byte_at
+        if first_byte_at is None:
+            first_byte_at = time.perf_counter()
+            m.ttft_ms = (first_byte_at - ex.started) * 1000
+        await send({"type": "http.response.body", "body": out, "more_body": True})
+
     try:
         async for chunk in reply.chunks():
-            out = tap.process(relay.feed(chunk))
-            if out:
-                if first_byte_at is None:
-                    first_byte_at = time.perf_counter()
-                    m.ttft_ms = (first_byte_at - ex.started) * 1000
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+            block = relay.feed(chunk)
+            if not block:
+                continue
+            head, tail = tap.split(block)  # the head leaves before the tail is looked at
+            if head:
+                await emit(head)
+            if tail and (out := tap.finish_tail(tail)):
+                await emit(out)
         tail = tap.process(relay.finish())
         if not relay.saw_done:
             m.outcome = "cut"

@@ -58,22 +58,35 @@ class StreamTap:
         self.sent_usage_chunk = False
         self.blocks: list[bytes] = []  # what reached the client, kept by reference for estimates
 
-    def process(self, block: bytes) -> bytes:
-        if not block:
-            return block
+    def split(self, block: bytes) -> tuple[bytes, bytes]:
+        """``(head, tail)``: the events that pass as they are, and those from the first one that
+        carries usage (or ``[DONE]``) on, which :meth:`finish_tail` must see. The relay sends the head
+        at once, so a stream that arrives in one read starts reaching the client before the tail is
+        looked at."""
         # memmem checks first: most events carry neither usage nor [DONE]
         match = USAGE_RE.search(block) if b'"usage"' in block else None
         done = block.find(_DONE) if self._wants_usage else -1
         if match is None and done < 0:
             self.blocks.append(block)
-            return block
-        # only the events from the first interesting one on are looked at; the rest pass as bytes
+            return block, b""
         first = min(p for p in (match.start() if match else -1, done) if p >= 0)
         start = last_boundary(block, first)
-        head, tail = block[:start], block[start:]
-        out = head + b"".join(self._event(ev) for ev in _events(tail))
+        head = block[:start]
+        if head:
+            self.blocks.append(head)
+        return head, block[start:]
+
+    def finish_tail(self, tail: bytes) -> bytes:
+        out = b"".join(self._event(ev) for ev in _events(tail))
         self.blocks.append(out)
         return out
+
+    def process(self, block: bytes) -> bytes:
+        """The block as the client must see it (split and finished in one go)."""
+        if not block:
+            return block
+        head, tail = self.split(block)
+        return head + self.finish_tail(tail) if tail else head
 
     def _event(self, event: bytes) -> bytes:
         data = _data(event)
