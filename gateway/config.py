@@ -121,7 +121,8 @@ class LedgerConfig(_Strict):
 
     url: str = "sqlite:///../data/ledger.db"
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
-    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.05
+    # rows are visible to reports this long after a request at most; longer batches cost less per row
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
 
     @field_validator("url")
     @classmethod

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import difflib
+import functools
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -130,10 +131,18 @@ Entry = LedgerRow | OpenReservation
 # Small shared helpers (pure; the backends use them to stay identical in behaviour)
 
 
-def utc_day_month(ts: float) -> tuple[str, str]:
-    """``('YYYY-MM-DD', 'YYYY-MM')`` of a unix time, in UTC: the columns reports group by."""
-    day = dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+@functools.lru_cache(maxsize=64)
+def _utc_day(day_number: int) -> tuple[str, str]:
+    day = (dt.date(1970, 1, 1) + dt.timedelta(days=day_number)).isoformat()
     return day, day[:7]
+
+
+def utc_day_month(ts: float) -> tuple[str, str]:
+    """``('YYYY-MM-DD', 'YYYY-MM')`` of a unix time, in UTC: the columns reports group by.
+
+    Every row needs them and consecutive rows share a day, so days are computed once each.
+    """
+    return _utc_day(int(ts // 86400))
 
 
 def clean_text(s: str) -> str:
