@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -48,7 +48,6 @@ class Exchange:
     upstream_time: float = 0.0
     dirty: bool = False  # the body was changed: serialize it again before sending
     builtin_tools: bool = False  # the request declares provider builtins ($web_search): per-call fees
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @property
     def upstream_label(self) -> str:
@@ -337,7 +336,8 @@ async def _relay_stream(
         if not relay.saw_done:
             m.outcome = "cut"
     except UpstreamFailure as failure:
-        UPSTREAM_FAILURES.labels(ex.upstream_label.split("/", 1)[0], failure.kind).inc()
+        assert ex.candidate is not None  # a reply exists only once a candidate was called
+        UPSTREAM_FAILURES.labels(ex.candidate.upstream, failure.kind).inc()
         log.warning("request %s: %s", ex.request_id, failure.message)
         ex.status = 504 if failure.is_timeout else 502
         m.outcome = "timeout" if failure.is_timeout else "cut"
