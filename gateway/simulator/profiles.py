@@ -110,20 +110,12 @@ PROFILES: dict[str, Profile] = {
             max_concurrency=32,
             cache_block_tokens=16,
         ),
-        Profile(
-            "vllm-raw",
-            dialect="vllm",
-            ttft_s=0.2,
-            tokens_per_s=50.0,
-            models=VLLM_MODELS,
-            max_concurrency=32,
-            cache_block_tokens=16,
-            parsers=False,
-        ),
         # zero delays: the upstream of proxy benchmarks and of most tests
         Profile("instant", default_max_tokens=1024),
     )
 }
+# a vLLM started without --reasoning-parser / --tool-call-parser: the same server, raw K2 markers
+PROFILES["vllm-raw"] = dataclasses.replace(PROFILES["vllm"], name="vllm-raw", parsers=False)
 
 
 def profile_from(name: str, **overrides: Any) -> Profile:
