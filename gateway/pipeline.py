@@ -24,6 +24,8 @@ from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
+from gateway.state.base import KeyValueState
+from gateway.state.memory import MemoryKeyValueState
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
 from gateway.upstreams.sse import SSERelay
@@ -57,10 +59,14 @@ class Exchange:
 class Runtime:
     """What the pipeline reads per request: policies (swapped whole on reload), upstreams, the meter."""
 
-    def __init__(self, policies: PolicySet, upstreams: dict[str, Upstream], meter: Meter) -> None:
+    def __init__(
+        self, policies: PolicySet, upstreams: dict[str, Upstream], meter: Meter, kv: KeyValueState | None = None
+    ) -> None:
         self.policies = policies
         self.upstreams = upstreams
         self.meter = meter
+        # shared small entries (prefix affinity, reasoning store, upstream stats): memory or Redis
+        self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
 

@@ -54,3 +54,33 @@ class BudgetState(ABC):
 
     async def close(self) -> None:  # noqa: B027 - memory has nothing to close
         """Release connections."""
+
+
+class KeyValueState(ABC):
+    """Small shared entries with a lifetime: the prefix-affinity table, the reasoning store for tool
+    loops, shared upstream statistics and breaker state.
+
+    Values are opaque bytes (callers serialize with orjson). Every entry has a TTL and a backend keeps
+    a cap on how many it holds, so memory cannot grow without limit. Keys are namespaced by the
+    caller (``affinity:<tenant>:<hash>``, ``reasoning:<tenant>:<hash>``...); backends add the
+    deployment's own prefix.
+    """
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when absent or expired."""
+
+    @abstractmethod
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store (or replace) a value that expires after ``ttl_s`` seconds."""
+
+    @abstractmethod
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Values for several keys in one round trip (None for each miss)."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Forget a key (no-op when absent)."""
+
+    async def close(self) -> None:  # noqa: B027 - memory has nothing to close
+        """Release connections."""

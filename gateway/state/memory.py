@@ -7,8 +7,9 @@ is atomic without locks. Counters expire after their window's TTL so memory stay
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
-from gateway.state.base import BudgetState, Limit, Refusal
+from gateway.state.base import BudgetState, KeyValueState, Limit, Refusal
 
 
 class MemoryBudgetState(BudgetState):
@@ -60,3 +61,37 @@ class MemoryBudgetState(BudgetState):
 
     async def open_reservations(self) -> int:
         return len(self._reservations)
+
+
+class MemoryKeyValueState(KeyValueState):
+    """A TTL'd LRU dict: the least recently used entries go first once ``max_entries`` is reached."""
+
+    def __init__(self, max_entries: int = 100_000, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self._clock = clock
+        self._max = max_entries
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] < self._clock():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return item[1]
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._items[key] = (self._clock() + ttl_s, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
+    async def delete(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
