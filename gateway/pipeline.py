@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -26,6 +26,8 @@ from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState
+from gateway.transforms.base import ResponseTransform
+from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
 from gateway.upstreams.sse import SSERelay
@@ -50,6 +52,8 @@ class Exchange:
     upstream_time: float = 0.0
     dirty: bool = False  # the body was changed: serialize it again before sending
     builtin_tools: bool = False  # the request declares provider builtins ($web_search): per-call fees
+    # response transforms for this request (reasoning modes, tool-call repair...); empty = byte relay
+    transforms: list[ResponseTransform] = field(default_factory=list)
 
     @property
     def upstream_label(self) -> str:
@@ -276,6 +280,8 @@ async def _relay_whole(
         m.usage = usage_of_body(payload)
     if m.usage is None:
         m.estimate_reason = "the upstream reported no usage"
+    if ex.transforms:
+        payload = apply_whole(ex.transforms, payload)
     ex.status = m.status = 200
     m.ttft_ms = (time.perf_counter() - ex.started) * 1000
     cost = await rt.meter.compute(m)
@@ -319,10 +325,13 @@ async def _relay_stream(
     await send({"type": "http.response.start", "status": 200, "headers": [CT_SSE, NO_CACHE, *_response_headers(ex)]})
     relay = SSERelay()
     tap = m.tap = StreamTap(client_wants_usage)
+    chain = StreamChain(ex.transforms) if ex.transforms else None
     first_byte_at: float | None = None
 
     async def emit(out: bytes) -> None:
         nonlocal first_byte_at
+        if chain is not None and not (out := chain.feed(out)):
+            return
         if first_byte_at is None:
             first_byte_at = time.perf_counter()
             m.ttft_ms = (first_byte_at - ex.started) * 1000
@@ -339,6 +348,8 @@ async def _relay_stream(
             if tail and (out := tap.finish_tail(tail)):
                 await emit(out)
         tail = tap.process(relay.finish())
+        if chain is not None:
+            tail = chain.feed(tail) + chain.finish()
         if not relay.saw_done:
             m.outcome = "cut"
     except UpstreamFailure as failure:
@@ -348,6 +359,8 @@ async def _relay_stream(
         ex.status = 504 if failure.is_timeout else 502
         m.outcome = "timeout" if failure.is_timeout else "cut"
         tail = relay.abort(failure.message, "timeout_error" if failure.is_timeout else "upstream_error")
+        if chain is not None:
+            tail = chain.finish() + tail
     m.usage = tap.usage
     if m.usage is None:
         m.estimate_reason = (
