@@ -46,30 +46,80 @@ def _data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-class StreamTap:
-    """Watches relayed events: captures usage, drops or synthesizes the client's usage chunk."""
+def _usage_at(data: bytes) -> int:
+    """Where the first ``"usage": {`` starts in ``data``, or -1 (memmem first, the regex only there)."""
+    at = data.find(b'"usage"')
+    while at >= 0:
+        if USAGE_RE.match(data, at):
+            return at
+        at = data.find(b'"usage"', at + 7)
+    return -1
 
-    __slots__ = ("_meta", "_wants_usage", "blocks", "sent_usage_chunk", "usage")
+
+def _object(data: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _usage_only(data: bytes) -> bool:
+    """True for OpenAI's usage chunk (no choices); cheap for the usual spellings, parsed otherwise."""
+    if b'"choices":[]' in data:
+        return True
+    if b'"choices":[{' in data:
+        return False
+    chunk = _object(data)
+    return chunk is not None and not chunk.get("choices")
+
+
+class StreamTap:
+    """Watches relayed events: captures usage, drops or synthesizes the client's usage chunk.
+
+    Usage-bearing events are kept as bytes and parsed once, when the usage is read: Moonshot repeats
+    the same usage in the last chunk's choice and in OpenAI's usage chunk, and only the last counts.
+    """
+
+    __slots__ = ("_found", "_meta", "_parsed", "_seen", "_wants_usage", "blocks", "sent_usage_chunk")
 
     def __init__(self, client_wants_usage: bool) -> None:
         self._wants_usage = client_wants_usage
         self._meta: dict[str, Any] | None = None
-        self.usage: Usage | None = None
+        self._seen: list[bytes] = []  # data of the usage-bearing events, in arrival order
+        self._parsed = 0  # how many of ``_seen`` ``_found`` accounts for
+        self._found: Usage | None = None
         self.sent_usage_chunk = False
         self.blocks: list[bytes] = []  # what reached the client, kept by reference for estimates
+
+    @property
+    def usage(self) -> Usage | None:
+        """The last usage the upstream reported."""
+        if self._parsed < len(self._seen):
+            new, self._parsed = self._seen[self._parsed :], len(self._seen)
+            for data in reversed(new):  # the last parseable one wins
+                chunk = _object(data)
+                found = usage_of_response(chunk) if chunk is not None else None
+                if found is not None:
+                    assert chunk is not None
+                    self._found = found
+                    self._meta = {k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if k in chunk}
+                    break
+        return self._found
 
     def split(self, block: bytes) -> tuple[bytes, bytes]:
         """``(head, tail)``: the events that pass as they are, and those from the first one that
         carries usage (or ``[DONE]``) on, which :meth:`finish_tail` must see. The relay sends the head
         at once, so a stream that arrives in one read starts reaching the client before the tail is
         looked at."""
-        # memmem checks first: most events carry neither usage nor [DONE]
-        match = USAGE_RE.search(block) if b'"usage"' in block else None
-        done = block.find(_DONE) if self._wants_usage else -1
-        if match is None and done < 0:
+        first = _usage_at(block)
+        if self._wants_usage:
+            done = block.find(_DONE)
+            if done >= 0 and (first < 0 or done < first):
+                first = done
+        if first < 0:
             self.blocks.append(block)
             return block, b""
-        first = min(p for p in (match.start() if match else -1, done) if p >= 0)
         start = last_boundary(block, first)
         head = block[:start]
         if head:
@@ -77,7 +127,7 @@ class StreamTap:
         return head, block[start:]
 
     def finish_tail(self, tail: bytes) -> bytes:
-        out = b"".join(self._event(ev) for ev in _events(tail))
+        out = b"".join([self._event(ev) for ev in _events(tail)])
         self.blocks.append(out)
         return out
 
@@ -95,21 +145,11 @@ class StreamTap:
                 self.sent_usage_chunk = True
                 return self._usage_chunk() + event
             return event
-        if USAGE_RE.search(data) is None:
+        if _usage_at(data) < 0:
             return event
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(chunk, dict):
-            return event
-        found = usage_of_response(chunk)
-        if found is None:
-            return event
-        self.usage = found
-        self._meta = {k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if k in chunk}
-        usage_only = not chunk.get("choices")
-        if usage_only:
+        self._seen.append(data)
+        usage_only = _usage_only(data)
+        if usage_only and self.usage is not None:
             if self._wants_usage:
                 self.sent_usage_chunk = True
                 return event
