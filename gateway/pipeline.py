@@ -24,6 +24,7 @@ from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
+from gateway.reasoning.inbound import prepare_reasoning
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState
 from gateway.transforms.base import ResponseTransform
@@ -229,6 +230,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         m.route_reason = ex.route_reason
         m.price = rt.meter.price(candidate.label, m.ts)
         client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
+        await prepare_reasoning(rt, ex)
         await _reserve(rt, ex)
         m.route_reason = ex.route_reason
         body = shape_request(ex, candidate)
