@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -363,7 +362,7 @@ def test_strip_leaks_nothing_when_the_stream_breaks_or_the_upstream_errors(gatew
             "stream": True,
             "messages": [{"role": "user", "content": "hi"}],
             "sim": {"reasoning_chunks": 8, "fault": {"cut_after_events": 5}},
-        },  # fmt: skip
+        },
         timeout=10,
     ) as resp:
         body = resp.read().decode()
