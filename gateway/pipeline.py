@@ -17,6 +17,8 @@ import orjson
 
 from gateway import errors
 from gateway.api.http import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
+from gateway.capture.record import capture_exchange
+from gateway.capture.store import CaptureStore
 from gateway.errors import GatewayError
 from gateway.metering.meter import Meter, Metered
 from gateway.metering.stream import StreamTap
@@ -74,6 +76,7 @@ class Runtime:
         self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
+        self.capture: CaptureStore | None = None  # diagnostic capture rows, for tenants that turn it on
 
 
 def choose_candidate(rt: Runtime, ex: Exchange) -> Candidate:
@@ -257,6 +260,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     finally:
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
         await rt.meter.settle(m)
+        capture_exchange(rt, ex)
 
 
 async def _relay_whole(
