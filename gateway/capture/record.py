@@ -63,7 +63,9 @@ def build_row(ex: Exchange, now: float) -> CaptureRow:
     m = ex.metered
     redactor = capture_redactor(tenant.reasoning.redact)
     body = ex.body
-    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        tools = []
     usage = m.usage
     record: dict[str, Any] = {
         "request_id": ex.request_id,

@@ -54,7 +54,8 @@ class Budget(Caps):
     apps: dict[str, Caps] = Field(default_factory=dict)
 
 
-DETECTORS = ("email", "phone", "api_key", "aws_key", "bearer_token", "card_number")
+DetectorName = Literal["email", "phone", "api_key", "aws_key", "bearer_token", "card_number"]
+DETECTORS: tuple[DetectorName, ...] = ("email", "phone", "api_key", "aws_key", "bearer_token", "card_number")
 """Built-in secret and personal-data detectors a redaction can use (``gateway/reasoning/redact.py``)."""
 PATTERN_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_PATTERN_CHARS = 256  # longest text one pattern may match: streams hold back this much to redact across chunks
@@ -96,9 +97,7 @@ class RedactPattern(_Strict):
 class Redaction(_Strict):
     patterns: list[RedactPattern] = Field(default_factory=list)
     # built-in detectors in force; all of them unless the tenant lists fewer
-    detectors: list[Literal["email", "phone", "api_key", "aws_key", "bearer_token", "card_number"]] = Field(
-        default_factory=lambda: list(DETECTORS)
-    )
+    detectors: list[DetectorName] = Field(default_factory=lambda: list(DETECTORS))
 
     @model_validator(mode="after")
     def _unique(self) -> Redaction:

@@ -91,7 +91,7 @@ def max_width(pattern: re.Pattern[str]) -> int:
     return int(_parser.parse(pattern.pattern, pattern.flags).getwidth()[1])
 
 
-Match = tuple[int, int, str]
+Span = tuple[int, int, str]  # start, end, kind
 
 
 class Redactor:
@@ -108,22 +108,22 @@ class Redactor:
         detectors += [Detector(p.kind, re.compile(p.regex)) for p in rules.patterns]
         return cls(detectors)
 
-    def matches(self, text: str) -> list[Match]:
+    def matches(self, text: str) -> list[Span]:
         """Non-overlapping matches, leftmost first (the longest one where two start together)."""
-        found: list[Match] = []
+        found: list[Span] = []
         for d in self.detectors:
             for m in d.pattern.finditer(text):
                 if d.check is None or d.check(m.group()):
                     found.append((m.start(), m.end(), d.kind))
         if len(found) < 2:
             return found
-        found.sort(key=lambda m: (m[0], -m[1]))
-        out: list[Match] = []
+        found.sort(key=lambda span: (span[0], -span[1]))
+        out: list[Span] = []
         end = -1
-        for m in found:
-            if m[0] >= end:
-                out.append(m)
-                end = m[1]
+        for span in found:
+            if span[0] >= end:
+                out.append(span)
+                end = span[1]
         return out
 
     def redact(self, text: str) -> str:
@@ -133,7 +133,7 @@ class Redactor:
         return _apply(text, self.matches(text), 0, len(text))
 
 
-def _apply(text: str, matches: list[Match], start: int, stop: int) -> str:
+def _apply(text: str, matches: list[Span], start: int, stop: int) -> str:
     """``text[start:stop]`` with the matches inside that span replaced."""
     parts: list[str] = []
     pos = start

@@ -49,7 +49,9 @@ def calls_shape(calls: Any) -> list[Any]:
         if not isinstance(call, dict):
             out.append(call)
             continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
         out.append([call.get("id"), function.get("name"), function.get("arguments")])
     return out
 
