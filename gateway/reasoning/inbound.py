@@ -87,43 +87,52 @@ async def _restore(store: ReasoningStore, tenant: str, messages: list[Any], name
     return changed
 
 
+OTHER_FIELD = {"reasoning_content": b'"reasoning"', "reasoning": b'"reasoning_content"'}
+
+
 async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
     """See the module docstring; edits ``ex.body`` in place and sets ``ex.transforms``."""
     assert ex.candidate is not None
     tenant = ex.tenant
     policy = tenant.reasoning
     upstream = rt.upstreams[ex.candidate.upstream]
-    config = getattr(upstream, "config", None)
     up_field = upstream.reasoning_field
     messages = ex.body.get("messages")
     if not isinstance(messages, list):
         return
-    changed = False
-    recorder: TurnRecorder | None = None
-    turn = Turn()
+    full_capture = tenant.capture.mode == "full"
     if policy.mode == "pass":
-        other = b'"reasoning"' if up_field == "reasoning_content" else b'"reasoning_content"'
-        if other in ex.raw:
-            changed = _rename_sent(messages, up_field)
+        # the common case costs one substring search over the request bytes
+        other = OTHER_FIELD.get(up_field)
+        changed = other is not None and other in ex.raw and _rename_sent(messages, up_field)
+        if changed:
+            _reencode(ex)
+        if policy.field == up_field and not full_capture:
+            return
+        turn = Turn()
         if policy.field != up_field:
             ex.transforms.append(ReasoningTransform("pass", policy.field, up_field, turn))
-    else:
-        store = ReasoningStore(rt.kv)
-        prefixes = prefix_digests(messages)
-        changed = await _restore(store, tenant.name, messages, up_field, prefixes)
-        think = bool(config is not None and config.think_in_content)
-        ex.transforms.append(
-            ReasoningTransform(
-                policy.mode,
-                policy.field,
-                up_field,
-                turn,
-                redactor=redactor_for(policy.redact) if policy.mode == "redact" else None,
-                split_think=True,
-                starts_thinking=think,
-            )
+        ex.transforms.append(TurnRecorder(turn, collect_reasoning=not ex.transforms))
+        return
+    store = ReasoningStore(rt.kv)
+    prefixes = prefix_digests(messages)
+    if await _restore(store, tenant.name, messages, up_field, prefixes):
+        _reencode(ex)
+    config = getattr(upstream, "config", None)
+    turn = Turn()
+    ex.transforms.append(
+        ReasoningTransform(
+            policy.mode,
+            policy.field,
+            up_field,
+            turn,
+            redactor=redactor_for(policy.redact) if policy.mode == "redact" else None,
+            split_think=True,
+            starts_thinking=bool(config is not None and config.think_in_content),
         )
-        recorder = TurnRecorder(
+    )
+    ex.transforms.append(
+        TurnRecorder(
             turn,
             store=store,
             tenant=tenant.name,
@@ -131,13 +140,12 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
             ttl_s=policy.store_ttl_s,
             max_bytes=policy.store_max_bytes,
         )
-    if recorder is None and tenant.capture.mode == "full":
-        recorder = TurnRecorder(turn, collect_reasoning=not ex.transforms)
-    if recorder is not None:
-        ex.transforms.append(recorder)
-    if changed:
-        ex.raw = orjson.dumps(ex.body)  # the reservation bounds the prompt from these bytes
-        ex.dirty = True
+    )
+
+
+def _reencode(ex: Exchange) -> None:
+    ex.raw = orjson.dumps(ex.body)  # the reservation bounds the prompt from these bytes
+    ex.dirty = True
 
 
 def recorder_of(ex: Exchange) -> TurnRecorder | None:

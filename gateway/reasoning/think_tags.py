@@ -17,6 +17,8 @@ SECTION = "<|tool_calls_section_begin|>"  # ends reasoning too, and stays in con
 
 def _partial_tag(text: str, tags: tuple[str, ...]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``tags``."""
+    if "<" not in text[-max(len(t) for t in tags) :]:
+        return 0
     best = 0
     for tag in tags:
         for n in range(min(len(tag) - 1, len(text)), best, -1):
