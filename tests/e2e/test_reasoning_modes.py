@@ -389,3 +389,21 @@ def test_pass_tenant_with_matching_field_relays_upstream_bytes_untouched(
     message = via.json()["choices"][0]["message"]
     assert list(message)[:3] == ["role", "content", "reasoning"]
     assert message["reasoning"] == expected_reasoning(2)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_redact_moves_think_text_of_a_parserless_vllm_into_the_reasoning_field(
+    gateway: Process, vllm_sims: dict[str, Process], stream: bool
+) -> None:
+    c = client(gateway, KEY_REDACT)
+    args: dict[str, Any] = {"model": "k2-raw", "messages": [{"role": "user", "content": "hi"}]}
+    args["extra_body"] = {"sim": {"reasoning_chunks": 4, "content_chunks": 3}}
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, **args))
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        shown = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning") or "" for ch in chunks if ch.choices)
+    else:
+        message = c.chat.completions.create(**args).choices[0].message
+        content, shown = message.content or "", (message.model_extra or {}).get("reasoning")
+    assert shown == expected_reasoning(4).replace("restate", "[REDACTED:restated]").replace("wants", "[REDACTED:wants]")
+    assert "think>" not in content and FIRST_REASONING not in content and content
