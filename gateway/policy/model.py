@@ -118,6 +118,8 @@ class ReasoningPolicy(_Strict):
     mode: Literal["pass", "strip", "redact"] = "pass"
     field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     redact: Redaction = Field(default_factory=Redaction)
+    # false: nothing is kept server-side; tool loops then send K2 a placeholder (and lose continuity)
+    keep_for_tool_loops: bool = True
     store_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
     # reasoning longer than this (UTF-8 bytes) is not kept; the next turn falls back to a placeholder
     store_max_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024

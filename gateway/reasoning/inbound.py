@@ -67,12 +67,14 @@ def _rename_sent(messages: list[Any], name: str) -> bool:
     return changed
 
 
-async def _restore(store: ReasoningStore, tenant: str, messages: list[Any], name: str, prefixes: list[bytes]) -> bool:
+async def _restore(
+    store: ReasoningStore | None, tenant: str, messages: list[Any], name: str, prefixes: list[bytes]
+) -> bool:
     wanted: list[tuple[dict[str, Any], str]] = []
     for i, msg in enumerate(messages):
         if isinstance(msg, dict) and msg.get("role") == "assistant" and msg.get("tool_calls"):
-            wanted.append((msg, turn_key(tenant, prefixes[i], msg["tool_calls"])))
-    found = await store.recall([key for _, key in wanted])
+            wanted.append((msg, turn_key(tenant, prefixes[i], msg["tool_calls"]) if store is not None else ""))
+    found = await store.recall([key for _, key in wanted]) if store is not None else [None] * len(wanted)
     changed = False
     for (msg, _), kept in zip(wanted, found, strict=True):
         sent = _client_reasoning(msg)
@@ -114,8 +116,8 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
             ex.transforms.append(ReasoningTransform("pass", policy.field, up_field, turn))
         ex.transforms.append(TurnRecorder(turn, collect_reasoning=not ex.transforms))
         return
-    store = ReasoningStore(rt.kv)
-    prefixes = prefix_digests(messages)
+    store = ReasoningStore(rt.kv) if policy.keep_for_tool_loops else None
+    prefixes = prefix_digests(messages) if store is not None else [b""]
     if await _restore(store, tenant.name, messages, up_field, prefixes):
         _reencode(ex)
     config = getattr(upstream, "config", None)

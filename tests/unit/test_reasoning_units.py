@@ -363,3 +363,67 @@ def test_put_reasoning_renames_in_place_keeping_key_order() -> None:
     assert put_reasoning(msg, "reasoning", "r")
     assert list(msg) == ["role", "reasoning", "content", "tool_calls"]
     assert not put_reasoning(msg, "reasoning", "r")
+
+
+# -- the request side
+
+
+def exchange(reasoning: dict[str, Any], body: dict[str, Any], capture: str = "off") -> Any:
+    from types import SimpleNamespace
+
+    from gateway.policy.model import CapturePolicy, ReasoningPolicy
+
+    tenant = SimpleNamespace(
+        name="t", reasoning=ReasoningPolicy.model_validate(reasoning), capture=CapturePolicy(mode=capture)
+    )  # type: ignore[call-arg]
+    raw = orjson.dumps(body)
+    return SimpleNamespace(
+        candidate=SimpleNamespace(upstream="u"), tenant=tenant, body=body, raw=raw, transforms=[], dirty=False
+    )
+
+
+def runtime(field: str = "reasoning_content") -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        upstreams={"u": SimpleNamespace(reasoning_field=field, config=None)}, kv=MemoryKeyValueState()
+    )
+
+
+TOOL_LOOP = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "f:0", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "f:0", "content": "ok"},
+]  # fmt: skip
+
+
+def test_pass_tenant_reading_the_upstream_field_gets_no_transform_and_untouched_bytes() -> None:
+    from gateway.reasoning.inbound import prepare_reasoning
+
+    ex = exchange({}, {"model": "m", "messages": [dict(m) for m in TOOL_LOOP]})
+    raw = ex.raw
+    asyncio.run(prepare_reasoning(runtime(), ex))
+    assert ex.transforms == [] and ex.raw is raw and not ex.dirty
+
+
+def test_strip_without_keeping_sends_the_placeholder_and_stores_nothing() -> None:
+    from gateway.reasoning.inbound import prepare_reasoning
+
+    rt = runtime()
+    ex = exchange(
+        {"mode": "strip", "keep_for_tool_loops": False}, {"model": "m", "messages": [dict(m) for m in TOOL_LOOP]}
+    )
+
+    async def go() -> None:
+        await prepare_reasoning(rt, ex)
+        assert ex.body["messages"][1]["reasoning_content"] == " " and ex.dirty
+        calls = TOOL_LOOP[1]["tool_calls"]
+        message = {"role": "assistant", "reasoning_content": "plan", "content": "", "tool_calls": calls}
+        answer = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]}
+        out = orjson.loads(apply_whole(ex.transforms, orjson.dumps(answer)))
+        assert "reasoning_content" not in out["choices"][0]["message"]
+        await writes_done()
+        assert len(rt.kv) == 0
+
+    asyncio.run(go())
