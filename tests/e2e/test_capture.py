@@ -108,3 +108,75 @@ def test_capture_show_names_a_request_without_capture(setup: tuple[Process, Path
     _, config = setup
     code, _, err = capture_show(config, "req-unknown", wait_s=0)
     assert code == 1 and "no capture for request 'req-unknown'" in err
+
+
+@pytest.mark.postgres
+def test_capture_on_a_postgresql_ledger_is_redacted_and_expires(tmp_path: Path, simulator: Process) -> None:
+    """The same capture on PostgreSQL: the row sits beside the ledger in its schema; a gateway starting
+    up deletes rows past their retention."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    from tests.conftest import require_service
+    from tests.unit.test_ledger import PG_URL, with_schema
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(PG_URL, timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        require_service("PostgreSQL", f"cannot connect to {PG_URL} ({exc!r})")
+    schema = f"kg_capture_e2e_{uuid.uuid4().hex[:12]}"
+    url = with_schema(PG_URL, schema)
+    upstreams = f"  sim:\n    kind: openai\n    base_url: {simulator.url}/v1\n    models: [kimi-k2-thinking]\n"
+    policy = (
+        f'tenant: full\nkeys: ["{hashed(KEY_FULL)}"]\nmodels:\n  k2: {{candidates: [sim/kimi-k2-thinking]}}\n'
+        "capture: {mode: full, retention_days: 1}\n"
+    )
+    config = write_gateway(tmp_path, upstreams, policy)
+    config.write_text(
+        config.read_text().replace('ledger: {url: "sqlite:///gateway-ledger.db"}', f'ledger: {{url: "{url}"}}')
+    )
+
+    async def age_rows() -> None:  # as if the row had been written two days ago
+        conn = await asyncpg.connect(PG_URL)
+        await conn.execute(f'UPDATE "{schema}".capture SET expires_at = expires_at - 2 * 86400')
+        await conn.close()
+
+    async def count() -> int:
+        conn = await asyncpg.connect(PG_URL)
+        n = await conn.fetchval(f'SELECT count(*) FROM "{schema}".capture')
+        await conn.close()
+        return int(n)
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_URL)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+    try:
+        gw = start_gateway(config)
+        try:
+            c = OpenAI(base_url=gw.url + "/v1", api_key=KEY_FULL, max_retries=0)
+            raw = c.chat.completions.with_raw_response.create(
+                model="k2", messages=[{"role": "user", "content": f"key {SECRET}"}]
+            )
+            request_id = raw.headers["x-request-id"]
+            code, out, err = capture_show(config, request_id)
+            assert code == 0, err
+            assert SECRET not in out
+            assert orjson.loads(out)["record"]["request"]["messages"][0]["content"] == "key [REDACTED:api_key]"
+        finally:
+            gw.stop()
+        asyncio.run(age_rows())
+        assert asyncio.run(count()) == 1
+        start_gateway(config).stop()  # start-up enforces retention
+        assert asyncio.run(count()) == 0
+        code, _, err = capture_show(config, request_id, wait_s=0)
+        assert code == 1 and "no capture" in err
+    finally:
+        asyncio.run(drop())
