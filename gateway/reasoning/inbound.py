@@ -10,9 +10,14 @@ reasoning field) and before the budget reservation (restored reasoning is prompt
 * The response transforms for the tenant's mode are set on the exchange; a pass tenant whose clients
   read the upstream's own field name (and without full capture) gets none: its bytes are relayed.
 
-Reasoning of older, completed turns is not dropped to save tokens: Moonshot checks every assistant
-tool-call message of the history, not only the current loop's (protocols.md §2.1), so dropping it
-would need the placeholder there and would change bytes the provider's prompt cache already holds.
+Reasoning of older, completed turns is not dropped to save tokens, for three reasons. Moonshot
+checks every assistant tool-call message of the history, not only the current loop's (protocols.md
+§2.1), so "dropping" could only mean swapping it for the placeholder. K2's chat template already
+renders those turns with empty think blocks, so on vLLM (billed on the rendered prompt) there is
+nothing to save; whether Moonshot bills the reasoning it discards is not settled (§8), and the
+simulator counts request bytes, so it cannot measure it either. And rewriting older messages changes
+bytes the provider's prompt cache already holds. Without a measurement that shows a saving, the
+gateway sends the history as the conversation had it.
 """
 
 from __future__ import annotations
