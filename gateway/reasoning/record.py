@@ -4,11 +4,14 @@ complete, keeps the original reasoning of every choice that called tools (see ``
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gateway.reasoning.modes import FIELDS, Turn
 from gateway.reasoning.store import ReasoningStore, remember_soon, turn_key
 from gateway.transforms.base import Chunk
+
+log = logging.getLogger("gateway.reasoning")
 
 
 class TurnRecorder:
@@ -91,8 +94,16 @@ class TurnRecorder:
             reasoning = "".join(record.reasoning)
             if not calls or not reasoning:
                 continue
-            if len(reasoning.encode("utf-8")) > self.max_bytes:
+            size = len(reasoning.encode("utf-8"))
+            if size > self.max_bytes:
                 self.skipped += 1
+                log.warning(
+                    "tenant %s: reasoning of a tool-call turn is %d bytes, over store_max_bytes (%d); not kept, "
+                    "the next turn gets the placeholder",
+                    self.tenant,
+                    size,
+                    self.max_bytes,
+                )
                 continue
             entries.append((turn_key(self.tenant, self.prefix, calls), reasoning))
         if entries:
