@@ -18,6 +18,7 @@ import orjson
 from gateway import errors
 from gateway.api import openai as openai_api
 from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
+from gateway.capture.store import capture_store_from_url
 from gateway.metering.budget import Budgets, seed_from_ledger
 from gateway.metering.ledger import Ledger, ledger_from_url
 from gateway.metering.meter import Meter
@@ -47,6 +48,7 @@ class GatewayApp:
         self.budgets = Budgets(MemoryBudgetState())
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
         self.runtime = Runtime(loaded.policies, self.upstreams, self.meter)
+        self.runtime.capture = capture_store_from_url(config.ledger_url)  # beside the ledger
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
@@ -112,6 +114,8 @@ class GatewayApp:
 
     async def startup(self) -> None:
         await self.ledger.open()
+        if self.runtime.capture is not None:
+            await self.runtime.capture.open()  # deletes rows past their retention, then daily
         settings = self.config.settings
         shared = not self.config.ledger_url.startswith("sqlite:") or settings.workers > 1
         # with other processes on the same ledger, leave their requests in flight alone
@@ -132,6 +136,8 @@ class GatewayApp:
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.ledger.close()
+        if self.runtime.capture is not None:
+            await self.runtime.capture.close()
 
     async def _finance(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The finance API is a FastAPI app, built on first use to keep start-up fast."""

@@ -16,6 +16,8 @@ app.add_typer(spend_app, name="spend")
 config_app = typer.Typer(no_args_is_help=True, help="Configuration files.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+capture_app = typer.Typer(no_args_is_help=True, help="Diagnostic captures (tenants with capture turned on).")
+app.add_typer(capture_app, name="capture")
 
 
 def _load_or_exit(config: Path):  # type: ignore[no-untyped-def]
@@ -193,6 +195,47 @@ def spend_report(
         from rich.console import Console
 
         Console().print(report.render_table(rows, groups, title="kimi-gateway spend"))
+
+
+@capture_app.command("show")
+def capture_show(
+    request_id: Annotated[str, typer.Argument(help="The request id (the x-request-id response header).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config YAML.")] = Path("config/demo.yaml"),
+) -> None:
+    """Print one request's capture as JSON (already redacted when it was stored)."""
+    import asyncio
+
+    import orjson
+
+    from gateway.capture.store import CaptureRow, capture_store_from_url
+    from gateway.config import load_config
+    from gateway.yamlfile import ConfigError
+
+    try:
+        loaded = load_config(config, resolve_keys=False)
+    except ConfigError as exc:
+        typer.echo("kimi-gateway capture show: " + "; ".join(exc.problems), err=True)
+        raise typer.Exit(2) from None
+
+    async def run() -> CaptureRow | None:
+        store = capture_store_from_url(loaded.ledger_url)
+        await store.open()
+        try:
+            return await store.get(request_id)
+        finally:
+            await store.close()
+
+    row = asyncio.run(run())
+    if row is None:
+        typer.echo(
+            f"kimi-gateway capture show: no capture for request {request_id!r} (capture is off for its tenant, "
+            "or the row is past its retention)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    doc = {"request_id": row.request_id, "tenant": row.tenant, "mode": row.mode, "ts": row.ts,
+           "expires_at": row.expires_at, "record": row.record}  # fmt: skip
+    typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ class UpstreamConfig(_Strict):
     # idle pooled connections live this long; a connection the upstream closed first is retried once
     keepalive_s: Annotated[float, Field(gt=0)] = 15.0
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # the upstream returns reasoning inside content, ended by </think> (vLLM without --reasoning-parser):
+    # tenants that strip or redact reasoning have it split out of the content
+    think_in_content: bool = False
     # simulated upstreams
     profile: str | None = None
     ttft_ms: Annotated[float, Field(ge=0)] | None = None

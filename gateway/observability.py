@@ -79,6 +79,14 @@ BUDGET_REMAINING = Gauge(
     ("tenant", "window"),
     registry=REGISTRY,
 )
+REASONING_RESTORED = Counter(
+    "gateway_reasoning_restored",
+    "Assistant tool-call messages sent upstream by strip/redact tenants, by where their reasoning came "
+    "from: store (kept by the gateway), client (sent back by the client), placeholder (neither: K2 gets "
+    "a blank and loses the thread of that turn).",
+    ("tenant", "source"),
+    registry=REGISTRY,
+)
 
 
 @dataclass(frozen=True, slots=True)

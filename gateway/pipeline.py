@@ -17,6 +17,8 @@ import orjson
 
 from gateway import errors
 from gateway.api.http import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
+from gateway.capture.record import capture_exchange
+from gateway.capture.store import CaptureStore
 from gateway.errors import GatewayError
 from gateway.metering.meter import Meter, Metered
 from gateway.metering.stream import StreamTap
@@ -24,6 +26,7 @@ from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
+from gateway.reasoning.inbound import prepare_reasoning
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState
 from gateway.transforms.base import ResponseTransform
@@ -73,6 +76,7 @@ class Runtime:
         self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
+        self.capture: CaptureStore | None = None  # diagnostic capture rows, for tenants that turn it on
 
 
 def choose_candidate(rt: Runtime, ex: Exchange) -> Candidate:
@@ -229,6 +233,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         m.route_reason = ex.route_reason
         m.price = rt.meter.price(candidate.label, m.ts)
         client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
+        await prepare_reasoning(rt, ex)
         await _reserve(rt, ex)
         m.route_reason = ex.route_reason
         body = shape_request(ex, candidate)
@@ -255,6 +260,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     finally:
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
         await rt.meter.settle(m)
+        capture_exchange(rt, ex)
 
 
 async def _relay_whole(

@@ -11,7 +11,7 @@ import re
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -54,6 +54,89 @@ class Budget(Caps):
     apps: dict[str, Caps] = Field(default_factory=dict)
 
 
+DetectorName = Literal["email", "phone", "api_key", "aws_key", "bearer_token", "card_number"]
+DETECTORS: tuple[DetectorName, ...] = ("email", "phone", "api_key", "aws_key", "bearer_token", "card_number")
+"""Built-in secret and personal-data detectors a redaction can use (``gateway/reasoning/redact.py``)."""
+PATTERN_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_PATTERN_CHARS = 256  # longest text one pattern may match: streams hold back this much to redact across chunks
+
+
+class RedactPattern(_Strict):
+    """A tenant's own pattern: matches become ``[REDACTED:<kind>]``."""
+
+    kind: str
+    regex: str
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if not PATTERN_KIND.match(v):
+            raise ValueError(f"kind {v!r} must be 1-32 lowercase letters, digits or '_', starting with a letter")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        from re import _parser  # type: ignore[attr-defined]  # the widths the compiler itself computes
+
+        try:
+            re.compile(v)
+            low, high = _parser.parse(v).getwidth()
+        except re.error as exc:
+            raise ValueError(f"regex {v!r} does not compile: {exc}") from None
+        if low == 0:
+            raise ValueError(f"regex {v!r} can match the empty string; it would redact between every character")
+        if high > MAX_PATTERN_CHARS:
+            raise ValueError(
+                f"regex {v!r} can match more than {MAX_PATTERN_CHARS} characters (unbounded '+', '*' or '{{n,}}'); "
+                f"bound its repetitions (e.g. \\d{{1,20}}) so streamed text can be redacted across chunk boundaries"
+            )
+        return v
+
+
+class Redaction(_Strict):
+    patterns: list[RedactPattern] = Field(default_factory=list)
+    # built-in detectors in force; all of them unless the tenant lists fewer
+    detectors: list[DetectorName] = Field(default_factory=lambda: list(DETECTORS))
+
+    @model_validator(mode="after")
+    def _unique(self) -> Redaction:
+        if len(set(self.detectors)) != len(self.detectors):
+            raise ValueError("detectors must not repeat")
+        return self
+
+
+class ReasoningPolicy(_Strict):
+    """What the tenant's clients see of the model's reasoning.
+
+    ``pass`` relays it; ``strip`` removes it (fields and ``<think>`` text in content); ``redact``
+    replaces secrets and personal data in it. ``field`` is the name the clients read it under. With
+    ``strip``/``redact`` the original reasoning of tool-call turns is kept server-side for
+    ``store_ttl_s`` and put back before the next turn goes upstream (K2 needs it, protocols.md §2.1).
+    """
+
+    mode: Literal["pass", "strip", "redact"] = "pass"
+    field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    redact: Redaction = Field(default_factory=Redaction)
+    # false: nothing is kept server-side; tool loops then send K2 a placeholder (and lose continuity)
+    keep_for_tool_loops: bool = True
+    store_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
+    # reasoning longer than this (UTF-8 bytes) is not kept; the next turn falls back to a placeholder
+    store_max_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
+
+
+class CapturePolicy(_Strict):
+    """Diagnostic capture of requests and answers, redacted with the tenant's redaction rules.
+
+    ``metadata``: who, which model and upstream, status, tokens, finish reasons, tool names.
+    ``full``: also the messages and the answer (content, reasoning, tool calls). Rows are deleted
+    ``retention_days`` after the request.
+    """
+
+    mode: Literal["off", "metadata", "full"] = "off"
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 7
+
+
 class TenantPolicy(_Strict):
     tenant: str
     description: str = ""
@@ -63,6 +146,8 @@ class TenantPolicy(_Strict):
     # K2 Thinking's reasoning counts against max_tokens and Moonshot recommends >= 16,000; a request
     # without max_tokens is reserved (and, with routing, sent) with this bound.
     default_max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 32768
+    reasoning: ReasoningPolicy = Field(default_factory=ReasoningPolicy)
+    capture: CapturePolicy = Field(default_factory=CapturePolicy)
 
     @field_validator("tenant")
     @classmethod

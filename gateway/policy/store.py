@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import LoadedConfig
-from gateway.policy.model import Budget, TenantPolicy
+from gateway.policy.model import Budget, CapturePolicy, ReasoningPolicy, TenantPolicy
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 
@@ -36,6 +36,10 @@ class Route:
     strategy: str
 
 
+DEFAULT_REASONING = ReasoningPolicy()
+DEFAULT_CAPTURE = CapturePolicy()
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
@@ -43,6 +47,8 @@ class Tenant:
     source: Path
     budget: Budget | None = None
     default_max_tokens: int = 32768
+    reasoning: ReasoningPolicy = DEFAULT_REASONING
+    capture: CapturePolicy = DEFAULT_CAPTURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +136,9 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             )
             for name, vm in policy.models.items()
         }
-        tenant = Tenant(policy.tenant, routes, file, policy.budget, policy.default_max_tokens)
+        tenant = Tenant(
+            policy.tenant, routes, file, policy.budget, policy.default_max_tokens, policy.reasoning, policy.capture
+        )
         tenants[policy.tenant] = tenant
         for key in policy.keys:
             digest = key.removeprefix("sha256:")

@@ -66,9 +66,13 @@ class MemoryBudgetState(BudgetState):
 class MemoryKeyValueState(KeyValueState):
     """A TTL'd LRU dict: the least recently used entries go first once ``max_entries`` is reached."""
 
-    def __init__(self, max_entries: int = 100_000, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self, max_entries: int = 100_000, clock=time.monotonic, max_bytes: int = 256 * 1024 * 1024
+    ) -> None:
         self._clock = clock
         self._max = max_entries
+        self._max_bytes = max_bytes  # values can be large (kept reasoning): bound their total as well
+        self._bytes = 0
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     async def get(self, key: str) -> bytes | None:
@@ -77,21 +81,28 @@ class MemoryKeyValueState(KeyValueState):
             return None
         if item[0] < self._clock():
             del self._items[key]
+            self._bytes -= len(item[1])
             return None
         self._items.move_to_end(key)
         return item[1]
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        old = self._items.get(key)
+        if old is not None:
+            self._bytes -= len(old[1])
         self._items[key] = (self._clock() + ttl_s, value)
+        self._bytes += len(value)
         self._items.move_to_end(key)
-        while len(self._items) > self._max:
-            self._items.popitem(last=False)
+        while len(self._items) > self._max or (self._bytes > self._max_bytes and len(self._items) > 1):
+            self._bytes -= len(self._items.popitem(last=False)[1][1])
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         return [await self.get(key) for key in keys]
 
     async def delete(self, key: str) -> None:
-        self._items.pop(key, None)
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= len(item[1])
 
     def __len__(self) -> int:
         return len(self._items)

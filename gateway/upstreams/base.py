@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gateway.config import UpstreamConfig
 
 FailureKind = Literal["connect", "first_byte_timeout", "idle_timeout", "total_timeout", "cut", "protocol"]
 
@@ -53,6 +56,7 @@ class Upstream(ABC):
 
     name: str
     reasoning_field: str
+    config: UpstreamConfig
 
     async def start(self) -> None:  # noqa: B027 - most adapters have nothing to open
         """Open pools and clients (called from the server's lifespan, inside the event loop)."""

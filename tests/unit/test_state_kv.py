@@ -41,3 +41,16 @@ async def test_delete_is_idempotent(key: str) -> None:
     await kv.delete(key)
     await kv.delete("x")
     assert await kv.get("x") is None
+
+
+async def test_byte_cap_evicts_least_recently_used_values() -> None:
+    """Kept reasoning can be large: the memory backend bounds the total size, not only the count."""
+    kv = MemoryKeyValueState(max_bytes=10)
+    await kv.put("a", b"1234", 60)
+    await kv.put("b", b"5678", 60)
+    await kv.put("a", b"12", 60)  # replacing a value counts only the new one
+    await kv.put("c", b"abcdef", 60)  # 2 + 4 + 6 > 10: b, the least recently used, goes
+    assert await kv.get_many(["a", "b", "c"]) == [b"12", None, b"abcdef"]
+    await kv.delete("c")
+    await kv.put("d", b"12345678", 60)
+    assert await kv.get_many(["a", "d"]) == [b"12", b"12345678"]

@@ -1,0 +1,91 @@
+"""Capture rows in the ledger's PostgreSQL database (own table, in the ledger's schema if it has one)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway.capture.store import CaptureRow, CaptureStore
+
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+TABLE = """CREATE TABLE IF NOT EXISTS capture (
+    request_id TEXT PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    tenant TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    record JSONB NOT NULL
+)"""
+INDEX = "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)"
+UPSERT = (
+    "INSERT INTO capture (request_id, ts, expires_at, tenant, mode, record) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+    " ON CONFLICT (request_id) DO UPDATE SET ts = excluded.ts, expires_at = excluded.expires_at,"
+    " tenant = excluded.tenant, mode = excluded.mode, record = excluded.record"
+)
+
+
+class PostgresCaptureStore(CaptureStore):
+    def __init__(self, dsn: str, *, schema: str | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        if schema is not None and not SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"capture schema {schema!r} must be a plain identifier (letters, digits, _)")
+        self.dsn = dsn
+        self.schema = schema
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def where(self) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.dsn)
+        return f"postgresql://{parts.hostname or ''}{parts.path}" + (f" (schema {self.schema})" if self.schema else "")
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the capture store is not open")
+        return self._pool
+
+    async def _connect(self) -> None:
+        settings = {"application_name": "kimi-gateway capture"}
+        if self.schema:
+            settings["search_path"] = f'"{self.schema}"'
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"kimi-gateway capture {self.schema or ''}"
+            )
+            if self.schema:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.execute(TABLE)
+            await conn.execute(INDEX)
+
+    async def _disconnect(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _write(self, rows: list[CaptureRow]) -> None:
+        values = [(r.request_id, r.ts, r.expires_at, r.tenant, r.mode, r.record_json()) for r in rows]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(UPSERT, values)
+
+    async def get(self, request_id: str) -> CaptureRow | None:
+        found = await self.pool.fetchrow(
+            "SELECT request_id, ts, expires_at, tenant, mode, record::text AS record FROM capture"
+            " WHERE request_id = $1",
+            request_id,
+        )
+        if found is None:
+            return None
+        return CaptureRow(
+            found["request_id"], found["ts"], found["expires_at"], found["tenant"], found["mode"],
+            orjson.loads(found["record"]),
+        )  # fmt: skip
+
+    async def _purge(self, now: float) -> int:
+        status = await self.pool.execute("DELETE FROM capture WHERE expires_at < $1", now)
+        return int(status.rsplit(" ", 1)[-1])

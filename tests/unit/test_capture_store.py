@@ -1,0 +1,93 @@
+"""Capture rows beside the ledger, on SQLite and PostgreSQL: stored, read back, redacted, expired by
+retention."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gateway.capture.record import capture_redactor, redacted
+from gateway.capture.store import DAY_S, CaptureRow, capture_store_from_url
+from gateway.policy.model import Redaction
+from tests.conftest import require_service
+from tests.unit.test_ledger import PG_URL, with_schema
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def capture_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    try:
+        admin = await asyncpg.connect(PG_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        require_service("PostgreSQL", f"cannot connect to {PG_URL} ({exc!r}); set KIMI_GATEWAY_TEST_POSTGRES_URL")
+        return
+    schema = f"kg_capture_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield with_schema(PG_URL, schema)
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+def row(request_id: str, ts: float, retention_days: int, record: dict[str, object]) -> CaptureRow:
+    return CaptureRow(request_id, ts, ts + retention_days * DAY_S, "acme", "full", record)
+
+
+async def test_capture_rows_round_trip_and_expire_by_retention(capture_url: str) -> None:
+    store = capture_store_from_url(capture_url, max_delay=0.01)
+    await store.open()
+    try:
+        now = time.time()
+        store.record(row("req-old", now - 10 * DAY_S, 7, {"note": "expired three days ago"}))
+        store.record(row("req-new", now, 7, {"note": "fresh", "nested": {"n": 1}}))
+        await store.flush()
+        assert (await store.get("req-new")).record == {"note": "fresh", "nested": {"n": 1}}  # type: ignore[union-attr]
+        assert await store.get("req-old") is not None
+        assert await store.purge(now) == 1
+        assert await store.get("req-old") is None
+        assert await store.get("req-new") is not None
+        # eight days on, the fresh row is past its 7 days as well
+        assert await store.purge(now + 8 * DAY_S) == 1
+        assert await store.get("req-new") is None
+    finally:
+        await store.close()
+
+
+async def test_capture_store_deletes_expired_rows_when_it_opens(capture_url: str) -> None:
+    first = capture_store_from_url(capture_url, max_delay=0.01)
+    await first.open()
+    first.record(row("req-expired", time.time() - 3 * DAY_S, 1, {}))
+    await first.flush()
+    await first.close()
+    second = capture_store_from_url(capture_url)
+    await second.open()
+    try:
+        assert await second.get("req-expired") is None
+    finally:
+        await second.close()
+
+
+def test_capture_redaction_always_removes_keys_even_when_the_tenant_lists_other_detectors() -> None:
+    r = capture_redactor(Redaction(detectors=["email"]))
+    doc = {
+        "messages": [
+            {"role": "user", "content": "my key is sk-abcdefghijklmnopqrstuv and mail a@example.com"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "f:0", "function": {"name": "f", "arguments": '{"t": "Bearer abcdefghijklmnopqrstu"}'}}
+                ],
+            },
+        ]
+    }
+    out = redacted(doc, r)
+    text = str(out)
+    assert "sk-abc" not in text and "a@example.com" not in text and "Bearer abc" not in text
+    assert out["messages"][1]["tool_calls"][0]["id"] == "f:0"  # ids are not free text
