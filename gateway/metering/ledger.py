@@ -148,6 +148,8 @@ def utc_day_month(ts: float) -> tuple[str, str]:
 def clean_text(s: str) -> str:
     """``s`` made storable everywhere: PostgreSQL refuses NUL in text and no driver can encode a lone
     surrogate, and a client's ``user`` field may contain either. Returns ``s`` itself when clean."""
+    if s.isascii() and "\x00" not in s:  # nearly every value: no encode attempt needed
+        return s
     if "\x00" in s:
         s = s.replace("\x00", "\ufffd")
     try:
@@ -163,6 +165,8 @@ def opt_text(s: str | None) -> str | None:
 
 def dump_json(value: Any) -> str:
     """Tags and windows as JSON text: sorted keys so equal tags give equal text."""
+    if not value:
+        return "{}" if isinstance(value, dict) else "[]"
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 

@@ -31,7 +31,7 @@ def _check(d: Decimal | int) -> Decimal:
 
 def to_nanos(d: Decimal | int) -> int:
     """Whole nanodollars in ``d`` USD, rounded half-to-even (exact for any finite amount)."""
-    q = _check(d).quantize(NANO, context=_CTX)
+    q = (d if type(d) is Decimal and d.is_finite() else _check(d)).quantize(NANO, context=_CTX)
     return int(q.scaleb(9, context=_CTX))
 
 
