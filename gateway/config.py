@@ -67,6 +67,8 @@ class UpstreamConfig(_Strict):
     # idle pooled connections live this long; a connection the upstream closed first is retried once
     keepalive_s: Annotated[float, Field(gt=0)] = 15.0
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # raw K2 tool-call markers arrive inside content (vLLM without --tool-call-parser): parse them
+    tool_call_markers: bool = False
     # simulated upstreams
     profile: str | None = None
     ttft_ms: Annotated[float, Field(ge=0)] | None = None

@@ -26,6 +26,7 @@ from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState
+from gateway.tools.inbound import prepare_tools
 from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
@@ -225,6 +226,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     try:
         candidate = choose_candidate(rt, ex)
         ex.candidate = candidate
+        prepare_tools(ex, rt.upstreams[candidate.upstream])
         m.upstream, m.upstream_model, m.label = candidate.upstream, candidate.upstream_model, candidate.label
         m.route_reason = ex.route_reason
         m.price = rt.meter.price(candidate.label, m.ts)
