@@ -56,7 +56,7 @@ def _model_map(value: Any) -> Any:
 
 
 class UpstreamConfig(_Strict):
-    kind: Literal["openai", "simulated"]
+    kind: Literal["openai", "simulated", "litellm"]
     models: Annotated[dict[str, str], Field(min_length=1)]
     base_url: str | None = None
     api_key_env: str | None = None
@@ -110,6 +110,8 @@ class UpstreamConfig(_Strict):
                 raise ValueError("an upstream of kind 'openai' needs base_url")
             if self.profile or self.ttft_ms is not None or self.tokens_per_s is not None:
                 raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
+        if self.kind == "litellm" and (self.profile or self.ttft_ms is not None or self.tokens_per_s is not None):
+            raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
         if self.kind == "simulated" and (self.base_url or self.api_key_env or self.api_key_file):
             raise ValueError("an upstream of kind 'simulated' runs in-process: no base_url or key")
         if self.api_key_env and self.api_key_file:
