@@ -60,6 +60,9 @@ class GatewayApp:
         async def anthropic_messages(scope: Scope, receive: Receive, send: Send) -> None:
             await anthropic_api.messages(rt, limit, scope, receive, send)
 
+        async def anthropic_count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
+            await anthropic_api.count_tokens(rt, limit, scope, receive, send)
+
         async def models(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.list_models(rt, scope, send)
 
@@ -72,6 +75,7 @@ class GatewayApp:
             "/v1/chat/completions": {"POST": chat},
             "/chat/completions": {"POST": chat},
             "/v1/messages": {"POST": anthropic_messages},
+            "/v1/messages/count_tokens": {"POST": anthropic_count_tokens},
             "/v1/models": {"GET": models},
             "/models": {"GET": models},
             "/healthz": {"GET": self._healthz},

@@ -28,11 +28,13 @@ from gateway.api.http import (
     header_map,
     new_request_id,
     read_body,
+    send_json,
 )
 from gateway.api.openai import parse_tags
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
 from gateway.metering.meter import Metered
+from gateway.metering.tokens import count_prompt
 from gateway.observability import REQUESTS, UNKNOWN, log
 from gateway.pipeline import Exchange, Runtime, chat
 from gateway.translate.anthropic_request import to_chat_body
@@ -116,7 +118,7 @@ def api_key(headers: dict[bytes, bytes]) -> str | None:
     return bearer_token(headers.get(b"authorization"))
 
 
-def parse_messages_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+def parse_messages_body(raw: bytes, *, counting: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the Anthropic request, its chat/completions translation), or a 400."""
     if not raw:
         raise errors.invalid_request("The request body is empty; send a JSON object.", code="invalid_json")
@@ -124,7 +126,7 @@ def parse_messages_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise errors.invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
-    return body, to_chat_body(body)
+    return body, to_chat_body(body, counting=counting)
 
 
 async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
@@ -183,3 +185,23 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
         log.exception("request %s failed inside the gateway", request_id)
         REQUESTS.labels(tenant_name, model, UNKNOWN, "500").inc()
         await send_anthropic_error(send, errors.internal_error(request_id), rid_header)
+
+
+async def count_tokens(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/messages/count_tokens``: the prompt's tokens by the gateway's offline tokenizer
+    (an estimate: K2's own tokenizer is not shipped), without calling an upstream."""
+    request_id = new_request_id()
+    rid_header = [(b"x-request-id", request_id.encode())]
+    headers = header_map(scope)
+    try:
+        entry = authenticate(rt.policies, api_key(headers))
+        check_json_content_type(headers)
+        raw = await read_body(receive, headers, limit)
+        _, body = parse_messages_body(raw, counting=True)
+        if body["model"] not in entry.tenant.routes:
+            raise errors.model_not_found(body["model"])
+        tokens = await asyncio.to_thread(count_prompt, body)
+    except GatewayError as error:
+        await send_anthropic_error(send, error, rid_header)
+        return
+    await send_json(send, 200, {"input_tokens": tokens}, rid_header)

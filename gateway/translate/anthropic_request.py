@@ -177,14 +177,16 @@ def _tool_choice(choice: Any) -> tuple[Any, bool]:
     )
 
 
-def to_chat_body(body: Any) -> dict[str, Any]:
-    """The chat/completions body for an Anthropic Messages request; raises 400s for bad input."""
+def to_chat_body(body: Any, *, counting: bool = False) -> dict[str, Any]:
+    """The chat/completions body for an Anthropic Messages request; raises 400s for bad input.
+
+    ``counting``: a ``count_tokens`` request, which carries no ``max_tokens``."""
     if not isinstance(body, dict):
         raise invalid_request(f"The request body must be a JSON object, got {_kind(body)}.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request("model: Field required (a non-empty string).", param="model")
-    max_tokens = body.get("max_tokens")
+    max_tokens = body.get("max_tokens", 1 if counting else None)
     if max_tokens is None:
         raise invalid_request("max_tokens: Field required.", param="max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:

@@ -222,3 +222,12 @@ def test_stream_cut_ends_with_an_anthropic_error_event(client: Anthropic, sim: P
         for _ in client.messages.create(model="kimi-k2-thinking", max_tokens=4000, messages=USER, stream=True):
             pass
     assert "cut" in str(caught.value) or "broke" in str(caught.value)
+
+
+def test_count_tokens_answers_without_calling_the_upstream(client: Anthropic, sim: Process) -> None:
+    short = client.messages.count_tokens(model="kimi-k2-thinking", messages=USER)
+    long = client.messages.count_tokens(model="kimi-k2-thinking", messages=USER, tools=TOOLS, system="Be brief.")
+    assert 0 < short.input_tokens < long.input_tokens
+    assert sim_bodies(sim) == []
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=USER)

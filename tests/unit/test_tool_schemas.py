@@ -138,3 +138,45 @@ def test_tool_choice_naming_an_unknown_tool_is_a_400() -> None:
     with pytest.raises(GatewayError) as caught:
         normalize_tools(body)
     assert caught.value.param == "tool_choice"
+
+
+def _exchange(body: dict[str, Any]) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(body=body, dirty=False, transforms=[])
+
+
+def test_plain_requests_get_no_transforms_and_stay_clean() -> None:
+    from types import SimpleNamespace
+
+    from gateway.tools.inbound import prepare_tools
+
+    ex = _exchange({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    prepare_tools(ex, SimpleNamespace(tool_call_markers=True))
+    assert ex.transforms == [] and not ex.dirty
+
+
+def test_canonical_tools_request_stays_clean_with_only_the_repair_transform() -> None:
+    from types import SimpleNamespace
+
+    from gateway.tools.calls import ToolCallRepair
+    from gateway.tools.inbound import prepare_tools
+
+    ex = _exchange(body_with([copy.deepcopy(CANONICAL)]))
+    prepare_tools(ex, SimpleNamespace(tool_call_markers=False))
+    assert not ex.dirty  # the client's bytes go upstream unchanged
+    assert [type(t) for t in ex.transforms] == [ToolCallRepair]
+
+
+def test_marker_upstream_gets_the_parser_and_keeps_special_tokens() -> None:
+    from types import SimpleNamespace
+
+    from gateway.tools.calls import ToolCallRepair
+    from gateway.tools.inbound import prepare_tools
+    from gateway.tools.k2_markers import K2MarkerTransform
+    from gateway.tools.legacy import LegacyFunctionCall
+
+    ex = _exchange({"model": "m", "messages": [], "functions": [CANONICAL["function"]]})
+    prepare_tools(ex, SimpleNamespace(tool_call_markers=True))
+    assert ex.dirty and ex.body["skip_special_tokens"] is False
+    assert [type(t) for t in ex.transforms] == [K2MarkerTransform, ToolCallRepair, LegacyFunctionCall]
