@@ -198,3 +198,35 @@ def test_invalid_tool_is_a_400_naming_it_before_the_upstream_is_called(
     assert isinstance(error, dict) and "tools[1] ('x y')" in error["message"]
     assert error["param"] == "tools[1].name" and error["code"] == "invalid_tool"
     assert httpx.get(sim.url + "/_sim/requests").json() == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_loop_over_a_vllm_without_tool_parser(gateway: Process, raw_vllm: Process, stream: bool) -> None:
+    """/v1/messages in, raw K2 markers out of vLLM: the loop sees proper tool_use blocks."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    tools = [{"name": t["function"]["name"], "input_schema": PARAMS} for t in TOOLS]
+
+    def turn(messages: list[Any]) -> Any:
+        kwargs: dict[str, Any] = {"model": "k2-raw", "max_tokens": 4000, "tools": tools, "messages": messages}
+        if not stream:
+            return client.messages.create(**kwargs)
+        with client.messages.stream(**kwargs) as s:
+            return s.get_final_message()
+
+    messages: list[Any] = list(USER)
+    first = turn(messages)
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert first.stop_reason == "tool_use"
+    assert [u.id for u in uses] == ["functions.get_weather:0", "functions.get_time:1"]
+    assert all(u.input for u in uses)
+    assert all("<|" not in b.text for b in first.content if b.type == "text")
+    messages.append({"role": "assistant", "content": [b.model_dump() for b in first.content]})
+    messages.append(
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": u.id, "content": "ok"} for u in uses]}
+    )
+    second = turn(messages)
+    assert second.stop_reason == "end_turn" and second.content[-1].type == "text"
+    sent = httpx.get(raw_vllm.url + "/_sim/requests").json()[-1]["body"]
+    assert [c["id"] for c in sent["messages"][1]["tool_calls"]] == ["functions.get_weather:0", "functions.get_time:1"]
