@@ -1,4 +1,4 @@
-"""Raw K2 tool-call sections inside ``content`` become proper ``tool_calls``.
+"""Raw K2 tool-call sections inside ``content`` (or leaked into reasoning) become ``tool_calls``.
 
 A vLLM serving Kimi K2 without ``--tool-call-parser`` (protocols.md §4.3) leaves the model's own
 markers in the text::
@@ -66,15 +66,25 @@ def call_name(call_id: str) -> str | None:
     return name or None
 
 
+class CallCounter:
+    """Tool indexes of one choice, shared by the parsers of its text fields."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 class MarkerParser:
     """Splits text into plain content and tool-call deltas, one piece of text at a time."""
 
-    __slots__ = ("_buf", "_count", "_current", "_implicit", "_started", "_state")
+    __slots__ = ("_buf", "_count", "_counter", "_current", "_implicit", "_started", "_state")
 
-    def __init__(self) -> None:
+    def __init__(self, counter: CallCounter | None = None) -> None:
         self._state = _TEXT
         self._buf = ""
-        self._count = 0  # calls emitted
+        self._counter = counter if counter is not None else CallCounter()
+        self._count = 0  # calls emitted by this parser
         self._current = -1  # index of the call whose arguments are streaming; -1 = a dropped call
         self._started = False  # the current call's arguments have begun (leading space skipped)
         self._implicit = False  # a call opened without a section: text follows its end
@@ -149,7 +159,8 @@ class MarkerParser:
             if name is None:
                 self._current = -1
             else:
-                self._current = self._count
+                self._current = self._counter.value
+                self._counter.value += 1
                 self._count += 1
                 calls.append(
                     {
@@ -186,28 +197,62 @@ class MarkerParser:
         return True
 
 
+# reasoning first: resellers leak the markers into reasoning as well (protocols.md §4.3)
+FIELDS = ("reasoning_content", "reasoning", "content")
+
+
+def _has_marker_start(delta: dict[str, Any]) -> bool:
+    return any(isinstance(delta.get(f), str) and "<" in delta[f] for f in FIELDS)
+
+
+class _ChoiceMarkers:
+    """The parsers of one streamed choice, one per text field, numbering calls together."""
+
+    __slots__ = ("counter", "parsers")
+
+    def __init__(self) -> None:
+        self.counter = CallCounter()
+        self.parsers: dict[str, MarkerParser] = {}
+
+    def parser(self, field: str) -> MarkerParser:
+        parser = self.parsers.get(field)
+        if parser is None:
+            parser = self.parsers[field] = MarkerParser(self.counter)
+        return parser
+
+    @property
+    def idle(self) -> bool:
+        return all(p.idle for p in self.parsers.values())
+
+
 class K2MarkerTransform:
     """Response transform for upstreams configured with ``tool_call_markers: true``."""
 
-    __slots__ = ("_meta", "_parsers")
+    __slots__ = ("_choices", "_meta")
 
     def __init__(self) -> None:
-        self._parsers: dict[int, MarkerParser] = {}
+        self._choices: dict[int, _ChoiceMarkers] = {}
         self._meta: dict[str, Any] = {}
 
     def whole(self, response: dict[str, Any]) -> None:
         for choice in response.get("choices") or ():
             message = choice.get("message") if isinstance(choice, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, str) or SNIFF not in content:
+            if not isinstance(message, dict):
                 continue
-            parser = MarkerParser()
-            text, deltas = parser.feed(content)
-            tail, more = parser.finish()
-            deltas += more
-            if not parser.calls:
+            counter = CallCounter()
+            deltas: list[dict[str, Any]] = []
+            for field in FIELDS:
+                text = message.get(field)
+                if not isinstance(text, str) or SNIFF not in text:
+                    continue
+                parser = MarkerParser(counter)
+                rest, found = parser.feed(text)
+                tail, more = parser.finish()
+                if parser.calls:
+                    message[field] = rest + tail
+                    deltas += found + more
+            if not counter.value:
                 continue
-            message["content"] = text + tail
             existing = message.get("tool_calls")
             calls = list(existing) if isinstance(existing, list) else []
             calls.extend(_assemble(deltas))
@@ -235,50 +280,52 @@ class K2MarkerTransform:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return False
-        parser = self._parsers.get(index)
-        content = delta.get("content")
         finish = choice.get("finish_reason")
-        if parser is None:
-            if finish is None and (not isinstance(content, str) or "<" not in content):
-                return False  # the common case: plain text before any marker
-            parser = self._parsers[index] = MarkerParser()
-        elif parser.idle and finish is None and (not isinstance(content, str) or "<" not in content):
-            return False
-        text, calls = parser.feed(content) if isinstance(content, str) else ("", [])
+        state = self._choices.get(index)
+        if finish is None and (state is None or state.idle) and not _has_marker_start(delta):
+            return False  # the common case: plain text, nothing held
+        if state is None:
+            state = self._choices[index] = _ChoiceMarkers()
+        calls: list[dict[str, Any]] = []
+        emptied: set[str] = set()
+        for field in FIELDS:
+            value = delta.get(field)
+            if isinstance(value, str):
+                text, found = state.parser(field).feed(value)
+                calls += found
+                delta[field] = text
+                if value and not text:
+                    emptied.add(field)
         if finish is not None:
-            tail, more = parser.finish()
-            text += tail
-            calls += more
-            if parser.calls and finish == "stop":
+            for field, parser in state.parsers.items():
+                tail, found = parser.finish()
+                calls += found
+                if tail:
+                    delta[field] = (delta.get(field) or "") + tail
+                    emptied.discard(field)
+            if state.counter.value and finish == "stop":
                 choice["finish_reason"] = "tool_calls"
-            del self._parsers[index]
-        if isinstance(content, str) or text:
-            delta["content"] = text
+            del self._choices[index]
         if calls:
             delta["tool_calls"] = [*(delta.get("tool_calls") or ()), *calls]
-        return (
-            isinstance(content, str)
-            and content != ""
-            and not text
-            and not calls
-            and finish is None
-            and set(delta) == {"content"}
-            and "usage" not in choice
-        )
+        return bool(emptied) and not calls and finish is None and set(delta) <= emptied and "usage" not in choice
 
     def finish(self) -> list[Chunk]:
         """Streams that ended without a finish_reason: what the parsers still hold."""
         out: list[Chunk] = []
-        for index, parser in sorted(self._parsers.items()):
-            text, calls = parser.finish()
+        for index, state in sorted(self._choices.items()):
             delta: dict[str, Any] = {}
-            if text:
-                delta["content"] = text
+            calls: list[dict[str, Any]] = []
+            for field, parser in state.parsers.items():
+                text, found = parser.finish()
+                calls += found
+                if text:
+                    delta[field] = text
             if calls:
                 delta["tool_calls"] = calls
             if delta:
                 out.append({**self._meta, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
-        self._parsers.clear()
+        self._choices.clear()
         return out
 
 

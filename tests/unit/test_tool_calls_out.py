@@ -237,3 +237,23 @@ def test_legacy_clients_get_function_call_deltas_in_streams() -> None:
     assert deltas[1]["function_call"] == {"arguments": "{}"}
     assert all("tool_calls" not in d for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_markers_leaked_into_reasoning_become_tool_calls_numbered_with_content_calls() -> None:
+    section = (
+        '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"a": 1}'
+        "<|tool_call_end|><|tool_calls_section_end|>"
+    )
+    later = '<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{"b": 2}<|tool_call_end|>'
+    message = {"role": "assistant", "reasoning_content": "thinking" + section, "content": "answer" + later}
+    choice = whole([K2MarkerTransform()], message)
+    assert choice["message"]["reasoning_content"] == "thinking" and choice["message"]["content"] == "answer"
+    assert [c["id"] for c in choice["message"]["tool_calls"]] == ["functions.get_weather:0", "functions.get_time:1"]
+    events = [chunk_event({"reasoning_content": section[:40]}), chunk_event({"reasoning_content": section[40:]})]
+    events += [chunk_event({"content": "answer" + later}), chunk_event({}, "stop")]
+    text, calls, finish = accumulate(run_stream([K2MarkerTransform(), ToolCallRepair()], events))
+    assert text == "answer" and finish == "tool_calls"
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [
+        ("functions.get_weather:0", '{"a": 1}'),
+        ("functions.get_time:1", '{"b": 2}'),
+    ]
