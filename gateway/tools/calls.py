@@ -73,7 +73,9 @@ class ToolCallRepair:
                 continue
             index = choice.get("index", 0)
             delta = choice.get("delta")
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            calls = delta.get("tool_calls")
             state = self._streams.get(index)
             if isinstance(calls, list) and calls:
                 if state is None:
@@ -83,7 +85,7 @@ class ToolCallRepair:
                 if choice["finish_reason"] == "stop":
                     choice["finish_reason"] = "tool_calls"
                 empty = state.without_arguments()
-                if empty and isinstance(delta, dict):  # calls that never got arguments get "{}"
+                if empty:  # calls that never got arguments get "{}"
                     delta["tool_calls"] = [*(delta.get("tool_calls") or ()), *empty]
         return [chunk]
 

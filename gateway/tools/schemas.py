@@ -166,7 +166,8 @@ def _legacy_history(messages: list[Any]) -> bool:
             continue
         call = message.get("function_call")
         if message.get("role") == "assistant" and isinstance(call, dict) and "tool_calls" not in message:
-            name = call.get("name") if isinstance(call.get("name"), str) else "function"
+            raw_name = call.get("name")
+            name = raw_name if isinstance(raw_name, str) else "function"
             call_id = f"functions.{name}:{counter}"
             counter += 1
             last_id[name] = call_id
@@ -179,8 +180,12 @@ def _legacy_history(messages: list[Any]) -> bool:
             _replace_keys(message, {"function_call": ("tool_calls", [entry])})
             changed = True
         elif message.get("role") == "function":
-            name = message.get("name")
-            call_id = last_id.get(name, f"functions.{name}:{counter}") if isinstance(name, str) else f"call:{i}"
+            result_name = message.get("name")
+            call_id = (
+                last_id.get(result_name, f"functions.{result_name}:{counter}")
+                if isinstance(result_name, str)
+                else f"call:{i}"
+            )
             new = {"role": "tool", "tool_call_id": call_id}
             new.update((k, v) for k, v in message.items() if k != "role")
             messages[i] = new

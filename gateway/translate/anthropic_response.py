@@ -66,8 +66,9 @@ def to_message(response: dict[str, Any], model: str, message_id: str) -> dict[st
     content: list[dict[str, Any]] = []
     finish = None
     choices = response.get("choices") or []
-    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice: dict[str, Any] = choices[0] if choices and isinstance(choices[0], dict) else {}
+    found = choice.get("message")
+    message: dict[str, Any] = found if isinstance(found, dict) else {}
     thinking = _reasoning(message)
     if thinking:
         content.append({"type": "thinking", "thinking": thinking, "signature": ""})
@@ -166,7 +167,7 @@ class AnthropicStream:
         if self._started:
             return
         self._started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self._id,
             "type": "message",
             "role": "assistant",
@@ -246,9 +247,15 @@ class AnthropicStream:
 
     def _tool(self, frag: dict[str, Any], out: list[bytes]) -> None:
         index = frag.get("index", 0)
-        function = frag.get("function") if isinstance(frag.get("function"), dict) else {}
+        found = frag.get("function")
+        function: dict[str, Any] = found if isinstance(found, dict) else {}
         if index not in self._tools:
-            block = {"type": "tool_use", "id": frag.get("id") or "", "name": function.get("name") or "", "input": {}}
+            block: dict[str, Any] = {
+                "type": "tool_use",
+                "id": frag.get("id") or "",
+                "name": function.get("name") or "",
+                "input": {},
+            }
             self._open("tool_use", block, out)
             self._tools[index] = self._index
         arguments = function.get("arguments")

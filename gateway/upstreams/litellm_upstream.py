@@ -21,7 +21,7 @@ import orjson
 
 from gateway.config import UpstreamConfig
 from gateway.metering.usage import parse_usage
-from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
+from gateway.upstreams.base import FailureKind, Upstream, UpstreamFailure, UpstreamReply
 
 # chat/completions fields forwarded to litellm; the rest (vendor extras meant for other upstreams)
 # would otherwise reach the provider's request body
@@ -255,7 +255,7 @@ class LiteLLMUpstream(Upstream):
     def _failure(self, exc: Exception, stream: bool) -> UpstreamReply:
         litellm = self._litellm
         if isinstance(exc, litellm.Timeout):
-            kind = "first_byte_timeout" if stream else "total_timeout"
+            kind: FailureKind = "first_byte_timeout" if stream else "total_timeout"
             raise UpstreamFailure(kind, f"upstream '{self.name}' did not answer in time") from None
         if isinstance(exc, litellm.APIConnectionError):
             raise UpstreamFailure("connect", f"upstream '{self.name}' could not be reached: {_message(exc)}") from None
@@ -290,7 +290,7 @@ class LiteLLMUpstream(Upstream):
                     return _Reply(200, events=_empty(), first=DONE, idle_s=t.idle_s)
             return _Reply(200, events=events, first=first, idle_s=t.idle_s)
         except TimeoutError:
-            kind = "first_byte_timeout" if stream else "total_timeout"
+            kind: FailureKind = "first_byte_timeout" if stream else "total_timeout"
             raise UpstreamFailure(kind, f"upstream '{self.name}' did not answer in time") from None
         except UpstreamFailure:
             raise
