@@ -231,3 +231,36 @@ def test_count_tokens_answers_without_calling_the_upstream(client: Anthropic, si
     assert sim_bodies(sim) == []
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="nope", messages=USER)
+
+
+def test_a_claude_code_shaped_request_is_served(gateway: Process, sim: Process) -> None:
+    """What Claude Code sends: block system prompts and tools with cache_control, thinking settings,
+    metadata.user_id, beta headers and ``?beta=true``."""
+    cache = {"type": "ephemeral"}
+    body = {
+        "model": "kimi-k2-thinking",
+        "max_tokens": 32000,
+        "stream": True,
+        "thinking": {"type": "enabled", "budget_tokens": 31999},
+        "temperature": 1,
+        "metadata": {"user_id": "user_abc_account__session_1"},
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": cache}],
+        "tools": [{**TOOLS[0], "cache_control": cache}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": cache}]}],
+    }
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14"}
+    reply = httpx.post(gateway.url + "/v1/messages?beta=true", json=body, headers=headers)
+    assert reply.status_code == 200 and "event: message_stop" in reply.text
+    sent = sim_bodies(sim)[-1]
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are Claude Code."},
+        {"role": "user", "content": "hi"},
+    ]
+    assert sent["user"] == "user_abc_account__session_1"
+    assert sent["tools"] == [
+        {
+            "type": "function",
+            "function": {k: TOOLS[0][k] for k in ("name", "description")} | {"parameters": TOOLS[0]["input_schema"]},
+        }
+    ]
+    assert "thinking" not in sent and "metadata" not in sent
