@@ -6,9 +6,11 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gateway.tools.calls import ToolCallRepair
-from gateway.tools.k2_markers import K2MarkerTransform, MarkerParser
+from gateway.tools.k2_markers import SECTION_BEGINS, K2MarkerTransform, MarkerParser
 from gateway.tools.legacy import LegacyFunctionCall
 from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
@@ -257,3 +259,36 @@ def test_markers_leaked_into_reasoning_become_tool_calls_numbered_with_content_c
         ("functions.get_weather:0", '{"a": 1}'),
         ("functions.get_time:1", '{"b": 2}'),
     ]
+
+
+SNIFF_BEGIN = SECTION_BEGINS[0]
+
+
+def _parse_pieces(pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    from gateway.tools.k2_markers import _assemble
+
+    parser = MarkerParser()
+    text, deltas = "", []
+    for piece in pieces:
+        t, d = parser.feed(piece)
+        text, deltas = text + t, deltas + d
+    t, d = parser.finish()
+    return text + t, _assemble(deltas + d)
+
+
+def _split(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_raw_markers_split_into_any_number_of_pieces(cuts: list[int]) -> None:
+    assert _parse_pieces(_split(RAW, cuts)) == ("Let me check.", EXPECTED_CALLS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab <|>_tolcegin", max_size=60), st.lists(st.integers(min_value=0), max_size=6))
+def test_text_without_a_whole_marker_comes_out_unchanged(text: str, cuts: list[int]) -> None:
+    assume(SNIFF_BEGIN not in text and "<|tool_call_begin|>" not in text)
+    assert _parse_pieces(_split(text, cuts)) == (text, [])
