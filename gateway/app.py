@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
+from gateway.api import anthropic as anthropic_api
 from gateway.api import openai as openai_api
 from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.capture.store import capture_store_from_url
@@ -58,6 +59,12 @@ class GatewayApp:
         async def chat(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.chat_completions(rt, limit, scope, receive, send)
 
+        async def anthropic_messages(scope: Scope, receive: Receive, send: Send) -> None:
+            await anthropic_api.messages(rt, limit, scope, receive, send)
+
+        async def anthropic_count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
+            await anthropic_api.count_tokens(rt, limit, scope, receive, send)
+
         async def models(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.list_models(rt, scope, send)
 
@@ -69,6 +76,8 @@ class GatewayApp:
             "/finance/openapi.json": {"GET": finance},
             "/v1/chat/completions": {"POST": chat},
             "/chat/completions": {"POST": chat},
+            "/v1/messages": {"POST": anthropic_messages},
+            "/v1/messages/count_tokens": {"POST": anthropic_count_tokens},
             "/v1/models": {"GET": models},
             "/models": {"GET": models},
             "/healthz": {"GET": self._healthz},

@@ -56,7 +56,7 @@ def _model_map(value: Any) -> Any:
 
 
 class UpstreamConfig(_Strict):
-    kind: Literal["openai", "simulated"]
+    kind: Literal["openai", "simulated", "litellm"]
     models: Annotated[dict[str, str], Field(min_length=1)]
     base_url: str | None = None
     api_key_env: str | None = None
@@ -70,6 +70,8 @@ class UpstreamConfig(_Strict):
     # the upstream returns reasoning inside content, ended by </think> (vLLM without --reasoning-parser):
     # tenants that strip or redact reasoning have it split out of the content
     think_in_content: bool = False
+    # raw K2 tool-call markers arrive inside content (vLLM without --tool-call-parser): parse them
+    tool_call_markers: bool = False
     # simulated upstreams
     profile: str | None = None
     ttft_ms: Annotated[float, Field(ge=0)] | None = None
@@ -111,6 +113,8 @@ class UpstreamConfig(_Strict):
                 raise ValueError("an upstream of kind 'openai' needs base_url")
             if self.profile or self.ttft_ms is not None or self.tokens_per_s is not None:
                 raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
+        if self.kind == "litellm" and (self.profile or self.ttft_ms is not None or self.tokens_per_s is not None):
+            raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
         if self.kind == "simulated" and (self.base_url or self.api_key_env or self.api_key_file):
             raise ValueError("an upstream of kind 'simulated' runs in-process: no base_url or key")
         if self.api_key_env and self.api_key_file:

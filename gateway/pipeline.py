@@ -29,6 +29,7 @@ from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.reasoning.inbound import prepare_reasoning
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState
+from gateway.tools.inbound import prepare_tools
 from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
@@ -229,6 +230,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     try:
         candidate = choose_candidate(rt, ex)
         ex.candidate = candidate
+        prepare_tools(ex, rt.upstreams[candidate.upstream])
         m.upstream, m.upstream_model, m.label = candidate.upstream, candidate.upstream_model, candidate.label
         m.route_reason = ex.route_reason
         m.price = rt.meter.price(candidate.label, m.ts)

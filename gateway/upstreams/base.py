@@ -57,6 +57,8 @@ class Upstream(ABC):
     name: str
     reasoning_field: str
     config: UpstreamConfig
+    # the upstream leaves raw K2 tool-call markers in content (a vLLM without --tool-call-parser)
+    tool_call_markers: bool = False
 
     async def start(self) -> None:  # noqa: B027 - most adapters have nothing to open
         """Open pools and clients (called from the server's lifespan, inside the event loop)."""

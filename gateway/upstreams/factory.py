@@ -13,6 +13,10 @@ def build_upstreams(config: LoadedConfig) -> dict[str, Upstream]:
             from gateway.upstreams.openai_compat import OpenAICompatUpstream
 
             out[name] = OpenAICompatUpstream(name, up, config.api_keys.get(name))
+        elif up.kind == "litellm":
+            from gateway.upstreams.litellm_upstream import LiteLLMUpstream
+
+            out[name] = LiteLLMUpstream(name, up, config.api_keys.get(name))
         else:
             from gateway.upstreams.simulated import SimulatedUpstream
 

@@ -76,6 +76,7 @@ class OpenAICompatUpstream(Upstream):
         self.name = name
         self.config = config
         self.reasoning_field = config.reasoning_field
+        self.tool_call_markers = config.tool_call_markers
         self.url = URL(f"{config.base_url}/chat/completions")  # parsed once, not per request
         headers = {
             "Content-Type": "application/json",

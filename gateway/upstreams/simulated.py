@@ -68,6 +68,7 @@ class SimulatedUpstream(Upstream):
         self.name = name
         self.config = config
         self.reasoning_field = config.reasoning_field
+        self.tool_call_markers = config.tool_call_markers
         overrides: dict[str, float] = {}
         if config.ttft_ms is not None:
             overrides["ttft_s"] = config.ttft_ms / 1000

@@ -1,0 +1,207 @@
+"""Anthropic front end: ``POST /v1/messages``.
+
+The Messages request is translated into a chat/completions body and served by the same pipeline as
+``/v1/chat/completions`` (same tenants, routing, budgets, metering and response transforms);
+upstreams stay chat/completions. A ``send`` wrapper turns the pipeline's answer into Anthropic's
+message or SSE event sequence, and every error into Anthropic's shape
+``{"type": "error", "error": {"type", "message"}}`` with the same status. Keys come as
+``x-api-key`` (Anthropic's SDK) or ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from gateway import errors
+from gateway.api.http import (
+    CT_JSON,
+    DisconnectWatch,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    check_json_content_type,
+    header_map,
+    new_request_id,
+    read_body,
+    send_json,
+)
+from gateway.api.openai import parse_tags
+from gateway.auth import authenticate, bearer_token
+from gateway.errors import GatewayError
+from gateway.metering.meter import Metered
+from gateway.metering.tokens import count_prompt
+from gateway.observability import REQUESTS, UNKNOWN, log
+from gateway.pipeline import Exchange, Runtime, chat
+from gateway.translate.anthropic_request import to_chat_body
+from gateway.translate.anthropic_response import AnthropicStream, error_body, to_message
+
+
+async def send_anthropic_error(send: Send, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
+    body = orjson.dumps(error_body(error.status, error.message))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [CT_JSON, (b"content-length", str(len(body)).encode()), *headers, *error.headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class AnthropicSend:
+    """Wraps the ASGI ``send`` the pipeline writes chat/completions to; writes Anthropic instead."""
+
+    __slots__ = ("_body", "_headers", "_message_id", "_send", "_status", "_stream", "model", "stream")
+
+    def __init__(self, send: Send, model: str, message_id: str, stream: bool) -> None:
+        self._send = send
+        self.model = model
+        self.stream = stream
+        self._stream = AnthropicStream(model, message_id) if stream else None
+        self._status = 200
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._message_id = message_id
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+            self._headers = [h for h in message.get("headers", []) if h[0] not in (b"content-length", b"content-type")]
+            if self._stream is not None:
+                await self._send(message)
+            return
+        if message["type"] != "http.response.body":
+            await self._send(message)
+            return
+        body: bytes = message.get("body", b"")
+        more = bool(message.get("more_body"))
+        if self._stream is not None:
+            out = self._stream.feed(body)
+            if not more:
+                out += self._stream.close()
+            await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        self._body.append(body)
+        if more:
+            return
+        payload = b"".join(self._body)
+        out = self._convert(payload)
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": self._status,
+                "headers": [CT_JSON, (b"content-length", str(len(out)).encode()), *self._headers],
+            }
+        )
+        await self._send({"type": "http.response.body", "body": out, "more_body": False})
+
+    def _convert(self, payload: bytes) -> bytes:
+        try:
+            parsed: Any = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if self._status >= 400 or not isinstance(parsed, dict):
+            message = parsed.get("error", {}).get("message") if isinstance(parsed, dict) else None
+            return orjson.dumps(error_body(self._status, str(message or payload[:500].decode("utf-8", "replace"))))
+        return orjson.dumps(to_message(parsed, self.model, self._message_id))
+
+
+def api_key(headers: dict[bytes, bytes]) -> str | None:
+    key = headers.get(b"x-api-key")
+    if key:
+        return key.decode("latin-1").strip() or None
+    return bearer_token(headers.get(b"authorization"))
+
+
+def parse_messages_body(raw: bytes, *, counting: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the Anthropic request, its chat/completions translation), or a 400."""
+    if not raw:
+        raise errors.invalid_request("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    return body, to_chat_body(body, counting=counting)
+
+
+async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    rid_header = [(b"x-request-id", request_id.encode())]
+    headers = header_map(scope)
+    tenant_name, model = UNKNOWN, UNKNOWN
+    try:
+        entry = authenticate(rt.policies, api_key(headers))
+        tenant_name = entry.tenant.name
+        check_json_content_type(headers)
+        raw = await read_body(receive, headers, limit)
+        original, body = parse_messages_body(raw)
+        tags = parse_tags(headers.get(b"x-gateway-tags"))
+        stream = bool(body.get("stream"))
+        metered = Metered(
+            request_id,
+            time.time(),
+            entry.tenant,
+            entry.key_id,
+            body["model"],
+            stream,
+            body,
+            app=tags.get("app"),
+            user=body.get("user"),
+            tags=tags,
+        )
+        ex = Exchange(request_id, entry.tenant, entry.key_id, body, orjson.dumps(body), started, metered)
+        ex.stream = stream
+        ex.builtin_tools = b'"builtin_function"' in ex.raw
+        if body["model"] not in entry.tenant.routes:
+            raise errors.model_not_found(body["model"])
+        ex.model = model = body["model"]
+        watch = DisconnectWatch(receive)
+        out = AnthropicSend(send, original["model"], "msg_" + request_id, stream)
+        try:
+            await chat(rt, ex, out, watch)
+        except asyncio.CancelledError:
+            if not watch.disconnected:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            REQUESTS.labels(tenant_name, model, ex.upstream_label, "499").inc()
+            log.info("request %s: client disconnected; upstream call cancelled", request_id)
+            return
+        finally:
+            watch.finish()
+    except GatewayError as error:
+        REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
+        await send_anthropic_error(send, error, rid_header)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request %s failed inside the gateway", request_id)
+        REQUESTS.labels(tenant_name, model, UNKNOWN, "500").inc()
+        await send_anthropic_error(send, errors.internal_error(request_id), rid_header)
+
+
+async def count_tokens(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/messages/count_tokens``: the prompt's tokens by the gateway's offline tokenizer
+    (an estimate: K2's own tokenizer is not shipped), without calling an upstream."""
+    request_id = new_request_id()
+    rid_header = [(b"x-request-id", request_id.encode())]
+    headers = header_map(scope)
+    try:
+        entry = authenticate(rt.policies, api_key(headers))
+        check_json_content_type(headers)
+        raw = await read_body(receive, headers, limit)
+        _, body = parse_messages_body(raw, counting=True)
+        if body["model"] not in entry.tenant.routes:
+            raise errors.model_not_found(body["model"])
+        tokens = await asyncio.to_thread(count_prompt, body)
+    except GatewayError as error:
+        await send_anthropic_error(send, error, rid_header)
+        return
+    await send_json(send, 200, {"input_tokens": tokens}, rid_header)
