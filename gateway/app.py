@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
+from gateway.api import explain as explain_api
 from gateway.api import openai as openai_api
 from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.metering.budget import Budgets, seed_from_ledger
@@ -23,7 +24,9 @@ from gateway.metering.ledger import Ledger, ledger_from_url
 from gateway.metering.meter import Meter
 from gateway.observability import log, metrics_payload, setup_logging
 from gateway.pipeline import Runtime
-from gateway.state.memory import MemoryBudgetState
+from gateway.routing.background import RoutingTasks
+from gateway.routing.router import Router
+from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
@@ -46,7 +49,11 @@ class GatewayApp:
         )
         self.budgets = Budgets(MemoryBudgetState())
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
-        self.runtime = Runtime(loaded.policies, self.upstreams, self.meter)
+        kv = MemoryKeyValueState()
+        self.runtime = Runtime(
+            loaded.policies, self.upstreams, self.meter, kv, Router.from_config(config, loaded.prices, kv)
+        )
+        self.background = RoutingTasks(config, self.runtime)
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
@@ -59,6 +66,9 @@ class GatewayApp:
         async def models(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.list_models(rt, scope, send)
 
+        async def explain(scope: Scope, receive: Receive, send: Send) -> None:
+            await explain_api.route_explain(rt, limit, scope, receive, send)
+
         finance = self._finance
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/spend": {"GET": finance},
@@ -67,6 +77,7 @@ class GatewayApp:
             "/finance/openapi.json": {"GET": finance},
             "/v1/chat/completions": {"POST": chat},
             "/chat/completions": {"POST": chat},
+            "/v1/route/explain": {"POST": explain},
             "/v1/models": {"GET": models},
             "/models": {"GET": models},
             "/healthz": {"GET": self._healthz},
@@ -119,6 +130,7 @@ class GatewayApp:
         await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)
         for upstream in self.upstreams.values():
             await upstream.start()
+        self.background.start()
         tune_gc()
         self.ready = True
         log.info(
@@ -129,6 +141,7 @@ class GatewayApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        await self.background.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.ledger.close()

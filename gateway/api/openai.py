@@ -26,6 +26,7 @@ from gateway.api.http import (
     send_error,
     send_json,
 )
+from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
 from gateway.metering.meter import Metered
@@ -147,6 +148,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         )
         ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
         ex.stream = stream
+        ex.max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         ex.builtin_tools = b'"builtin_function"' in raw
         if body["model"] in entry.tenant.routes:
             ex.model = model = body["model"]
