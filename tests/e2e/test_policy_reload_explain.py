@@ -119,17 +119,16 @@ def test_hot_reload_valid_then_invalid_edit_with_requests_in_flight(
 
 # ---------------------------------------------------------------- explain
 
+ALL = "[ext/kimi-k2-thinking, std/kimi-k2-thinking, turbo/kimi-k2-thinking-turbo, vllm/kimi-k2-thinking]"
 EXPLAIN_POLICY = f"""\
 tenant: explain
 keys: ["{hashed(KEY)}"]
 models:
-  m-cost: {{candidates: [ext/kimi-k2-thinking, std/kimi-k2-thinking, turbo/kimi-k2-thinking-turbo, vllm/kimi-k2-thinking], strategy: cost}}
-  m-latency: {{candidates: [ext/kimi-k2-thinking, std/kimi-k2-thinking, turbo/kimi-k2-thinking-turbo, vllm/kimi-k2-thinking], strategy: latency}}
-  m-balanced:
-    candidates: [ext/kimi-k2-thinking, std/kimi-k2-thinking, turbo/kimi-k2-thinking-turbo, vllm/kimi-k2-thinking]
-    slo: {{total_ms: 15000}}
-  m-open: {{candidates: [ext/kimi-k2-thinking, std/kimi-k2-thinking, turbo/kimi-k2-thinking-turbo, vllm/kimi-k2-thinking]}}
-  m-pinned: {{candidates: [ext/kimi-k2-thinking, std/kimi-k2-thinking, turbo/kimi-k2-thinking-turbo, vllm/kimi-k2-thinking], strategy: pinned}}
+  m-cost: {{candidates: {ALL}, strategy: cost}}
+  m-latency: {{candidates: {ALL}, strategy: latency}}
+  m-balanced: {{candidates: {ALL}, slo: {{total_ms: 15000}}}}
+  m-open: {{candidates: {ALL}}}
+  m-pinned: {{candidates: {ALL}, strategy: pinned}}
 """
 EXT, STD, TURBO, VLLM = (
     "ext/kimi-k2-thinking",
