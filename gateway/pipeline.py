@@ -25,6 +25,7 @@ from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
+from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
 from gateway.routing.router import Plan, Router, remaining_fraction
@@ -276,6 +277,10 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     m = ex.metered
     try:
         plan = await choose_candidate(rt, ex)
+        if ex.tenant.budget is not None and len(plan.options) > 1:
+            asked = requested_max_tokens(ex.body) or ex.tenant.default_max_tokens
+            bound = upper_bound_tokens(ex.raw)
+            await prefer_affordable(rt.meter.budgets, rt.meter.prices, ex.tenant, m.app, plan, bound, asked, m.ts)
         client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
         # a later candidate starts from the body as it was before the first one's shaping
         original = list(ex.body.items()) if len(plan.options) > 1 else None
