@@ -60,6 +60,8 @@ class Prior(_Strict):
 
     ttft_ms: Annotated[float, Field(gt=0)] = 1500.0
     tokens_per_s: Annotated[float, Field(gt=0)] = 40.0
+    # prompt tokens processed per second on a cache miss: a long uncached prompt delays the first token
+    prefill_tokens_per_s: Annotated[float, Field(gt=0)] = 5000.0
 
 
 class ModelShaping(_Strict):

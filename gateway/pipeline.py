@@ -290,6 +290,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
                 ex.body.update(original)
             body = await _attempt(rt, ex, plan, option, first=n == 0)
             sent_at = time.perf_counter()
+            rt.router.dispatched(option)
             try:
                 reply = await _call(rt, ex, option.candidate, body)
             except CandidateFailed as failed:

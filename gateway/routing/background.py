@@ -24,7 +24,7 @@ class RoutingTasks:
             self.tasks.append(asyncio.create_task(watcher.run(), name="policy-reload"))
         for name, up in settings.upstreams.items():
             if up.vllm_metrics and up.base_url:
-                scraper = VllmScraper(rt.router, name, up.base_url, list(up.models), up.metrics_interval_s)  # type: ignore[attr-defined]
+                scraper = VllmScraper(rt.router, name, up.base_url, up.metrics_interval_s)  # type: ignore[attr-defined]
                 self.tasks.append(asyncio.create_task(scraper.run(), name=f"vllm-metrics-{name}"))
         self.tasks.append(asyncio.create_task(self._sync(), name="route-stats-sync"))
 

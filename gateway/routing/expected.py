@@ -1,7 +1,8 @@
 """Expected cost and latency of one candidate for one request.
 
 cost    = uncached prompt x miss price + expected cached x hit price + expected output x output price
-latency = EWMA time to first token (+ queueing at a loaded vLLM) + expected output / EWMA tokens per s
+latency = EWMA time to first token + uncached prompt / prefill speed (+ queueing at a loaded vLLM)
+          + expected output / EWMA tokens per s
 Expected output is ``max_tokens`` capped by the tenant's running average of completion tokens.
 """
 
@@ -43,6 +44,7 @@ def estimate(
     prompt_tokens: int,
     output_tokens: int,
     held_tokens: int,
+    queue_s: float,
     slo_ttft_ms: float | None,
     slo_total_ms: float | None,
 ) -> None:
@@ -54,7 +56,7 @@ def estimate(
     option.cached_tokens = cached
     if price is not None:
         option.cost = (prompt_tokens - cached) * price.miss + cached * price.hit + output_tokens * price.out
-    option.ttft_s = stat.ttft_s + stat.queue_s
+    option.ttft_s = stat.ttft_s + queue_s + (prompt_tokens - cached) / stat.prefill_tps
     option.total_s = option.ttft_s + (output_tokens / stat.tokens_per_s if stat.tokens_per_s > 0 else 0.0)
     option.meets_slo = (slo_ttft_ms is None or option.ttft_s * 1000 <= slo_ttft_ms) and (
         slo_total_ms is None or option.total_s * 1000 <= slo_total_ms

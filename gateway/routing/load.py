@@ -5,12 +5,13 @@ vLLM exports ``vllm:num_requests_waiting``, ``vllm:num_requests_running`` and
 expected extra wait before the first token is about ``waiting / running`` service times; a nearly
 full KV cache (preemptions) adds one more time to first token. The router adds that delay to the
 candidate's expected TTFT, so a queueing server looks slow and loses to a faster one when the SLO
-demands it.
+demands it. The state is per gateway process: each replica scrapes the server itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from dataclasses import dataclass
 
@@ -44,6 +45,32 @@ def parse_metrics(text: str) -> Load:
     )
 
 
+class LoadState:
+    """One vLLM server as this gateway sees it: the last scrape plus what it sent since.
+
+    Between scrapes every request the gateway routes there counts as one more arrival, so a burst
+    does not all go to a server that looked idle two seconds ago (no herding). Once the server has
+    been seen queueing, its concurrency limit is known (the running count at that moment).
+    """
+
+    def __init__(self) -> None:
+        self.load = Load()
+        self.capacity = math.inf
+        self.dispatched = 0
+
+    def scraped(self, load: Load) -> None:
+        self.load = load
+        if load.waiting > 0:
+            self.capacity = max(load.running, 1.0)
+        self.dispatched = 0
+
+    def queue_delay(self, ttft_s: float, tokens_per_s: float) -> float:
+        load = self.load
+        free = max(0.0, self.capacity - load.running) if load.waiting == 0 else 0.0
+        ahead = load.waiting + self.dispatched - free
+        return queue_delay(Load(max(0.0, ahead), load.running, load.kv_usage), ttft_s, tokens_per_s)
+
+
 def queue_delay(load: Load, ttft_s: float, tokens_per_s: float) -> float:
     service = ttft_s + (COLD_COMPLETION_TOKENS / tokens_per_s if tokens_per_s > 0 else 0.0)
     delay = load.waiting / max(load.running, 1.0) * service
@@ -52,22 +79,20 @@ def queue_delay(load: Load, ttft_s: float, tokens_per_s: float) -> float:
     return delay
 
 
-def apply_load(router: Router, upstream: str, models: list[str], load: Load) -> None:
-    prior = router.traits_of(upstream).prior
-    for model in models:
-        label = f"{upstream}/{model}"
-        stat = router.stats.stat(label, prior)
-        router.stats.set_queue(label, prior, queue_delay(load, stat.ttft_s, stat.tokens_per_s))
+def apply_load(router: Router, upstream: str, load: Load) -> None:
+    state = router.loads.get(upstream)
+    if state is None:
+        state = router.loads[upstream] = LoadState()
+    state.scraped(load)
     VLLM_QUEUE.labels(upstream).set(load.waiting)
 
 
 class VllmScraper:
-    def __init__(self, router: Router, upstream: str, base_url: str, models: list[str], interval_s: float) -> None:
+    def __init__(self, router: Router, upstream: str, base_url: str, interval_s: float) -> None:
         self.router = router
         self.upstream = upstream
         root = base_url.removesuffix("/v1")
         self.url = f"{root}/metrics"
-        self.models = models
         self.interval_s = interval_s
         self._warned = False
 
@@ -80,7 +105,7 @@ class VllmScraper:
                 try:
                     async with session.get(self.url) as resp:
                         text = await resp.text()
-                    apply_load(self.router, self.upstream, self.models, parse_metrics(text))
+                    apply_load(self.router, self.upstream, parse_metrics(text))
                     self._warned = False
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     if not self._warned:  # one line per outage, not one per scrape

@@ -6,6 +6,7 @@ else gets the defaults of :class:`gateway.config.Prior` (a cautious guess for a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gateway.config import Prior, UpstreamConfig
@@ -16,13 +17,14 @@ _FASTEST_TPS = 1_000_000.0
 
 @dataclass(frozen=True, slots=True)
 class Speed:
-    ttft_s: float
+    ttft_s: float  # time to first token of a fully cached (or tiny) prompt
     tokens_per_s: float
+    prefill_tps: float = math.inf  # uncached prompt tokens per second (inf: prefill is free)
 
 
 def prior_of(up: UpstreamConfig) -> Speed:
     if up.prior is not None:
-        return Speed(up.prior.ttft_ms / 1000, up.prior.tokens_per_s)
+        return Speed(up.prior.ttft_ms / 1000, up.prior.tokens_per_s, up.prior.prefill_tokens_per_s)
     if up.kind == "simulated":
         from gateway.simulator import profile_from
 
@@ -31,4 +33,4 @@ def prior_of(up: UpstreamConfig) -> Speed:
         tps = up.tokens_per_s if up.tokens_per_s is not None else profile.tokens_per_s
         return Speed(ttft, tps if tps > 0 else _FASTEST_TPS)
     default = Prior()
-    return Speed(default.ttft_ms / 1000, default.tokens_per_s)
+    return Speed(default.ttft_ms / 1000, default.tokens_per_s, default.prefill_tokens_per_s)

@@ -27,8 +27,8 @@ from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, Rout
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES
 from gateway.state.base import KeyValueState
 
-# strategies that price cache hits (and so need the prompt's prefix hashes)
-_CACHE_AWARE = frozenset(("cost", "balanced"))
+# strategies that expect cache hits (cheaper input, shorter prefill), so need the prompt's prefix hashes
+_CACHE_AWARE = frozenset(("cost", "balanced", "latency"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +111,9 @@ class Router:
         self.dead: set[str] = dead if dead is not None else set()
         self.clock = clock
         self.wall = wall
+        self.cache_aware = True  # False: expect no cache hits anywhere (a baseline for the benchmark)
+        # self-hosted vLLM servers whose /metrics are scraped (routing/load.py), by upstream name
+        self.loads: dict[str, Any] = {}
         self._default = Traits(Speed(1.5, 40.0))
 
     @classmethod
@@ -170,7 +173,9 @@ class Router:
             return plan
         needs_estimates = explain or (strategy != "pinned" and len(live) > 1)
         if needs_estimates:
-            await self._estimate(plan, tenant, body, raw_len, strategy in _CACHE_AWARE or explain)
+            await self._estimate(
+                plan, tenant, body, raw_len, self.cache_aware and (strategy in _CACHE_AWARE or explain)
+            )
         ranked, reason = STRATEGIES[strategy](live, slo_text(slo_ttft, slo_total))
         plan.options = ranked
         skipped = f"; skipped {', '.join(o.label for o in excluded)}" if excluded else ""
@@ -198,10 +203,20 @@ class Router:
             c = option.candidate
             price = self.prices.at(c.label, when) if self.prices is not None else None
             stat = self.stats.stat(c.label, self.traits_of(c.upstream).prior)
-            estimate(option, price, stat, prompt, output, held.get(c.label, 0), plan.slo_ttft_ms, plan.slo_total_ms)
+            load = self.loads.get(c.upstream)
+            queue = load.queue_delay(stat.ttft_s, stat.tokens_per_s) if load is not None else 0.0
+            estimate(
+                option, price, stat, prompt, output, held.get(c.label, 0), queue, plan.slo_ttft_ms, plan.slo_total_ms
+            )
         plan.estimated = True
 
     # ------------------------------------------------------------------ learning
+
+    def dispatched(self, option: Option) -> None:
+        """A request is about to be sent: a scraped server counts it until its next scrape."""
+        load = self.loads.get(option.candidate.upstream)
+        if load is not None:
+            load.dispatched += 1
 
     def failed(self, option: Option, kind: str) -> None:
         c = option.candidate
@@ -229,6 +244,9 @@ class Router:
         stats = self.stats
         stats.success(c.label, prior)
         tokens = usage.completion_tokens if usage is not None else 0
+        if ttft_s is not None and usage is not None:  # learn the first-token time net of prefill
+            prefill = stats.stat(c.label, prior).prefill_tps
+            ttft_s = max(0.0, ttft_s - (usage.prompt_tokens - usage.cached_tokens) / prefill)
         stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
         if usage is None:
             return

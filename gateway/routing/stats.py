@@ -24,14 +24,14 @@ PRIOR_HIT_RATE = 0.9
 class CandidateStat:
     """What the router believes about one candidate right now."""
 
-    ttft_s: float
+    ttft_s: float  # EWMA of the time to first token, prefill of uncached tokens taken out
     tokens_per_s: float
+    prefill_tps: float = float("inf")
     samples: int = 0
     hit_rate: float = PRIOR_HIT_RATE
     cache_samples: int = 0
     consecutive_failures: int = 0
     open_until: float = 0.0  # breaker: skipped until this time (monotonic seconds)
-    queue_s: float = 0.0  # extra wait a loaded vLLM adds before the first token
 
 
 class RouteStats(ABC):
@@ -58,10 +58,6 @@ class RouteStats(ABC):
         """A call that reached a working upstream: the breaker closes."""
 
     @abstractmethod
-    def set_queue(self, label: str, prior: Speed, queue_s: float) -> None:
-        """Expected queueing delay from a load scrape (vLLM)."""
-
-    @abstractmethod
     def completion_avg(self, tenant: str) -> float | None:
         """The tenant's running average of completion tokens (None before its first request)."""
 
@@ -83,7 +79,7 @@ class MemoryRouteStats(RouteStats):
     def stat(self, label: str, prior: Speed) -> CandidateStat:
         s = self._stats.get(label)
         if s is None:
-            s = self._stats[label] = CandidateStat(prior.ttft_s, prior.tokens_per_s)
+            s = self._stats[label] = CandidateStat(prior.ttft_s, prior.tokens_per_s, prior.prefill_tps)
         return s
 
     def observe_speed(self, label: str, prior: Speed, ttft_s: float | None, tokens: int, gen_s: float | None) -> None:
@@ -115,9 +111,6 @@ class MemoryRouteStats(RouteStats):
         s = self.stat(label, prior)
         s.consecutive_failures = 0
         s.open_until = 0.0
-
-    def set_queue(self, label: str, prior: Speed, queue_s: float) -> None:
-        self.stat(label, prior).queue_s = queue_s
 
     def completion_avg(self, tenant: str) -> float | None:
         return self._completions.get(tenant)

@@ -31,3 +31,18 @@ def test_a_queue_makes_the_server_slow() -> None:
     # 8 waiting over 4 running: two service times of 0.2 + 1000/50 s each
     assert queue_delay(Load(8, 4, 0.5), 0.2, 50) == pytest.approx(2 * 20.2)
     assert queue_delay(Load(0, 4, 0.99), 0.2, 50) == pytest.approx(0.2)  # nearly full KV cache
+
+
+def test_dispatches_between_scrapes_count_as_arrivals() -> None:
+    from gateway.routing.load import LoadState
+
+    state = LoadState()
+    state.scraped(Load(0, 10, 0.3))  # never seen queueing: capacity unknown, no wait expected
+    state.dispatched = 50
+    assert state.queue_delay(0.2, 50) == 0
+    state.scraped(Load(2, 32, 0.5))  # queueing at 32 running: that is its limit
+    assert state.capacity == 32
+    state.scraped(Load(0, 30, 0.5))  # two slots free
+    assert state.queue_delay(0.2, 50) == 0
+    state.dispatched = 6  # sent since the scrape: four of them wait
+    assert state.queue_delay(0.2, 50) == pytest.approx(4 / 30 * 20.2)
