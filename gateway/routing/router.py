@@ -176,7 +176,10 @@ class Router:
             await self._estimate(
                 plan, tenant, body, raw_len, self.cache_aware and (strategy in _CACHE_AWARE or explain)
             )
-        ranked, reason = STRATEGIES[strategy](live, slo_text(slo_ttft, slo_total))
+        if needs_estimates or strategy == "pinned":
+            ranked, reason = STRATEGIES[strategy](live, lambda: slo_text(slo_ttft, slo_total))
+        else:  # one live candidate: nothing to compare
+            ranked, reason = live, f"{strategy}: the only {'live ' if excluded else ''}candidate"
         plan.options = ranked
         skipped = f"; skipped {', '.join(o.label for o in excluded)}" if excluded else ""
         if excluded and any(o.excluded.startswith("dead") for o in excluded):

@@ -26,13 +26,13 @@ def _cache_note(o: Option) -> str:
     return f", {o.cached_tokens} cached tokens expected" if o.cached_tokens else ""
 
 
-def pinned(options: list[Option], slo: str) -> tuple[list[Option], str]:
-    ranked = sorted(options, key=lambda o: o.index)
+def pinned(options: list[Option], slo: Callable[[], str]) -> tuple[list[Option], str]:
+    ranked = options if len(options) == 1 else sorted(options, key=lambda o: o.index)
     first = ranked[0]
     return ranked, "pinned: first candidate" if first.index == 0 else "pinned: first healthy candidate"
 
 
-def cost(options: list[Option], slo: str) -> tuple[list[Option], str]:
+def cost(options: list[Option], slo: Callable[[], str]) -> tuple[list[Option], str]:
     ranked = sorted(options, key=lambda o: (_cost(o), o.index))
     first = ranked[0]
     reason = f"cost: lowest expected cost {_usd(first)}{_cache_note(first)}"
@@ -41,7 +41,7 @@ def cost(options: list[Option], slo: str) -> tuple[list[Option], str]:
     return ranked, reason
 
 
-def latency(options: list[Option], slo: str) -> tuple[list[Option], str]:
+def latency(options: list[Option], slo: Callable[[], str]) -> tuple[list[Option], str]:
     ranked = sorted(options, key=lambda o: (o.total_s, o.index))
     first = ranked[0]
     reason = f"latency: fastest expected completion {first.total_s:.2f} s (ttft {first.ttft_s * 1000:.0f} ms)"
@@ -50,21 +50,22 @@ def latency(options: list[Option], slo: str) -> tuple[list[Option], str]:
     return ranked, reason
 
 
-def balanced(options: list[Option], slo: str) -> tuple[list[Option], str]:
+def balanced(options: list[Option], slo: Callable[[], str]) -> tuple[list[Option], str]:
     meeting = sorted((o for o in options if o.meets_slo), key=lambda o: (_cost(o), o.index))
     missing = sorted((o for o in options if not o.meets_slo), key=lambda o: (o.total_s, o.index))
     first = (meeting or missing)[0]
     if meeting:
         reason = (
-            f"balanced: cheapest of {len(meeting)}/{len(options)} candidates expected to meet {slo} "
+            f"balanced: cheapest of {len(meeting)}/{len(options)} candidates expected to meet {slo()} "
             f"({_usd(first)}{_cache_note(first)}, ttft {first.ttft_s * 1000:.0f} ms)"
         )
     else:
-        reason = f"balanced: no candidate expected to meet {slo}; fastest expected ({first.total_s:.2f} s)"
+        reason = f"balanced: no candidate expected to meet {slo()}; fastest expected ({first.total_s:.2f} s)"
     return meeting + missing, reason
 
 
-STRATEGIES: dict[str, Callable[[list[Option], str], tuple[list[Option], str]]] = {
+# each takes the live options and a function that describes the SLO (only formatted when needed)
+STRATEGIES: dict[str, Callable[[list[Option], Callable[[], str]], tuple[list[Option], str]]] = {
     "pinned": pinned,
     "cost": cost,
     "latency": latency,

@@ -250,3 +250,22 @@ def test_unpriced_candidate_ranks_last_for_cost() -> None:
     p = plan(router(prices=prices), route("cost", VLLM, STANDARD))
     assert labels(p) == [STANDARD.label, VLLM.label]
     assert p.options[1].cost is None and Decimal(0) < p.options[0].cost  # type: ignore[operator]
+
+
+def test_single_candidate_is_routed_without_estimates() -> None:
+    p = plan(router(), route("balanced", STANDARD))
+    assert labels(p) == [STANDARD.label] and p.reason == "balanced: the only candidate"
+    assert not p.estimated and p.chain is None
+
+
+def test_expected_first_token_includes_prefill_of_uncached_tokens() -> None:
+    clock = Clock()
+    r = router(clock=clock)
+    r.traits["moonshot"] = Traits(Speed(0.6, 35.0, 4000.0))
+    long = {"model": "k2", "messages": [{"role": "user", "content": "z" * 80_000}], "max_tokens": 10}
+    cold = plan(r, route("latency", STANDARD, VLLM), long)
+    standard = next(o for o in cold.options if o.label == STANDARD.label)
+    assert standard.ttft_s == pytest.approx(0.6 + 20_000 / 4000, abs=0.01)  # 80 kB of JSON ~ 20,000 tokens
+    asyncio.run(affinity.remember(r.kv, "t", affinity.prefix_chain(long), STANDARD.label, 20_000, 300, clock.now))
+    warm = next(o for o in plan(r, route("latency", STANDARD, VLLM), long).options if o.label == STANDARD.label)
+    assert warm.ttft_s == pytest.approx(0.6 + 2_000 / 4000, abs=0.01)  # 90 % expected cached
