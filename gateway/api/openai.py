@@ -123,6 +123,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
     started = time.perf_counter()
     request_id = new_request_id()
     rid_header = [(b"x-request-id", request_id.encode())]
+    ex: Exchange | None = None
     headers = header_map(scope)
     tenant_name, model = UNKNOWN, UNKNOWN
     try:
@@ -170,6 +171,11 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
             watch.finish()
     except GatewayError as error:
         REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
+        if ex is not None and ex.candidate is not None:  # routed: say where it went and why
+            rid_header += [
+                (b"x-gateway-upstream", ex.upstream_label.encode()),
+                (b"x-gateway-route-reason", ex.route_reason.encode()),
+            ]
         await send_error(send, error, rid_header)
     except asyncio.CancelledError:
         raise

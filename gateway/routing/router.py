@@ -247,9 +247,12 @@ class Router:
         stats = self.stats
         stats.success(c.label, prior)
         tokens = usage.completion_tokens if usage is not None else 0
-        if ttft_s is not None and usage is not None:  # learn the first-token time net of prefill
-            prefill = stats.stat(c.label, prior).prefill_tps
-            ttft_s = max(0.0, ttft_s - (usage.prompt_tokens - usage.cached_tokens) / prefill)
+        stat = stats.stat(c.label, prior)
+        uncached = (usage.prompt_tokens - usage.cached_tokens) if usage is not None else 0
+        if ttft_s is not None:  # learn the first-token time net of prefill
+            ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps)
+        elif gen_s is not None:  # a whole answer: decode time is what the expected first token leaves
+            gen_s -= stat.ttft_s + uncached / stat.prefill_tps
         stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
         if usage is None:
             return

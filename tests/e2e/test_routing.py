@@ -240,6 +240,8 @@ def test_retry_after_is_honoured_when_no_candidate_is_left(client: OpenAI, sims:
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="retry-after", messages=[{"role": "user", "content": "z"}])
     assert info.value.response.headers["retry-after"] == "9"  # the last candidate's wait
+    assert info.value.response.headers["x-gateway-upstream"] == "b/k2-ra"
+    assert "failover to candidate 2 after a/k2-ra" in info.value.response.headers["x-gateway-route-reason"]
     assert len(requests_seen(sim_a)) == 1 and len(requests_seen(sim_b)) == 1
 
 
