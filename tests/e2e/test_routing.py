@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -294,3 +295,38 @@ def test_malformed_max_latency_header_is_a_400(gateway: Process, sims: tuple[Pro
     )
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "x-gateway-max-latency-ms"
+
+
+def test_budget_exhaustion_serves_a_cheaper_candidate_whole(tmp_path: Path, simulator: Process) -> None:
+    httpx.post(simulator.url + "/_sim/reset").raise_for_status()
+    upstreams = f"""\
+  a:
+    kind: openai
+    base_url: {simulator.url}/v1
+    models: {{k2: kimi-k2-thinking, k2t: kimi-k2-thinking-turbo}}
+"""
+    policy = f"""\
+tenant: budget
+keys: ["{hashed(KEY)}"]
+models:
+  m: {{candidates: [a/k2t, a/k2], strategy: latency}}
+budget: {{daily_usd: '0.05', when_exhausted: downgrade, min_max_tokens: 256}}
+"""
+    prices = {"a/k2t": {"input_miss": "1.15", "input_hit": "0.15", "output": "8.00"}}
+    config = write_gateway(tmp_path, upstreams, policy, name="budget", prices=prices)
+    proc = start_gateway(config)
+    try:
+        client = OpenAI(base_url=proc.url + "/v1", api_key=KEY, max_retries=0)
+        for stream in (False, True):
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": f"spend {stream}"}], max_tokens=10000, stream=stream
+            )
+            raw.http_response.read()
+            # turbo's worst case ($0.08) does not fit $0.05; standard's ($0.025) does, at full max_tokens
+            assert raw.headers["x-gateway-upstream"] == "a/k2"
+            assert raw.headers["x-gateway-route-reason"].startswith(
+                "budget: a/k2t does not fit the remaining budget at max_tokens 10000, a/k2 does; latency:"
+            )
+        assert [r["body"]["max_tokens"] for r in requests_seen(simulator)] == [10000, 10000]
+    finally:
+        proc.stop()
