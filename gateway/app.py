@@ -17,6 +17,7 @@ import orjson
 
 from gateway import errors
 from gateway.api import anthropic as anthropic_api
+from gateway.api import explain as explain_api
 from gateway.api import openai as openai_api
 from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.capture.store import capture_store_from_url
@@ -25,7 +26,9 @@ from gateway.metering.ledger import Ledger, ledger_from_url
 from gateway.metering.meter import Meter
 from gateway.observability import log, metrics_payload, setup_logging
 from gateway.pipeline import Runtime
-from gateway.state.memory import MemoryBudgetState
+from gateway.routing.background import RoutingTasks
+from gateway.routing.router import Router
+from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
@@ -48,8 +51,12 @@ class GatewayApp:
         )
         self.budgets = Budgets(MemoryBudgetState())
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
-        self.runtime = Runtime(loaded.policies, self.upstreams, self.meter)
+        kv = MemoryKeyValueState()
+        self.runtime = Runtime(
+            loaded.policies, self.upstreams, self.meter, kv, Router.from_config(config, loaded.prices, kv)
+        )
         self.runtime.capture = capture_store_from_url(config.ledger_url)  # beside the ledger
+        self.background = RoutingTasks(config, self.runtime)
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
@@ -68,6 +75,9 @@ class GatewayApp:
         async def models(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.list_models(rt, scope, send)
 
+        async def explain(scope: Scope, receive: Receive, send: Send) -> None:
+            await explain_api.route_explain(rt, limit, scope, receive, send)
+
         finance = self._finance
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/spend": {"GET": finance},
@@ -78,6 +88,7 @@ class GatewayApp:
             "/chat/completions": {"POST": chat},
             "/v1/messages": {"POST": anthropic_messages},
             "/v1/messages/count_tokens": {"POST": anthropic_count_tokens},
+            "/v1/route/explain": {"POST": explain},
             "/v1/models": {"GET": models},
             "/models": {"GET": models},
             "/healthz": {"GET": self._healthz},
@@ -132,6 +143,7 @@ class GatewayApp:
         await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)
         for upstream in self.upstreams.values():
             await upstream.start()
+        self.background.start()
         tune_gc()
         self.ready = True
         log.info(
@@ -142,6 +154,7 @@ class GatewayApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        await self.background.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.ledger.close()

@@ -18,6 +18,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 capture_app = typer.Typer(no_args_is_help=True, help="Diagnostic captures (tenants with capture turned on).")
 app.add_typer(capture_app, name="capture")
+policy_app = typer.Typer(no_args_is_help=True, help="Tenant policy files.")
+app.add_typer(policy_app, name="policy")
 
 
 def _load_or_exit(config: Path):  # type: ignore[no-untyped-def]
@@ -118,6 +120,38 @@ def config_check(
         f"{config}: ok ({len(loaded.config.settings.upstreams)} upstreams, {len(loaded.policies.tenants)} tenants "
         f"from {loaded.config.policies_dir}, {len(loaded.prices.targets())} priced targets)"
     )
+
+
+@policy_app.command("check")
+def policy_check(
+    folder: Annotated[Path | None, typer.Argument(help="Policy folder (default: the config's policies_dir).")] = None,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config YAML.")] = Path("config/demo.yaml"),
+) -> None:
+    """Validate policy files against a config and its prices; exit 2 listing every problem."""
+    import time
+
+    from gateway.config import load_config
+    from gateway.metering.prices import load_prices
+    from gateway.policy.store import load_policies
+    from gateway.wiring import price_problems
+    from gateway.yamlfile import ConfigError
+
+    try:
+        loaded = load_config(config, resolve_keys=False)
+        target = folder.resolve() if folder is not None else loaded.policies_dir
+        if not target.is_dir():
+            raise ConfigError([f"{target}: not a folder of policy files"])
+        policies = load_policies(loaded, target)
+        problems = price_problems(policies, load_prices(loaded.prices_path), time.time())
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        typer.echo(f"kimi-gateway policy check: {len(exc.problems)} problem(s):", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(2) from None
+    routes = sum(len(t.routes) for t in policies.tenants.values())
+    typer.echo(f"{target}: ok ({len(policies.tenants)} tenants, {routes} virtual models, {len(policies.files)} files)")
 
 
 @keys_app.command("hash")

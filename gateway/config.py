@@ -55,6 +55,39 @@ def _model_map(value: Any) -> Any:
     return value
 
 
+class Prior(_Strict):
+    """What the router assumes of an upstream model before live traffic taught it anything."""
+
+    ttft_ms: Annotated[float, Field(gt=0)] = 1500.0
+    tokens_per_s: Annotated[float, Field(gt=0)] = 40.0
+    # prompt tokens processed per second on a cache miss: a long uncached prompt delays the first token
+    prefill_tokens_per_s: Annotated[float, Field(gt=0)] = 5000.0
+
+
+class ModelShaping(_Strict):
+    """What one upstream model accepts, so the gateway adapts requests before sending them.
+
+    ``temperature``: the range values are clamped into (Moonshot: [0, 1]). ``thinking``: the form this
+    model takes for reasoning controls (``none``: K2 Thinking, always reasons, both fields removed;
+    ``type``: K2.5/K2.6 ``thinking: {type: enabled|disabled}``; ``effort``: K3 ``reasoning_effort``).
+    ``default_max_tokens``: a thinking model gets the tenant's default when the client sent none.
+    ``tool_choice_required``: ``emulate`` (drop it, append a user message asking for a tool) or
+    ``reject`` (400 before any upstream call); ``pass`` forwards it.
+    """
+
+    temperature: tuple[float, float] | None = None
+    thinking: Literal["none", "type", "effort"] | None = None
+    default_max_tokens: bool = False
+    tool_choice_required: Literal["pass", "emulate", "reject"] = "pass"
+
+    @field_validator("temperature")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError(f"temperature range must be [low, high] with 0 <= low <= high, got {list(v)}")
+        return v
+
+
 class UpstreamConfig(_Strict):
     kind: Literal["openai", "simulated", "litellm"]
     models: Annotated[dict[str, str], Field(min_length=1)]
@@ -76,6 +109,14 @@ class UpstreamConfig(_Strict):
     profile: str | None = None
     ttft_ms: Annotated[float, Field(ge=0)] | None = None
     tokens_per_s: Annotated[float, Field(ge=0)] | None = None
+    # routing: speeds assumed before live traffic (simulated: the profile's), the provider's prompt
+    # cache lifetime (prefix affinity lasts this long), per-model request shaping
+    prior: Prior | None = None
+    cache_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    shaping: dict[str, ModelShaping] = Field(default_factory=dict)
+    # a self-hosted vLLM: scrape <base_url without /v1>/metrics for queue depth and KV-cache usage
+    vllm_metrics: bool = False
+    metrics_interval_s: Annotated[float, Field(ge=0.2, le=300)] = 2.0
 
     @model_validator(mode="before")
     @classmethod
@@ -119,6 +160,11 @@ class UpstreamConfig(_Strict):
             raise ValueError("an upstream of kind 'simulated' runs in-process: no base_url or key")
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
+        if self.vllm_metrics and self.kind != "openai":
+            raise ValueError("vllm_metrics scrapes a server over HTTP: only for kind 'openai'")
+        unknown = sorted(set(self.shaping) - set(self.models))
+        if unknown:
+            raise ValueError(f"shaping names model(s) this upstream does not list: {', '.join(unknown)}")
         return self
 
 
@@ -139,6 +185,17 @@ class LedgerConfig(_Strict):
         return v
 
 
+class RoutingConfig(_Strict):
+    """How the router learns and protects: EWMA weight, circuit breaker, policy reload interval."""
+
+    ewma_alpha: Annotated[float, Field(gt=0, le=1)] = 0.3
+    # consecutive failures (connect, 5xx, 429, first-byte timeout) that open an upstream model's breaker
+    breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 3
+    breaker_cooldown_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # how often the server looks at the policy files' modification times (0 = never reload)
+    policy_reload_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+
+
 class StateConfig(_Strict):
     backend: Literal["memory"] = "memory"
 
@@ -154,6 +211,7 @@ class GatewayConfig(_Strict):
     prices: str = "prices.yaml"
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     # the environment variable holding the admin key (finance: every tenant's spend); unset = no admin
     admin_key_env: str = "KIMI_GATEWAY_ADMIN_KEY"
     upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]

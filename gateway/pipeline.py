@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -27,6 +28,10 @@ from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.reasoning.inbound import prepare_reasoning
+from gateway.routing.budget_fit import prefer_affordable
+from gateway.routing.expected import Option
+from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
+from gateway.routing.router import Plan, Router, remaining_fraction
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState
 from gateway.tools.inbound import prepare_tools
@@ -34,6 +39,7 @@ from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
+from gateway.upstreams.shaping import shape
 from gateway.upstreams.sse import SSERelay
 
 
@@ -52,6 +58,7 @@ class Exchange:
     model: str = UNKNOWN
     candidate: Candidate | None = None
     route_reason: str = ""
+    max_latency_ms: float | None = None  # x-gateway-max-latency-ms: tightens the route's SLO
     status: int = 0
     upstream_time: float = 0.0
     dirty: bool = False  # the body was changed: serialize it again before sending
@@ -68,7 +75,12 @@ class Runtime:
     """What the pipeline reads per request: policies (swapped whole on reload), upstreams, the meter."""
 
     def __init__(
-        self, policies: PolicySet, upstreams: dict[str, Upstream], meter: Meter, kv: KeyValueState | None = None
+        self,
+        policies: PolicySet,
+        upstreams: dict[str, Upstream],
+        meter: Meter,
+        kv: KeyValueState | None = None,
+        router: Router | None = None,
     ) -> None:
         self.policies = policies
         self.upstreams = upstreams
@@ -78,21 +90,24 @@ class Runtime:
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
         self.capture: CaptureStore | None = None  # diagnostic capture rows, for tenants that turn it on
+        # ranks candidates per request; learns speeds, cache hits and health from every answer
+        self.router = router if router is not None else Router({}, meter.prices, self.kv, dead=self.dead)
+        self.router.dead = self.dead
 
 
-def choose_candidate(rt: Runtime, ex: Exchange) -> Candidate:
-    """The first candidate not known to be dead (the routing strategies refine this order)."""
+async def choose_candidate(rt: Runtime, ex: Exchange) -> Plan:
+    """The ranked plan of candidates for this request (the strategy's order, dead ones and open
+    breakers left out); raises when none is left."""
     route = ex.tenant.routes.get(ex.model)
     if route is None:
         raise errors.model_not_found(ex.model)
-    for candidate in route.candidates:
-        if candidate.label not in rt.dead:
-            ex.route_reason = (
-                "pinned: first candidate"
-                if candidate is route.candidates[0]
-                else "pinned: first live candidate (earlier ones answered 404 for their model)"
-            )
-            return candidate
+    fraction = await remaining_fraction(rt.meter.budgets, ex.tenant, ex.metered.app, ex.metered.ts)
+    plan = await rt.router.plan(
+        ex.tenant, route, ex.body, len(ex.raw), max_latency_ms=ex.max_latency_ms, budget_fraction=fraction
+    )
+    if plan.options:
+        ex.route_reason = plan.reason
+        return plan
     raise GatewayError(
         404,
         f"Every upstream for model '{ex.model}' answered that it does not serve it "
@@ -155,7 +170,7 @@ def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
         s.overhead.observe(max(0.0, now - ex.started - ex.upstream_time))
 
 
-async def _reserve(rt: Runtime, ex: Exchange) -> None:
+async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
     """Hold the worst-case cost on every budget that caps this request (429 when it does not fit)."""
     m = ex.metered
     budget = ex.tenant.budget
@@ -184,7 +199,16 @@ async def _reserve(rt: Runtime, ex: Exchange) -> None:
         ex.dirty = True
         if reservation.downgraded:
             ex.route_reason += f"; budget: max_tokens lowered to {reservation.max_tokens}"
-    rt.meter.opened(m, bound)
+    if record:  # the ledger keeps one open-reservation row per request, written at the first attempt
+        rt.meter.opened(m, bound)
+
+
+class CandidateFailed(Exception):
+    """A call that failed before any byte reached the client, in a way the next candidate may not."""
+
+    def __init__(self, error: GatewayError, kind: str) -> None:
+        self.error = error
+        self.kind = kind
 
 
 async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) -> UpstreamReply:
@@ -197,9 +221,11 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
         if failure.is_timeout:
             m.outcome, m.reached_upstream = "timeout", True
             m.estimate_reason = "upstream timed out before usage arrived; the prompt may be billed"
-            raise errors.gateway_timeout(failure.message) from None
+            raise CandidateFailed(errors.gateway_timeout(failure.message), failure.kind) from None
         m.outcome = "upstream_error"
-        raise errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}") from None
+        raise CandidateFailed(
+            errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}"), failure.kind
+        ) from None
     if reply.status >= 400:
         try:
             payload = await reply.read()
@@ -212,6 +238,7 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
         error = upstream_error(candidate, reply.status, payload, reply.retry_after)
         if reply.status == 404 and error.code == "upstream_model_not_found":
             rt.dead.add(candidate.label)
+            DEAD_CANDIDATES.labels(candidate.label).inc()
             log.warning(
                 "upstream %s answered 404 for model %s (retired id?): candidate %s is skipped until the "
                 "configuration changes",
@@ -219,35 +246,83 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
                 candidate.upstream_model,
                 candidate.label,
             )
+        if reply.status == 429 or reply.status >= 500:
+            raise CandidateFailed(error, str(reply.status))
         raise error
     m.reached_upstream = True
     return reply
 
 
+async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first: bool) -> bytes:
+    """Point the request at ``option``: price, shaping, budget reservation; returns the bytes to send."""
+    candidate = option.candidate
+    m = ex.metered
+    ex.candidate = candidate
+    m.upstream, m.upstream_model, m.label = candidate.upstream, candidate.upstream_model, candidate.label
+    ex.route_reason = plan.reason_for(option)
+    m.price = rt.meter.price(candidate.label, m.ts)
+    m.outcome, m.reached_upstream, m.estimate_reason = "ok", False, None
+    prepare_tools(ex, rt.upstreams[candidate.upstream])  # dialects in; tool-call repair out
+    await prepare_reasoning(rt, ex)  # reasoning back into tool-call turns, in this upstream's field
+    rules = rt.router.traits_of(candidate.upstream).shaping.get(candidate.model)
+    if rules is not None and shape(ex.body, rules, ex.tenant.default_max_tokens):
+        ex.dirty = True
+    if not first and m.reservation is not None:  # the next candidate has its own price: reserve again
+        await rt.meter.budgets.settle(m.reservation, Decimal(0))
+        m.reservation = None
+    await _reserve(rt, ex, record=first)
+    m.route_reason = ex.route_reason
+    return shape_request(ex, candidate)
+
+
 async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) -> None:
-    """Serve one chat/completions request end to end; raises GatewayError before any byte is sent."""
+    """Serve one chat/completions request end to end; raises GatewayError before any byte is sent.
+
+    The plan is tried in order: a candidate that fails before answering (connect error, 5xx, 429,
+    first-byte timeout) hands the request to the next one; nothing has reached the client yet.
+    """
     m = ex.metered
     try:
-        candidate = choose_candidate(rt, ex)
-        ex.candidate = candidate
-        prepare_tools(ex, rt.upstreams[candidate.upstream])
-        m.upstream, m.upstream_model, m.label = candidate.upstream, candidate.upstream_model, candidate.label
-        m.route_reason = ex.route_reason
-        m.price = rt.meter.price(candidate.label, m.ts)
+        plan = await choose_candidate(rt, ex)
+        if ex.tenant.budget is not None and len(plan.options) > 1:
+            asked = requested_max_tokens(ex.body) or ex.tenant.default_max_tokens
+            bound = upper_bound_tokens(ex.raw)
+            await prefer_affordable(rt.meter.budgets, rt.meter.prices, ex.tenant, m.app, plan, bound, asked, m.ts)
         client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
-        await prepare_reasoning(rt, ex)
-        await _reserve(rt, ex)
-        m.route_reason = ex.route_reason
-        body = shape_request(ex, candidate)
-        sent_at = time.perf_counter()
-        reply = await _call(rt, ex, candidate, body)
-        try:
-            if ex.stream:
-                await _relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
-            else:
-                await _relay_whole(rt, ex, reply, send, watch, sent_at)
-        finally:
-            await reply.aclose(abort=watch.disconnected)
+        # a later candidate starts from the body as it was before the first one's shaping
+        original = list(ex.body.items()) if len(plan.options) > 1 else None
+        for n, option in enumerate(plan.options):
+            if n and original is not None:
+                ex.body.clear()
+                ex.body.update(original)
+                ex.transforms.clear()  # the next upstream gets its own transforms
+            body = await _attempt(rt, ex, plan, option, first=n == 0)
+            sent_at = time.perf_counter()
+            rt.router.dispatched(option)
+            try:
+                reply = await _call(rt, ex, option.candidate, body)
+            except CandidateFailed as failed:
+                rt.router.failed(option, failed.kind)
+                if n + 1 == len(plan.options):
+                    raise failed.error from None
+                FAILOVERS.labels(option.label, failed.kind).inc()
+                log.info(
+                    "request %s: %s failed (%s); trying the next candidate", ex.request_id, option.label, failed.kind
+                )
+                continue
+            first_at = time.perf_counter()
+            try:
+                if ex.stream:
+                    await _relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
+                else:
+                    await _relay_whole(rt, ex, reply, send, watch, sent_at)
+            finally:
+                await reply.aclose(abort=watch.disconnected)
+            if m.outcome == "ok":
+                done = time.perf_counter()
+                ttft, gen = (first_at - sent_at, done - first_at) if ex.stream else (None, done - sent_at)
+                await rt.router.served(ex.tenant, plan, option, ttft, gen, m.usage)
+            return
     except GatewayError as error:
         m.status = error.status
         if m.outcome == "ok":

@@ -26,6 +26,7 @@ from gateway.api.http import (
     send_error,
     send_json,
 )
+from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
 from gateway.metering.meter import Metered
@@ -122,6 +123,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
     started = time.perf_counter()
     request_id = new_request_id()
     rid_header = [(b"x-request-id", request_id.encode())]
+    ex: Exchange | None = None
     headers = header_map(scope)
     tenant_name, model = UNKNOWN, UNKNOWN
     try:
@@ -147,6 +149,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         )
         ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
         ex.stream = stream
+        ex.max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         ex.builtin_tools = b'"builtin_function"' in raw
         if body["model"] in entry.tenant.routes:
             ex.model = model = body["model"]
@@ -168,6 +171,11 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
             watch.finish()
     except GatewayError as error:
         REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
+        if ex is not None and ex.candidate is not None:  # routed: say where it went and why
+            rid_header += [
+                (b"x-gateway-upstream", ex.upstream_label.encode()),
+                (b"x-gateway-route-reason", ex.route_reason.encode()),
+            ]
         await send_error(send, error, rid_header)
     except asyncio.CancelledError:
         raise

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import LoadedConfig
-from gateway.policy.model import Budget, CapturePolicy, ReasoningPolicy, TenantPolicy
+from gateway.policy.model import Budget, BudgetStep, CapturePolicy, PolicyDefaults, ReasoningPolicy, Slo, TenantPolicy
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
+
+DEFAULTS_FILE = "defaults.yaml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,8 @@ class Route:
     name: str
     candidates: tuple[Candidate, ...]
     strategy: str
+    slo_ttft_ms: float | None = None
+    slo_total_ms: float | None = None
 
 
 DEFAULT_REASONING = ReasoningPolicy()
@@ -47,6 +51,8 @@ class Tenant:
     source: Path
     budget: Budget | None = None
     default_max_tokens: int = 32768
+    # as the remaining budget falls below each fraction, route at least this cheaply
+    budget_steps: tuple[BudgetStep, ...] = ()
     reasoning: ReasoningPolicy = DEFAULT_REASONING
     capture: CapturePolicy = DEFAULT_CAPTURE
 
@@ -61,13 +67,76 @@ class KeyEntry:
 class PolicySet:
     """All tenants and an index from key hash (hex) to tenant."""
 
-    def __init__(self, tenants: dict[str, Tenant], keys: dict[str, KeyEntry]) -> None:
+    def __init__(self, tenants: dict[str, Tenant], keys: dict[str, KeyEntry], files: tuple[Path, ...] = ()) -> None:
         self.tenants = tenants
         self.keys = keys
+        self.files = files  # every file this set was read from (defaults.yaml included): the reload watch list
 
 
 def policy_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return sorted(
+        p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file() and p.name != DEFAULTS_FILE
+    )
+
+
+def files_to_load(config: LoadedConfig, folder: Path | None = None) -> tuple[list[Path], Path | None]:
+    """The tenant files and the defaults file (None when absent) a load reads."""
+    folder = folder or config.policies_dir
+    names = config.settings.policy_files
+    if names and folder == config.policies_dir:
+        files = [folder / name for name in names if name != DEFAULTS_FILE]
+    else:
+        files = policy_files(folder)
+    defaults = folder / DEFAULTS_FILE
+    return files, defaults if defaults.is_file() else None
+
+
+def _merge_slo(*levels: Slo | None) -> tuple[float | None, float | None]:
+    """Field by field, the most specific level that sets it wins."""
+    ttft = next((s.ttft_ms for s in levels if s is not None and s.ttft_ms is not None), None)
+    total = next((s.total_ms for s in levels if s is not None and s.total_ms is not None), None)
+    return ttft, total
+
+
+def _check_slos(doc: YamlDoc, policy: TenantPolicy, defaults: PolicyDefaults, config: LoadedConfig) -> list[str]:
+    """An SLO no candidate can be expected to meet, or one whose parts contradict after merging."""
+    from gateway.routing.priors import prior_of  # routing reads config only; no cycle at import time
+
+    problems = []
+    upstreams = config.settings.upstreams
+    for vname, vm in policy.models.items():
+        ttft, total = _merge_slo(vm.slo, policy.slo, defaults.slo)
+        where = ("models", vname, "slo") if vm.slo is not None else ("slo",) if policy.slo else ("models", vname)
+        if ttft is not None and total is not None and ttft > total:
+            problems.append(
+                doc.problem(
+                    where, f"impossible SLO: ttft_ms {ttft:g} (merged with defaults) exceeds total_ms {total:g}"
+                )
+            )
+            continue
+        if ttft is None:
+            continue
+        priors = []
+        for label in vm.candidates:
+            up, _, model = label.partition("/")
+            if up in upstreams and model in upstreams[up].models:
+                priors.append((label, prior_of(upstreams[up]).ttft_s * 1000))
+        if priors and all(p > ttft for _, p in priors):
+            shown = ", ".join(f"{label} ~{p:g} ms" for label, p in priors)
+            problems.append(
+                doc.problem(
+                    where,
+                    f"impossible SLO: ttft_ms {ttft:g} is below every candidate's expected time to first token "
+                    f"({shown}); raise it, or set a faster upstream's prior if you measured one",
+                )
+            )
+    return problems
+
+
+def load_defaults(path: Path | None) -> PolicyDefaults:
+    if path is None:
+        return PolicyDefaults()
+    return load_model(path, PolicyDefaults)[1]
 
 
 def _check_candidates(doc: YamlDoc, policy: TenantPolicy, config: LoadedConfig) -> list[str]:
@@ -96,11 +165,15 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
     """Read and validate every ``*.yaml`` in the policy folder; raises ConfigError listing all problems."""
 
     folder = folder or config.policies_dir
-    names = config.settings.policy_files
-    files = [folder / name for name in names] if names and folder == config.policies_dir else policy_files(folder)
+    files, defaults_path = files_to_load(config, folder)
     problems: list[str] = []
     if not files:
         raise ConfigError([f"{folder}: no policy files (*.yaml): no tenant could call the gateway"])
+    try:
+        defaults = load_defaults(defaults_path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        defaults = PolicyDefaults()
     tenants: dict[str, Tenant] = {}
     keys: dict[str, KeyEntry] = {}
     key_owner: dict[str, str] = {}
@@ -111,6 +184,7 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             problems.extend(exc.problems)
             continue
         file_problems = _check_candidates(doc, policy, config)
+        file_problems += _check_slos(doc, policy, defaults, config)
         if policy.tenant in tenants:
             file_problems.append(
                 doc.problem(
@@ -127,17 +201,26 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
         upstreams = config.settings.upstreams
         routes = {
             name: Route(
-                name=name,
-                strategy=vm.strategy,
-                candidates=tuple(
+                name,
+                tuple(
                     Candidate(up, model, upstreams[up].models[model])
                     for up, _, model in (c.partition("/") for c in vm.candidates)
                 ),
+                vm.strategy or policy.strategy or defaults.strategy,
+                *_merge_slo(vm.slo, policy.slo, defaults.slo),
             )
             for name, vm in policy.models.items()
         }
+        steps = policy.budget.routing if policy.budget and policy.budget.routing is not None else None
         tenant = Tenant(
-            policy.tenant, routes, file, policy.budget, policy.default_max_tokens, policy.reasoning, policy.capture
+            policy.tenant,
+            routes,
+            file,
+            policy.budget,
+            policy.default_max_tokens or defaults.default_max_tokens,
+            tuple(defaults.budget_routing if steps is None else steps) if policy.budget else (),
+            policy.reasoning,
+            policy.capture,
         )
         tenants[policy.tenant] = tenant
         for key in policy.keys:
@@ -146,4 +229,4 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             keys[digest] = KeyEntry(tenant, digest, digest[:12])
     if problems:
         raise ConfigError(problems)
-    return PolicySet(tenants, keys)
+    return PolicySet(tenants, keys, (*files, *([defaults_path] if defaults_path else [])))

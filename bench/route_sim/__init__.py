@@ -1,0 +1,1 @@
+"""Routing benchmark: an agentic workload replayed through the real router in virtual time."""

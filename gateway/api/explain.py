@@ -1,0 +1,102 @@
+"""``POST /v1/route/explain``: the ranked plan for a chat/completions body, without calling anything.
+
+Same body, same auth and same routing code as a real request; the answer lists every candidate in
+the order it would be tried, with its expected cost, latency and cached tokens and why it ranks
+there, then the candidates left out (dead, breaker open).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway import errors
+from gateway.api.http import Receive, Scope, Send, check_json_content_type, header_map, read_body, send_error, send_json
+from gateway.api.openai import parse_chat_body, parse_tags
+from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
+from gateway.auth import authenticate, bearer_token
+from gateway.errors import GatewayError
+from gateway.pipeline import Runtime
+from gateway.routing.expected import Option
+from gateway.routing.router import remaining_fraction, slo_text
+
+
+def _option(o: Option, rank: int | None, reason: str) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "candidate": o.label,
+        "upstream": o.candidate.upstream,
+        "upstream_model": o.candidate.upstream_model,
+        "expected_cost_usd": f"{o.cost:.9f}" if o.cost is not None else None,
+        "expected_ttft_ms": round(o.ttft_s * 1000, 1),
+        "expected_latency_ms": round(o.total_s * 1000, 1),
+        "expected_cached_tokens": o.cached_tokens,
+        "expected_prompt_tokens": o.prompt_tokens,
+        "expected_output_tokens": o.output_tokens,
+        "meets_slo": o.meets_slo,
+        "reason": reason,
+    }
+
+
+def _why(strategy: str, o: Option, first: Option) -> str:
+    if o is first:
+        return ""
+    if strategy == "pinned":
+        return f"pinned: position {o.index + 1} in the policy"
+    if strategy == "cost":
+        return "cost: more expensive than the candidates above"
+    if strategy == "latency":
+        return "latency: slower than the candidates above"
+    if o.meets_slo:
+        return "balanced: meets the SLO but costs more than the candidates above"
+    return "balanced: not expected to meet the SLO; ranked by speed after those that do"
+
+
+async def route_explain(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    headers = header_map(scope)
+    try:
+        entry = authenticate(rt.policies, bearer_token(headers.get(b"authorization")))
+        check_json_content_type(headers)
+        raw = await read_body(receive, headers, limit)
+        body = parse_chat_body(raw)
+        tags = parse_tags(headers.get(b"x-gateway-tags"))
+        max_latency = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
+        route = entry.tenant.routes.get(body["model"])
+        if route is None:
+            raise errors.model_not_found(body["model"])
+        fraction = await remaining_fraction(rt.meter.budgets, entry.tenant, tags.get("app"), time.time())
+        plan = await rt.router.plan(
+            entry.tenant,
+            route,
+            body,
+            len(raw),
+            max_latency_ms=max_latency,
+            budget_fraction=fraction,
+            explain=True,
+        )
+    except GatewayError as error:
+        await send_error(send, error)
+        return
+    ranked = [
+        _option(o, i + 1, plan.reason if i == 0 else _why(plan.strategy, o, plan.options[0]))
+        for i, o in enumerate(plan.options)
+    ]
+    await send_json(
+        send,
+        200,
+        {
+            "object": "route.plan",
+            "model": route.name,
+            "strategy": plan.strategy,
+            "configured_strategy": route.strategy,
+            "slo": {
+                "ttft_ms": plan.slo_ttft_ms,
+                "total_ms": plan.slo_total_ms,
+                "text": slo_text(plan.slo_ttft_ms, plan.slo_total_ms),
+            },
+            "budget_remaining_fraction": fraction,
+            "reason": plan.reason if plan.options else "no candidate can be tried",
+            "plan": ranked,
+            "excluded": [_option(o, None, o.excluded) for o in plan.excluded],
+        },
+    )

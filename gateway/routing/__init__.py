@@ -1,0 +1,1 @@
+"""Per-request routing: which candidate serves a request, in what order to fall back, and why."""
