@@ -620,6 +620,10 @@ class Ledger(ABC):
                 self._inflight = []
                 self._written += n
                 self._wake_waiters()
+                if len(self._pending) < self.batch_size and not self._hurry.is_set() and self._state != "closing":
+                    # what arrived during the write waits for the next interval: under steady load this
+                    # keeps one transaction per interval instead of one per write's duration
+                    break
             self._hurry.clear()
             if self._backlog_warned and self.backlog <= self.backlog_warn // 2:
                 self._backlog_warned = False
