@@ -5,16 +5,19 @@ complete, keeps the original reasoning of every choice that called tools (see ``
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from gateway.reasoning.modes import FIELDS, Turn
 from gateway.reasoning.store import ReasoningStore, remember_soon, turn_key
 from gateway.transforms.base import Chunk
+from gateway.transforms.order import RECORD
 
 log = logging.getLogger("gateway.reasoning")
 
 
 class TurnRecorder:
+    stage: ClassVar[int] = RECORD
+
     def __init__(
         self,
         turn: Turn,
