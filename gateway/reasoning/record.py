@@ -50,8 +50,9 @@ class TurnRecorder:
             if isinstance(message.get("content"), str):
                 record.content.append(message["content"])
             for i, call in enumerate(message.get("tool_calls") or ()):
-                if isinstance(call, dict):
-                    record.tool_calls[i] = call
+                if isinstance(call, dict):  # a copy: later transforms rename calls for the client
+                    function = call.get("function")
+                    record.tool_calls[i] = {**call, "function": dict(function)} if isinstance(function, dict) else call
             record.finish_reason = choice.get("finish_reason")
         self._done()
 
