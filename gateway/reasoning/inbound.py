@@ -34,6 +34,7 @@ from gateway.reasoning.modes import FIELDS, ReasoningTransform, Turn
 from gateway.reasoning.record import TurnRecorder
 from gateway.reasoning.redact import redactor_for
 from gateway.reasoning.store import ReasoningStore, prefix_digests, turn_key
+from gateway.tools.aliases import alias_history
 from gateway.transforms.order import add_transform
 
 if TYPE_CHECKING:
@@ -140,8 +141,11 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
         add_transform(ex.transforms, TurnRecorder(turn, collect_reasoning=not shows))
         return
     store = ReasoningStore(rt.kv) if policy.keep_for_tool_loops else None
+    # a turn without tools skipped the tool step: its history still names tools the way they went
+    # upstream (and were kept) in the turns that declared them
+    aliased = "tools" not in ex.body and alias_history(messages, {})
     prefixes = prefix_digests(messages) if store is not None else [b""]
-    if await _restore(store, tenant.name, messages, up_field, prefixes):
+    if await _restore(store, tenant.name, messages, up_field, prefixes) or aliased:
         _reencode(ex)
     turn = Turn()
     add_transform(

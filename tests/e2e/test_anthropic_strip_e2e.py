@@ -174,3 +174,36 @@ def test_strip_anthropic_sdk_raises_on_an_upstream_error_without_reasoning(clien
     with pytest.raises(anthropic.RateLimitError) as caught:
         client.messages.create(model="kimi-k2-thinking", max_tokens=100, messages=USER)
     assert not leaks(str(caught.value.body))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reasoning(
+    gateway: Process, sim: Process, stream: bool
+) -> None:
+    """An OpenAI client that stops declaring tools once it has the results: the history still names
+    ``LS``, which went upstream (and was kept) under its alias."""
+    from openai import OpenAI
+
+    c = OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    tools = [{"type": "function", "function": {"name": t["name"], "parameters": SCHEMA}} for t in TOOLS]
+    messages: list[Any] = [{"role": "user", "content": f"List the folder ({stream})"}]
+    first = c.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=tools).choices[0].message
+    calls = [tc.model_dump() for tc in first.tool_calls or ()]
+    assert [tc["function"]["name"] for tc in calls] == ["LS", MCP]
+    messages.append({"role": "assistant", "content": first.content or "", "tool_calls": calls})
+    messages += [{"role": "tool", "tool_call_id": tc["id"], "content": "a b"} for tc in calls]
+    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
+    if stream:
+        text = "".join(
+            ch.choices[0].delta.content or ""
+            for ch in c.chat.completions.create(model="kimi-k2-thinking", messages=messages, stream=True)
+            if ch.choices
+        )
+    else:
+        text = c.chat.completions.create(model="kimi-k2-thinking", messages=messages).choices[0].message.content or ""
+    assert text and FIRST_REASONING not in text
+    sent = httpx.get(sim.url + "/_sim/requests?limit=1", timeout=5).json()[0]["body"]
+    assert "tools" not in sent
+    assert sent["messages"][1]["reasoning_content"] == DEFAULT_REASONING
+    assert [tc["function"]["name"] for tc in sent["messages"][1]["tool_calls"]] == [alias_of("LS"), alias_of(MCP)]
+    assert metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
