@@ -196,7 +196,7 @@ def test_what_cannot_be_aliased_is_still_an_anthropic_400(gateway: Process, sim:
     client = Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
     cases = [
         ([{"name": "", "input_schema": SCHEMA}], "tools[0]: the function has no name"),
-        ([{"name": "LS", "input_schema": {"type": "array"}}], "tools[0] ('LS'): parameters must be a JSON Schema"),
+        ([{"name": "LS", "input_schema": {"type": "array"}}], "tools[0] ('LS'): input_schema must be a JSON Schema"),
         ([{"name": f"t{i}", "input_schema": SCHEMA} for i in range(129)], "at most 128"),
         ([{"name": "LS", "input_schema": SCHEMA}, {"name": "LS", "input_schema": SCHEMA}], "duplicate tool name"),
     ]
