@@ -1,25 +1,18 @@
-"""Capture rows in the ledger's PostgreSQL database (own table, in the ledger's schema if it has one)."""
+"""Capture rows in the ledger's PostgreSQL database (in the ledger's schema if it has one).
+
+The ``capture`` table is part of the ledger's schema (migration 2 in ``ledger_postgres.py``); opening
+the store brings the schema up to date under the same advisory lock the ledger takes."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import asyncpg
 import orjson
 
 from gateway.capture.store import CaptureRow, CaptureStore
+from gateway.metering.ledger_postgres import SCHEMA_NAME, migrate
 
-SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-TABLE = """CREATE TABLE IF NOT EXISTS capture (
-    request_id TEXT PRIMARY KEY,
-    ts DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    tenant TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    record JSONB NOT NULL
-)"""
-INDEX = "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)"
 UPSERT = (
     "INSERT INTO capture (request_id, ts, expires_at, tenant, mode, record) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
     " ON CONFLICT (request_id) DO UPDATE SET ts = excluded.ts, expires_at = excluded.expires_at,"
@@ -54,14 +47,8 @@ class PostgresCaptureStore(CaptureStore):
         if self.schema:
             settings["search_path"] = f'"{self.schema}"'
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"kimi-gateway capture {self.schema or ''}"
-            )
-            if self.schema:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute(TABLE)
-            await conn.execute(INDEX)
+        async with self.pool.acquire() as conn:
+            await migrate(conn, self.schema, self.where)
 
     async def _disconnect(self) -> None:
         pool, self._pool = self._pool, None

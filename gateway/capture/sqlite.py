@@ -1,4 +1,8 @@
-"""Capture rows in the ledger's SQLite file (own table, own connection, WAL shared with the ledger)."""
+"""Capture rows in the ledger's SQLite file (own connection, WAL shared with the ledger).
+
+The ``capture`` table is part of the ledger's schema (migration 2 in ``ledger_sqlite.py``); opening
+the store brings the file's schema up to date, so ``capture show`` works on a file the gateway of
+this version has not opened yet."""
 
 from __future__ import annotations
 
@@ -10,16 +14,8 @@ import aiosqlite
 import orjson
 
 from gateway.capture.store import CaptureRow, CaptureStore
+from gateway.metering.ledger_sqlite import BUSY_TIMEOUT_MS, migrate
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS capture (
-    request_id TEXT PRIMARY KEY,
-    ts REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    tenant TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    record TEXT NOT NULL
-)"""
-INDEX = "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)"
 UPSERT = (
     "INSERT INTO capture (request_id, ts, expires_at, tenant, mode, record) VALUES (?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (request_id) DO UPDATE SET ts = excluded.ts, expires_at = excluded.expires_at,"
@@ -48,10 +44,14 @@ class SqliteCaptureStore(CaptureStore):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = await aiosqlite.connect(self.path)
-        await self._conn.execute("PRAGMA busy_timeout = 10000")
+        await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         async with self._lock:
-            await self._conn.execute(SCHEMA)
-            await self._conn.execute(INDEX)
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await migrate(self._conn, self.where)
+            except BaseException:
+                await self._conn.rollback()
+                raise
             await self._conn.commit()
 
     async def _disconnect(self) -> None:

@@ -91,6 +91,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX open_reservations_ts ON open_reservations (ts)",
         ),
     ),
+    Migration(
+        2,
+        "capture",
+        (
+            # IF NOT EXISTS: gateways before this migration created the table themselves at start-up
+            """CREATE TABLE IF NOT EXISTS capture (
+                request_id TEXT PRIMARY KEY,
+                ts DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                tenant TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                record JSONB NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
+        ),
+    ),
 )
 
 ROW_COLUMNS = (
@@ -156,6 +172,28 @@ def decode_res(v: Sequence[Any]) -> OpenReservation:
     )
 
 
+async def migrate(conn: asyncpg.Connection, schema: str | None, where: str) -> None:
+    """Bring the database's (or ``schema``'s) tables up to date, in one transaction. The ledger and
+    the capture store beside it both call this when they open; the caller's connection has the
+    schema on its search path."""
+    async with conn.transaction():
+        # Held until commit: a second replica waits here, then finds everything applied.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))", f"kimi-gateway ledger migrations {schema or ''}"
+        )
+        if schema:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        applied = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+        for m in pending_migrations(MIGRATIONS, applied, where):
+            for statement in m.statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
+
+
 class PostgresLedger(Ledger):
     """The ledger in PostgreSQL (``dsn`` as asyncpg takes it; ``schema`` defaults to the search path)."""
 
@@ -206,22 +244,8 @@ class PostgresLedger(Ledger):
             await pool.close()
 
     async def _migrate(self) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Held until commit: a second replica waits here, then finds everything applied.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"kimi-gateway ledger migrations {self.schema or ''}"
-            )
-            if self.schema:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations"
-                " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-            )
-            applied = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
-            for m in pending_migrations(MIGRATIONS, applied, self.where):
-                for statement in m.statements:
-                    await conn.execute(statement)
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
+        async with self.pool.acquire() as conn:
+            await migrate(conn, self.schema, self.where)
 
     def _is_data_error(self, exc: BaseException) -> bool:
         # Connection loss, shutdowns, lock timeouts, missing tables ... are outages and are retried.

@@ -96,6 +96,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX open_reservations_ts ON open_reservations (ts)",
         ),
     ),
+    Migration(
+        2,
+        "capture",
+        (
+            # IF NOT EXISTS: gateways before this migration created the table themselves at start-up
+            """CREATE TABLE IF NOT EXISTS capture (
+                request_id TEXT PRIMARY KEY,
+                ts REAL NOT NULL,
+                expires_at REAL NOT NULL,
+                tenant TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                record TEXT NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
+        ),
+    ),
 )
 
 ROW_COLUMNS = (
@@ -164,6 +180,24 @@ def marks(n: int) -> str:
 def chunks(items: Sequence[str], size: int = 500) -> list[list[str]]:
     """``IN (...)`` lists small enough for any SQLite's host-parameter limit."""
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+async def migrate(conn: aiosqlite.Connection, where: str) -> None:
+    """Bring the file's schema up to date; the caller holds a write transaction (``BEGIN
+    IMMEDIATE``), so processes opening the file together apply each migration once. The ledger and
+    the capture store beside it both call this when they open."""
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    applied = [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations")]
+    for m in pending_migrations(MIGRATIONS, applied, where):
+        for statement in m.statements:
+            await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (m.version, m.name, time.time()),
+        )
 
 
 class SqliteLedger(Ledger):
@@ -235,18 +269,7 @@ class SqliteLedger(Ledger):
 
     async def _migrate(self) -> None:
         async with self._transaction() as conn:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations"
-                " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-            )
-            applied = [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations")]
-            for m in pending_migrations(MIGRATIONS, applied, self.where):
-                for statement in m.statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (m.version, m.name, time.time()),
-                )
+            await migrate(conn, self.where)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:

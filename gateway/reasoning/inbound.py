@@ -9,6 +9,9 @@ reasoning field) and before the budget reservation (restored reasoning is prompt
   ``gateway_reasoning_restored{source="placeholder"}``.
 * The response transforms for the tenant's mode are set on the exchange; a pass tenant whose clients
   read the upstream's own field name (and without full capture) gets none: its bytes are relayed.
+  On an upstream with ``think_in_content`` (a vLLM without a reasoning parser) a pass tenant gets
+  the reasoning moved out of the content into its field, as strip/redact tenants get it removed:
+  what it echoes back then reaches the upstream in the reasoning field, not inside the content.
 
 Reasoning of older, completed turns is not dropped to save tokens, for three reasons. Moonshot
 checks every assistant tool-call message of the history, not only the current loop's (protocols.md
@@ -31,6 +34,8 @@ from gateway.reasoning.modes import FIELDS, ReasoningTransform, Turn
 from gateway.reasoning.record import TurnRecorder
 from gateway.reasoning.redact import redactor_for
 from gateway.reasoning.store import ReasoningStore, prefix_digests, turn_key
+from gateway.tools.aliases import alias_history
+from gateway.transforms.order import add_transform
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange, Runtime
@@ -108,26 +113,43 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
     if not isinstance(messages, list):
         return
     full_capture = tenant.capture.mode == "full"
+    config = getattr(upstream, "config", None)
+    think_in_content = bool(config is not None and config.think_in_content)
     if policy.mode == "pass":
         # the common case costs one substring search over the request bytes
         other = OTHER_FIELD.get(up_field)
         changed = other is not None and other in ex.raw and _rename_sent(messages, up_field)
         if changed:
             _reencode(ex)
-        if policy.field == up_field and not full_capture:
+        # a parserless vLLM's reasoning moves out of the content into the tenant's field
+        shows = policy.field != up_field or think_in_content
+        if not shows and not full_capture:
             return
         turn = Turn()
-        if policy.field != up_field:
-            ex.transforms.append(ReasoningTransform("pass", policy.field, up_field, turn))
-        ex.transforms.append(TurnRecorder(turn, collect_reasoning=not ex.transforms))
+        if shows:
+            add_transform(
+                ex.transforms,
+                ReasoningTransform(
+                    "pass",
+                    policy.field,
+                    up_field,
+                    turn,
+                    split_think=think_in_content,
+                    starts_thinking=think_in_content,
+                ),
+            )
+        add_transform(ex.transforms, TurnRecorder(turn, collect_reasoning=not shows))
         return
     store = ReasoningStore(rt.kv) if policy.keep_for_tool_loops else None
+    # a turn without tools skipped the tool step: its history still names tools the way they went
+    # upstream (and were kept) in the turns that declared them
+    aliased = "tools" not in ex.body and alias_history(messages, {})
     prefixes = prefix_digests(messages) if store is not None else [b""]
-    if await _restore(store, tenant.name, messages, up_field, prefixes):
+    if await _restore(store, tenant.name, messages, up_field, prefixes) or aliased:
         _reencode(ex)
-    config = getattr(upstream, "config", None)
     turn = Turn()
-    ex.transforms.append(
+    add_transform(
+        ex.transforms,
         ReasoningTransform(
             policy.mode,
             policy.field,
@@ -135,10 +157,11 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
             turn,
             redactor=redactor_for(policy.redact) if policy.mode == "redact" else None,
             split_think=True,
-            starts_thinking=bool(config is not None and config.think_in_content),
-        )
+            starts_thinking=think_in_content,
+        ),
     )
-    ex.transforms.append(
+    add_transform(
+        ex.transforms,
         TurnRecorder(
             turn,
             store=store,
@@ -146,7 +169,7 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
             prefix=prefixes[-1],
             ttl_s=policy.store_ttl_s,
             max_bytes=policy.store_max_bytes,
-        )
+        ),
     )
 
 

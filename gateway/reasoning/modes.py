@@ -11,11 +11,12 @@ the chunk that carries ``finish_reason`` or usage always goes out, with any held
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gateway.reasoning.redact import Redactor, StreamRedactor
 from gateway.reasoning.think_tags import ThinkSplitter
 from gateway.transforms.base import Chunk
+from gateway.transforms.order import REASONING
 
 Mode = Literal["pass", "strip", "redact"]
 FIELDS = ("reasoning_content", "reasoning")
@@ -68,6 +69,8 @@ class _ChoiceState:
 
 class ReasoningTransform:
     """One request's reasoning mode (see the module docstring)."""
+
+    stage: ClassVar[int] = REASONING
 
     def __init__(
         self,

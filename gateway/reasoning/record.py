@@ -5,16 +5,19 @@ complete, keeps the original reasoning of every choice that called tools (see ``
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from gateway.reasoning.modes import FIELDS, Turn
 from gateway.reasoning.store import ReasoningStore, remember_soon, turn_key
 from gateway.transforms.base import Chunk
+from gateway.transforms.order import RECORD
 
 log = logging.getLogger("gateway.reasoning")
 
 
 class TurnRecorder:
+    stage: ClassVar[int] = RECORD
+
     def __init__(
         self,
         turn: Turn,
@@ -47,8 +50,9 @@ class TurnRecorder:
             if isinstance(message.get("content"), str):
                 record.content.append(message["content"])
             for i, call in enumerate(message.get("tool_calls") or ()):
-                if isinstance(call, dict):
-                    record.tool_calls[i] = call
+                if isinstance(call, dict):  # a copy: later transforms rename calls for the client
+                    function = call.get("function")
+                    record.tool_calls[i] = {**call, "function": dict(function)} if isinstance(function, dict) else call
             record.finish_reason = choice.get("finish_reason")
         self._done()
 

@@ -42,6 +42,18 @@ def _text(content: Any) -> Any:
     return content
 
 
+def _arguments(value: Any) -> Any:
+    """Arguments as a value, not as text: the Anthropic front end hands clients parsed ``input``
+    and serializes it again on the way back, without the upstream's whitespace (``{"a": 1}`` comes
+    back as ``{"a":1}``); keys are sorted when the shape is hashed."""
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
 def calls_shape(calls: Any) -> list[Any]:
     """What identifies a message's tool calls: id, name and arguments of each, in order."""
     out: list[Any] = []
@@ -52,7 +64,7 @@ def calls_shape(calls: Any) -> list[Any]:
         function = call.get("function")
         if not isinstance(function, dict):
             function = {}
-        out.append([call.get("id"), function.get("name"), function.get("arguments")])
+        out.append([call.get("id"), function.get("name"), _arguments(function.get("arguments"))])
     return out
 
 

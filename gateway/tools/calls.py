@@ -10,11 +10,12 @@ concatenates repeated strings), and a turn that made calls ends with ``finish_re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
 from gateway.transforms.base import Chunk
+from gateway.transforms.order import REPAIR
 
 BUILTIN = "builtin_function"
 
@@ -46,6 +47,8 @@ def repair_call(call: dict[str, Any], index: int) -> None:
 
 class ToolCallRepair:
     """Response transform for requests that declared tools."""
+
+    stage: ClassVar[int] = REPAIR
 
     __slots__ = ("_streams",)
 

@@ -2,17 +2,21 @@
 
 Called once per request after the candidate is known and before the budget reservation, so an
 invalid tool costs nothing. A request without ``tools``/``functions`` on an upstream without raw
-markers is left exactly as it came (no transforms: the byte relay stays).
+markers is left exactly as it came (no transforms: the byte relay stays); one whose tool names the
+upstream accepts gets no alias mapping. Transforms are placed at their stage
+(``gateway/transforms/order.py``), whatever step adds them.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gateway.tools.aliases import ClientToolNames
 from gateway.tools.calls import ToolCallRepair
 from gateway.tools.k2_markers import K2MarkerTransform
 from gateway.tools.legacy import LegacyFunctionCall
 from gateway.tools.schemas import normalize_tools
+from gateway.transforms.order import add_transform
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange
@@ -35,7 +39,9 @@ def prepare_tools(ex: Exchange, upstream: Upstream) -> None:
         if "skip_special_tokens" not in body:
             body["skip_special_tokens"] = False
             ex.dirty = True
-        ex.transforms.append(K2MarkerTransform())
-    ex.transforms.append(ToolCallRepair())
+        add_transform(ex.transforms, K2MarkerTransform())
+    add_transform(ex.transforms, ToolCallRepair())
+    if info.aliases:
+        add_transform(ex.transforms, ClientToolNames(info.aliases))
     if info.legacy:
-        ex.transforms.append(LegacyFunctionCall())
+        add_transform(ex.transforms, LegacyFunctionCall())

@@ -16,9 +16,10 @@ without its section, and a missing section end at end of stream. Calls whose id 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from gateway.transforms.base import Chunk
+from gateway.transforms.order import MARKERS
 
 SECTION_BEGINS = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")
 SECTION_ENDS = ("<|tool_calls_section_end|>", "<|tool_call_section_end|>")
@@ -227,6 +228,8 @@ class _ChoiceMarkers:
 
 class K2MarkerTransform:
     """Response transform for upstreams configured with ``tool_call_markers: true``."""
+
+    stage: ClassVar[int] = MARKERS
 
     __slots__ = ("_choices", "_meta")
 

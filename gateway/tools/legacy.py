@@ -7,13 +7,16 @@ clients take one call per turn, so only the first call (tool index 0) is kept.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from gateway.transforms.base import Chunk
+from gateway.transforms.order import LEGACY
 
 
 class LegacyFunctionCall:
     """Response transform: ``tool_calls`` → ``function_call``."""
+
+    stage: ClassVar[int] = LEGACY
 
     __slots__ = ()
 

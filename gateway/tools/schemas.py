@@ -6,20 +6,20 @@ Anthropic form ``{"name", "description", "input_schema"}`` (the Kimi K2 Thinking
 chat/completions), and legacy ``functions`` + ``function_call``. Provider builtins
 (``{"type": "builtin_function", "function": {"name": "$web_search"}}``) pass as they are.
 
-Names follow Moonshot's rule (stricter than OpenAI's), at most 128 tools, no duplicates, and
-``parameters`` is a JSON Schema object: a bad tool is a 400 naming it before anything is spent.
-Canonical tools are left alone, so their bytes reach the upstream unchanged.
+Names are non-empty strings, at most 128 tools, no duplicates, and ``parameters`` is a JSON
+Schema object: a bad tool is a 400 naming it before anything is spent. A name Moonshot's rule
+(``^[a-zA-Z_][a-zA-Z0-9-_]{2,63}$``) refuses goes upstream under an alias (``aliases.py``).
+Canonical tools with acceptable names are left alone, so their bytes reach the upstream unchanged.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import GatewayError, invalid_request
+from gateway.tools.aliases import alias_history, plan_aliases
 
-NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9\-_]{2,63}$")
 MAX_TOOLS = 128
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -31,6 +31,7 @@ class ToolRequest:
     has_tools: bool = False
     legacy: bool = False  # the client sent ``functions``: answer with ``function_call``
     changed: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)  # client name -> name sent upstream
 
 
 def _bad(index: int, name: Any, problem: str, param: str | None = None) -> GatewayError:
@@ -76,12 +77,12 @@ def _check_function(index: int, function: dict[str, Any], key: str = "parameters
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise _bad(index, None, "the function has no name (a non-empty string is required).", f"tools[{index}].name")
-    if not NAME_RE.match(name):
+    if name.startswith("$"):
         raise _bad(
             index,
             name,
-            "the function name must start with a letter or underscore and use only letters, digits, '_' and '-', "
-            "3 to 64 characters (^[a-zA-Z_][a-zA-Z0-9-_]{2,63}$; names starting with '$' are provider builtins).",
+            "names starting with '$' are provider builtins; declare them as "
+            '{"type": "builtin_function", "function": {"name": ...}}.',
             f"tools[{index}].name",
         )
     description = function.get("description")
@@ -232,14 +233,31 @@ def normalize_tools(body: dict[str, Any]) -> ToolRequest:
             tools[i] = normalized
         info.changed = info.changed or changed
     choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        fn = choice.get("function")
-        named = fn.get("name") if isinstance(fn, dict) else None
-        if isinstance(named, str) and named not in seen:
-            raise invalid_request(
-                f"tool_choice names the function {named!r}, which is not among the request's tools.",
-                param="tool_choice",
-                code="invalid_value",
-            )
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    named = fn.get("name") if isinstance(fn, dict) else None
+    if isinstance(named, str) and named not in seen:
+        raise invalid_request(
+            f"tool_choice names the function {named!r}, which is not among the request's tools.",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    info.aliases = plan_aliases(list(seen))
+    if info.aliases:
+        _apply_aliases(body, tools, info.aliases)
+        info.changed = True
     info.has_tools = bool(tools)
     return info
+
+
+def _apply_aliases(body: dict[str, Any], tools: list[Any], aliases: dict[str, str]) -> None:
+    """Refused names in the tools, a named tool_choice and the history become their aliases."""
+    for tool in tools:
+        function = tool.get("function")
+        name = function.get("name")
+        if name in aliases:
+            function["name"] = aliases[name]
+    choice = body.get("tool_choice")
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(fn, dict) and fn.get("name") in aliases:
+        fn["name"] = aliases[fn["name"]]
+    alias_history(body.get("messages"), aliases)

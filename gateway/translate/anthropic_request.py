@@ -3,8 +3,9 @@
 ``system`` becomes the first message; ``tool_use`` blocks become ``tool_calls`` (input serialized),
 ``tool_result`` blocks become ``role: tool`` messages in order; assistant ``thinking`` blocks go out
 as ``reasoning_content``, because K2 refuses a tool-call turn whose reasoning is missing (§2.1);
-tools and ``tool_choice`` map to OpenAI's. Mistakes are 400s (the front end gives them Anthropic's
-error shape).
+``tool_choice`` maps to OpenAI's; tools keep Anthropic's ``{name, description, input_schema}``,
+which the tool step (``gateway/tools/schemas.py``) validates and turns into OpenAI tools. Mistakes
+are 400s (the front end gives them Anthropic's error shape).
 """
 
 from __future__ import annotations
@@ -150,11 +151,8 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
                 f"not {tool.get('type') or 'a tool without input_schema'!r}.",
                 param=f"tools.{i}",
             )
-        function: dict[str, Any] = {"name": tool.get("name")}
-        if "description" in tool:
-            function["description"] = tool["description"]
-        function["parameters"] = tool["input_schema"]
-        out.append({"type": "function", "function": function})
+        # kept in Anthropic's form: the tool step validates it and names input_schema in its errors
+        out.append({k: tool[k] for k in ("name", "description", "input_schema") if k in tool})
     return out
 
 

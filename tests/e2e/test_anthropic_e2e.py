@@ -202,10 +202,10 @@ def test_unknown_model_is_an_anthropic_404(client: Anthropic, sim: Process) -> N
 
 
 def test_invalid_tool_is_an_anthropic_400_naming_it(client: Anthropic, sim: Process) -> None:
-    bad = [{"name": "x", "description": "too short a name", "input_schema": {"type": "object"}}]
+    bad = [{"name": "Read", "description": "a schema that is not an object", "input_schema": {"type": "string"}}]
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="kimi-k2-thinking", max_tokens=10, tools=bad, messages=USER)
-    assert "tools[0] ('x')" in _error_of(caught.value)["message"]
+    assert "tools[0] ('Read'): input_schema must be a JSON Schema" in _error_of(caught.value)["message"]
     assert sim_bodies(sim) == []
 
 

@@ -191,12 +191,12 @@ def test_legacy_function_loop_turns_history_into_tool_messages(client: OpenAI) -
 def test_invalid_tool_is_a_400_naming_it_before_the_upstream_is_called(
     client: OpenAI, sim: Process, stream: bool
 ) -> None:
-    bad = [TOOLS[0], {"type": "function", "function": {"name": "x y", "parameters": PARAMS}}]
+    bad = [TOOLS[0], {"type": "function", "function": {"name": "get_time", "parameters": {"type": "array"}}}]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="kimi-k2-thinking", messages=USER, tools=bad, stream=stream)
     error = caught.value.body
-    assert isinstance(error, dict) and "tools[1] ('x y')" in error["message"]
-    assert error["param"] == "tools[1].name" and error["code"] == "invalid_tool"
+    assert isinstance(error, dict) and "tools[1] ('get_time')" in error["message"]
+    assert error["param"] == "tools[1].parameters" and error["code"] == "invalid_tool"
     assert httpx.get(sim.url + "/_sim/requests").json() == []
 
 

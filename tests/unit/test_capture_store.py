@@ -3,19 +3,23 @@ retention."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from gateway.capture.record import capture_redactor, redacted
 from gateway.capture.store import DAY_S, CaptureRow, capture_store_from_url
+from gateway.metering.ledger import ledger_from_url
 from gateway.policy.model import Redaction
 from tests.conftest import require_service
-from tests.unit.test_ledger import PG_URL, with_schema
+from tests.unit.test_ledger import PG_URL, make_row, with_schema
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -91,3 +95,95 @@ def test_capture_redaction_always_removes_keys_even_when_the_tenant_lists_other_
     text = str(out)
     assert "sk-abc" not in text and "a@example.com" not in text and "Bearer abc" not in text
     assert out["messages"][1]["tool_calls"][0]["id"] == "f:0"  # ids are not free text
+
+
+# -- the capture table is a ledger migration
+
+
+def _ledger_module(url: str) -> Any:
+    from gateway.metering import ledger_postgres, ledger_sqlite
+
+    return ledger_sqlite if url.startswith("sqlite") else ledger_postgres
+
+
+async def _tables(url: str) -> set[str]:
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as raw:
+            return {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    schema = url.rsplit("schema=", 1)[1]
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        found = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)
+    finally:
+        await conn.close()
+    return {r["table_name"] for r in found}
+
+
+async def _previous_release_ledger(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger database as the release before the capture migration left it: migration 1 only."""
+    module = _ledger_module(url)
+    monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+    old = ledger_from_url(url)
+    await old.open()
+    old.record(make_row(1))
+    await old.close()
+    monkeypatch.undo()
+
+
+async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
+    capture_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _previous_release_ledger(capture_url, monkeypatch)
+    assert "capture" not in await _tables(capture_url)
+    upgraded = ledger_from_url(capture_url)
+    await upgraded.open()
+    try:
+        assert await upgraded.applied_migrations() == [1, 2]
+        assert await upgraded.get("req-00001") == make_row(1)  # the ledger's rows are untouched
+    finally:
+        await upgraded.close()
+    assert "capture" in await _tables(capture_url)
+    store = capture_store_from_url(capture_url, max_delay=0.01)
+    await store.open()
+    try:
+        store.record(row("req-after-upgrade", time.time(), 7, {"ok": True}))
+        await store.flush()
+        assert (await store.get("req-after-upgrade")).record == {"ok": True}  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_a_capture_table_made_before_the_migration_existed_is_kept_with_its_rows(
+    capture_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gateways before migration 2 created the table themselves at start-up, with the same DDL."""
+    await _previous_release_ledger(capture_url, monkeypatch)
+    statements = _ledger_module(capture_url).MIGRATIONS[1].statements
+    values = ("req-before-upgrade", time.time(), time.time() + DAY_S, "acme", "full", '{"kept": true}')
+    if capture_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(capture_url.removeprefix("sqlite:///"))) as raw:
+            for statement in statements:
+                raw.execute(statement)
+            raw.execute("INSERT INTO capture VALUES (?, ?, ?, ?, ?, ?)", values)
+            raw.commit()
+    else:
+        schema = capture_url.rsplit("schema=", 1)[1]
+        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO capture VALUES ($1, $2, $3, $4, $5, $6::jsonb)", *values)
+        finally:
+            await conn.close()
+    upgraded = capture_store_from_url(capture_url)
+    await upgraded.open()  # runs migration 2 over the existing table
+    try:
+        assert (await upgraded.get("req-before-upgrade")).record == {"kept": True}  # type: ignore[union-attr]
+    finally:
+        await upgraded.close()
+    ledger = ledger_from_url(capture_url)
+    await ledger.open()
+    try:
+        assert await ledger.applied_migrations() == [1, 2]
+    finally:
+        await ledger.close()

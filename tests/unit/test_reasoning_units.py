@@ -304,6 +304,23 @@ def test_whole_body_strip_redact_and_pass_rename() -> None:
 # -- the store
 
 
+def test_store_key_survives_arguments_serialized_again_without_the_upstreams_whitespace() -> None:
+    """The Anthropic front end gives clients parsed ``input`` and serializes it again on the way
+    back: ``{"city": "Oslo", "days": 2}`` returns as ``{"city":"Oslo","days":2}``."""
+    prefix = prefix_digests([{"role": "user", "content": "weather"}])[-1]
+
+    def calls(arguments: str) -> list[dict[str, Any]]:
+        return [
+            {"id": "get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        ]
+
+    upstream = turn_key("t", prefix, calls('{"city": "Oslo", "days": 2}'))
+    assert turn_key("t", prefix, calls('{"city":"Oslo","days":2}')) == upstream
+    assert turn_key("t", prefix, calls('{"days":2,"city":"Oslo"}')) == upstream
+    assert turn_key("t", prefix, calls('{"city":"Bergen","days":2}')) != upstream
+    assert turn_key("t", prefix, calls("not json {")) != upstream
+
+
 def test_store_key_depends_on_the_conversation_not_only_on_tool_call_ids() -> None:
     calls = [{"id": "get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
     a = prefix_digests([{"role": "user", "content": "first"}])

@@ -99,13 +99,10 @@ def test_builtin_tools_pass_unchanged() -> None:
 @pytest.mark.parametrize(
     ("tools", "needle"),
     [
-        (
-            [{"type": "function", "function": {"name": "ab", "parameters": PARAMS}}],
-            "tools[0] ('ab'): the function name",
-        ),
-        ([{"type": "function", "function": {"name": "9lives", "parameters": PARAMS}}], "tools[0] ('9lives')"),
-        ([{"type": "function", "function": {"name": "get weather"}}], "('get weather')"),
         ([{"type": "function", "function": {"parameters": PARAMS}}], "tools[0]: the function has no name"),
+        ([{"type": "function", "function": {"name": "", "parameters": PARAMS}}], "tools[0]: the function has no name"),
+        ([{"name": 7, "input_schema": PARAMS}], "tools[0]: the function has no name"),
+        ([{"type": "function", "function": {"name": "$web_search"}}], "tools[0] ('$web_search'): names starting"),
         (
             [CANONICAL, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "array"}}}],
             "tools[1] ('get_time'): parameters must be a JSON Schema whose root",
