@@ -24,8 +24,9 @@ from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
+from gateway.ratelimit import Admission, RateLimiter
 from gateway.state.base import KeyValueState
-from gateway.state.memory import MemoryKeyValueState
+from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
 from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
@@ -54,6 +55,7 @@ class Exchange:
     builtin_tools: bool = False  # the request declares provider builtins ($web_search): per-call fees
     # response transforms for this request (reasoning modes, tool-call repair...); empty = byte relay
     transforms: list[ResponseTransform] = field(default_factory=list)
+    rate: Admission | None = None  # the rate limits that admitted it (headers, token correction)
 
     @property
     def upstream_label(self) -> str:
@@ -64,13 +66,19 @@ class Runtime:
     """What the pipeline reads per request: policies (swapped whole on reload), upstreams, the meter."""
 
     def __init__(
-        self, policies: PolicySet, upstreams: dict[str, Upstream], meter: Meter, kv: KeyValueState | None = None
+        self,
+        policies: PolicySet,
+        upstreams: dict[str, Upstream],
+        meter: Meter,
+        kv: KeyValueState | None = None,
+        limits: RateLimiter | None = None,
     ) -> None:
         self.policies = policies
         self.upstreams = upstreams
         self.meter = meter
         # shared small entries (prefix affinity, reasoning store, upstream stats): memory or Redis
         self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
+        self.limits = limits if limits is not None else RateLimiter(MemoryRateLimitState())
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
 
@@ -132,11 +140,12 @@ def shape_request(ex: Exchange, candidate: Candidate) -> bytes:
 
 
 def _response_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
-    return [
+    headers = [
         (b"x-request-id", ex.request_id.encode()),
         (b"x-gateway-upstream", ex.upstream_label.encode()),
         (b"x-gateway-route-reason", ex.route_reason.encode()),
     ]
+    return headers + ex.rate.headers if ex.rate is not None else headers
 
 
 def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
@@ -229,6 +238,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         m.route_reason = ex.route_reason
         m.price = rt.meter.price(candidate.label, m.ts)
         client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
+        if ex.tenant.rate_limits is not None:  # before the budget: a refused request reserves nothing
+            bound = upper_bound_tokens(ex.raw) + (requested_max_tokens(ex.body) or ex.tenant.default_max_tokens)
+            ex.rate = await rt.limits.admit(ex.tenant.name, ex.tenant.rate_limits, ex.key_id, bound)
         await _reserve(rt, ex)
         m.route_reason = ex.route_reason
         body = shape_request(ex, candidate)
@@ -255,6 +267,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     finally:
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
         await rt.meter.settle(m)
+        if ex.rate is not None:
+            used = m.usage.prompt_tokens + m.usage.completion_tokens if m.usage is not None else 0
+            await rt.limits.correct(ex.rate, used)
 
 
 async def _relay_whole(

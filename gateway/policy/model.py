@@ -11,7 +11,7 @@ import re
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -54,6 +54,21 @@ class Budget(Caps):
     apps: dict[str, Caps] = Field(default_factory=dict)
 
 
+class Rates(_Strict):
+    """Requests and tokens per minute. Tokens are admitted on the prompt (an upper bound) plus
+    ``max_tokens``, and corrected to the reported usage when the request ends."""
+
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+
+
+class RateLimits(Rates):
+    """Tenant-wide limits, and per key: ``keys`` maps a key hash of this policy (``sha256:...``) or
+    ``"*"`` (every key on its own) to its limits. Every limit that applies must admit a request."""
+
+    keys: dict[str, Rates] = Field(default_factory=dict)
+
+
 class TenantPolicy(_Strict):
     tenant: str
     description: str = ""
@@ -63,6 +78,17 @@ class TenantPolicy(_Strict):
     # K2 Thinking's reasoning counts against max_tokens and Moonshot recommends >= 16,000; a request
     # without max_tokens is reserved (and, with routing, sent) with this bound.
     default_max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 32768
+    rate_limits: RateLimits | None = None
+
+    @model_validator(mode="after")
+    def _rate_limit_keys(self) -> TenantPolicy:
+        for key in self.rate_limits.keys if self.rate_limits else ():
+            if key != "*" and key not in self.keys:
+                raise ValueError(
+                    f"rate_limits.keys: {key[:20]}... is not one of this policy's keys (use a hash from "
+                    "'keys', or '*' for every key)"
+                )
+        return self
 
     @field_validator("tenant")
     @classmethod

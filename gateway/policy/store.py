@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import LoadedConfig
-from gateway.policy.model import Budget, TenantPolicy
+from gateway.policy.model import Budget, RateLimits, TenantPolicy
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 
@@ -43,6 +43,7 @@ class Tenant:
     source: Path
     budget: Budget | None = None
     default_max_tokens: int = 32768
+    rate_limits: RateLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             )
             for name, vm in policy.models.items()
         }
-        tenant = Tenant(policy.tenant, routes, file, policy.budget, policy.default_max_tokens)
+        tenant = Tenant(policy.tenant, routes, file, policy.budget, policy.default_max_tokens, policy.rate_limits)
         tenants[policy.tenant] = tenant
         for key in policy.keys:
             digest = key.removeprefix("sha256:")
