@@ -23,7 +23,8 @@ from gateway.metering.ledger import Ledger, ledger_from_url
 from gateway.metering.meter import Meter
 from gateway.observability import log, metrics_payload, setup_logging
 from gateway.pipeline import Runtime
-from gateway.state.memory import MemoryBudgetState
+from gateway.ratelimit import RateLimiter
+from gateway.state.build import build_states
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
@@ -44,9 +45,12 @@ class GatewayApp:
         self.ledger: Ledger = ledger_from_url(
             config.ledger_url, batch_size=ledger_cfg.batch_size, max_delay=ledger_cfg.flush_interval_s
         )
-        self.budgets = Budgets(MemoryBudgetState())
+        longest = max(up.timeouts.total_s for up in config.settings.upstreams.values())
+        self.state = build_states(config.settings.state, longest)
+        self.budgets = Budgets(self.state.budgets)
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
-        self.runtime = Runtime(loaded.policies, self.upstreams, self.meter)
+        limits = RateLimiter(self.state.rate_limits)
+        self.runtime = Runtime(loaded.policies, self.upstreams, self.meter, kv=self.state.kv, limits=limits)
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
@@ -112,6 +116,7 @@ class GatewayApp:
 
     async def startup(self) -> None:
         await self.ledger.open()
+        await self.state.open()
         settings = self.config.settings
         shared = not self.config.ledger_url.startswith("sqlite:") or settings.workers > 1
         # with other processes on the same ledger, leave their requests in flight alone
@@ -131,6 +136,7 @@ class GatewayApp:
         self.ready = False
         for upstream in self.upstreams.values():
             await upstream.close()
+        await self.state.close()
         await self.ledger.close()
 
     async def _finance(self, scope: Scope, receive: Receive, send: Send) -> None:
