@@ -30,6 +30,7 @@ from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
 
 CONFIG_ENV = "KIMI_GATEWAY_CONFIG"
+WORKERS_ENV = "KIMI_GATEWAY_WORKERS"  # set by ``serve --workers N`` for the worker processes
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -118,7 +119,8 @@ class GatewayApp:
         await self.ledger.open()
         await self.state.open()
         settings = self.config.settings
-        shared = not self.config.ledger_url.startswith("sqlite:") or settings.workers > 1
+        workers = max(settings.workers, int(os.environ.get(WORKERS_ENV, "1")))
+        shared = not self.config.ledger_url.startswith("sqlite:") or workers > 1
         # with other processes on the same ledger, leave their requests in flight alone
         longest = max(up.timeouts.total_s for up in settings.upstreams.values())
         await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,8 @@ BUDGET_REMAINING = Gauge(
     "Remaining tenant budget in USD per window (daily, monthly), updated as requests settle.",
     ("tenant", "window"),
     registry=REGISTRY,
+    # with several workers each holds the value it last computed: the latest write is the truth
+    multiprocess_mode="mostrecent",
 )
 
 
@@ -126,7 +129,20 @@ def series(tenant: str, model: str, upstream: str, stream: bool) -> Series:
     )
 
 
+_MULTIPROCESS: list[CollectorRegistry] = []
+
+
 def metrics_payload() -> tuple[bytes, str]:
+    """This process's metrics, or with several workers (``PROMETHEUS_MULTIPROC_DIR`` set by
+    ``kimi-gateway serve --workers N``) every worker's, added up from their files."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not _MULTIPROCESS:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            _MULTIPROCESS.append(registry)
+        return generate_latest(_MULTIPROCESS[0]), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 

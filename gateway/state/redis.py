@@ -13,7 +13,8 @@ Every key starts with the deployment's namespace and has a TTL. Scripts are regi
 process and run by SHA; after a Redis restart (scripts flushed) redis-py loads them again by itself.
 Scripts name keys they read from a reservation record, so Redis Cluster is not supported (a single
 server, or Sentinel, is). Amounts are integer nanodollars, passed and stored as decimal strings so
-Lua's doubles never round them.
+Lua's doubles never round them (only the comparison with a cap beyond 2^53 nanodollars, $9M, is
+rounded, to a few nanodollars).
 
 Every call is bounded: short socket timeouts, one quick reconnect attempt, an overall deadline; a
 failure raises :class:`StateUnavailable` and the caller applies the configured fail mode.
@@ -136,7 +137,7 @@ for i = 1, n do
   purge(counter, open, now)
   local h = redis.call('HMGET', counter, 'spent', 'reserved')
   local used = tonumber(h[1] or '0') + tonumber(h[2] or '0')
-  if used + amount > tonumber(ARGV[4 + 2 * i]) then return {i, int(used)} end
+  if used + amount > tonumber(ARGV[4 + 2 * i]) then return {i, h[1] or '0', h[2] or '0'} end
 end
 local expires = now + tonumber(ARGV[4])
 local member = rid .. ':' .. ARGV[2]
@@ -152,7 +153,7 @@ end
 redis.call('SET', KEYS[1], cjson.encode({ARGV[2], counters, ttls}), 'PX', ARGV[5])
 redis.call('ZADD', KEYS[2], expires, rid)
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {0, '0'}
+return {0}
 """
 )
 
@@ -184,8 +185,7 @@ _USED = (
     _LUA_COMMON
     + """
 purge(KEYS[1], KEYS[2], tonumber(ARGV[1]))
-local h = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
-return int(tonumber(h[1] or '0') + tonumber(h[2] or '0'))
+return redis.call('HMGET', KEYS[1], 'spent', 'reserved')
 """
 )
 
@@ -240,11 +240,11 @@ class RedisBudgetState(BudgetState):
             counter = self._key(limit.key)
             keys += [counter, counter + ":open"]
             args += [str(limit.cap), int(limit.ttl_s)]
-        index, used = await self._redis.run(self._reserve(keys=keys, args=args))
-        if int(index) == 0:
+        out = await self._redis.run(self._reserve(keys=keys, args=args))
+        if int(out[0]) == 0:
             return None
-        limit = limits[int(index) - 1]
-        return Refusal(limit.key, limit.cap, int(used))
+        limit = limits[int(out[0]) - 1]
+        return Refusal(limit.key, limit.cap, int(out[1]) + int(out[2]))
 
     async def settle(self, request_id: str, actual: int) -> None:
         await self._redis.run(
@@ -253,7 +253,8 @@ class RedisBudgetState(BudgetState):
 
     async def used(self, key: str) -> int:
         counter = self._key(key)
-        return int(await self._redis.run(self._used(keys=[counter, counter + ":open"], args=[_ms()])))
+        spent, reserved = await self._redis.run(self._used(keys=[counter, counter + ":open"], args=[_ms()]))
+        return int(spent or 0) + int(reserved or 0)
 
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
         await self._redis.run(self._add(keys=[self._key(key)], args=[str(amount), int(ttl_s), "0"]))

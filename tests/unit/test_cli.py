@@ -53,7 +53,7 @@ def test_keys_hash_matches_sha256() -> None:
 
 def test_workers_with_in_memory_budgets_are_refused(tmp_path: Path) -> None:
     out = run("serve", "--config", str(config(tmp_path, "budget: {daily_usd: 5}\n")), "--workers", "2", "--port", "9")
-    assert out.returncode == 2 and "2x the caps" in out.stderr
+    assert out.returncode == 2 and "2x the limits" in out.stderr and "state.backend: redis" in out.stderr
 
 
 def test_simulate_serves_the_simulator_over_http(tmp_path: Path) -> None:
