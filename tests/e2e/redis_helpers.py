@@ -44,21 +44,23 @@ def drop_namespace(url: str, namespace: str) -> None:
 
 
 class RedisServer:
-    """A redis-server of this test's own (no persistence), on a fixed port across restarts."""
+    """A redis-server of this test's own on a fixed port across restarts; with ``persist`` it keeps its
+    data in an append-only file (fsync on every write) as the compose file's Redis does."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persist: bool = False) -> None:
         if shutil.which("redis-server") is None:
             require_service("redis-server", "the redis-server binary is not on PATH")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.folder = folder
         self.proc: subprocess.Popen[bytes] | None = None
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
 
     def start(self) -> None:
         import redis
 
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=self.folder,
