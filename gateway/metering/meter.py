@@ -24,6 +24,7 @@ from gateway.observability import BUDGET_REMAINING, UNKNOWN, log, series
 from gateway.policy.store import Tenant
 
 ZERO = Decimal(0)
+GAUGE_EVERY_S = 1.0  # the remaining-budget gauge is refreshed this often per tenant, not per request
 
 
 @dataclass(slots=True)
@@ -64,6 +65,8 @@ class Meter:
         self.prices = prices
         self.budgets = budgets
         self.ledger = ledger
+        self._gauge_due: set[str] = set()
+        self._gauge_tasks: set[asyncio.Task[None]] = set()
 
     def price(self, label: str, when: float) -> Price | None:
         return self.prices.at(label, when)
@@ -123,7 +126,7 @@ class Meter:
         if cost.cache_savings:
             s.savings.inc(float(cost.cache_savings))
         if m.tenant.budget is not None:
-            await self._update_remaining(m)
+            self._remaining_soon(m)
         if self.ledger is not None:
             self.ledger.record(
                 LedgerRow(
@@ -155,6 +158,23 @@ class Meter:
                     route_reason=m.route_reason,
                 )
             )
+
+    def _remaining_soon(self, m: Metered) -> None:
+        """Refresh the gauge within a second, once per tenant however many requests settle meanwhile:
+        reading every budget line per request would double the state round trips with Redis."""
+        name = m.tenant.name
+        if name in self._gauge_due:
+            return
+        self._gauge_due.add(name)
+
+        async def later() -> None:
+            await asyncio.sleep(GAUGE_EVERY_S)
+            self._gauge_due.discard(name)
+            await self._update_remaining(m)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._gauge_tasks.add(task)
+        task.add_done_callback(self._gauge_tasks.discard)
 
     async def _update_remaining(self, m: Metered) -> None:
         try:
