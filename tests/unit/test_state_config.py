@@ -69,3 +69,13 @@ async def test_redis_state_reaches_the_request_path(tmp_path: Path) -> None:
     finally:
         for app in apps:
             await app.state.close()
+
+
+def test_replicas_config_is_valid() -> None:
+    """config/replicas.yaml (docker-compose.replicas.yml runs it) validates with Redis state."""
+    from gateway.config import load_config
+    from tests.conftest import ROOT
+
+    loaded = load_config(ROOT / "config" / "replicas.yaml")
+    state = loaded.settings.state
+    assert state.backend == "redis" and state.fail.budgets == "closed" and loaded.settings.workers == 2
