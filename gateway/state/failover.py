@@ -150,13 +150,7 @@ class FailoverBudgetState(BudgetState):
             for limit in limits:
                 self.link.queue(lambda k=limit.key, t=limit.ttl_s: self.shared.add_spent(k, actual, t))
             return
-        if self.link.available():
-            try:
-                await self.shared.settle(request_id, actual)
-                return
-            except StateUnavailable as exc:
-                self.link.failed(exc)
-        self.link.queue(lambda: self.shared.settle(request_id, actual))
+        await self._write(lambda: self.shared.settle(request_id, actual))
 
     async def used(self, key: str) -> int:
         if self.link.available():
@@ -168,20 +162,22 @@ class FailoverBudgetState(BudgetState):
             raise unavailable("budgets")
         return await self.local.used(key)
 
+    async def _write(self, write: Callable[[], Awaitable[None]]) -> None:
+        """A write that must reach the shared state eventually: now, or replayed once it answers."""
+        if self.link.available():
+            try:
+                await write()
+                return
+            except StateUnavailable as exc:
+                self.link.failed(exc)
+        self.link.queue(write)
+
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
-        try:
-            await self.shared.add_spent(key, amount, ttl_s)
-        except StateUnavailable as exc:
-            self.link.failed(exc)
-            self.link.queue(lambda: self.shared.add_spent(key, amount, ttl_s))
+        await self._write(lambda: self.shared.add_spent(key, amount, ttl_s))
 
     async def seed(self, key: str, amount: int, ttl_s: int) -> None:
         await self.local.add_spent(key, amount, ttl_s)  # what open mode starts from during an outage
-        try:
-            await self.shared.seed(key, amount, ttl_s)
-        except StateUnavailable as exc:
-            self.link.failed(exc)
-            self.link.queue(lambda: self.shared.seed(key, amount, ttl_s))
+        await self._write(lambda: self.shared.seed(key, amount, ttl_s))
 
     async def open_reservations(self) -> int:
         return await self.shared.open_reservations() + len(self._local)

@@ -218,3 +218,31 @@ def poll(get, done, timeout: float = 5.0):  # type: ignore[no-untyped-def]
         time.sleep(0.1)
         value = get()
     return value
+
+
+def test_gateway_started_before_redis_serves_once_it_answers(tmp_path: Path, sim: Process) -> None:
+    """Start-up does not wait for Redis (seeding is replayed later); until Redis answers, a budgeted
+    request fails closed at once; then the gateway connects by itself."""
+    redis_server = RedisServer(tmp_path)
+    policy = policy_yaml("tenant-a", KEY_A, "budget: {daily_usd: 100}\n")
+    state = state_yaml(redis_server.url, "kgtest-late", timeout_s=0.2)
+    config = write_gateway(tmp_path, upstream_yaml(sim), policy, extra_yaml=state, name="late")
+    started = time.monotonic()
+    proc = start_gateway(config, env=ENV)
+    try:
+        assert time.monotonic() - started < 10
+        body = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "late"}], "max_tokens": 5}
+        before = time.monotonic()
+        resp = httpx.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=5)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "state_unavailable"
+        assert time.monotonic() - before < 2
+        redis_server.start()
+        status = poll(
+            lambda: httpx.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=5).status_code,
+            lambda s: s == 200,
+        )
+        assert status == 200
+        assert "not answering yet" in proc.output()
+    finally:
+        proc.stop()
+        redis_server.stop()
