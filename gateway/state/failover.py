@@ -21,6 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Literal
 
 from gateway.errors import GatewayError
@@ -148,7 +149,7 @@ class FailoverBudgetState(BudgetState):
         if limits is not None:
             await self.local.settle(request_id, actual)
             for limit in limits:
-                self.link.queue(lambda k=limit.key, t=limit.ttl_s: self.shared.add_spent(k, actual, t))
+                self.link.queue(partial(self.shared.add_spent, limit.key, actual, limit.ttl_s))
             return
         await self._write(lambda: self.shared.settle(request_id, actual))
 
@@ -209,9 +210,7 @@ class FailoverRateLimitState(RateLimitState):
         if admitted:
             for count in counts:
                 lim = count.limit
-                self.link.queue(
-                    lambda k=lim.key, w=lim.window_s, i=count.window, a=lim.amount: self.shared.adjust(k, w, i, a)
-                )
+                self.link.queue(partial(self.shared.adjust, lim.key, lim.window_s, count.window, lim.amount))
         return admitted, counts
 
     async def adjust(self, key: str, window_s: int, window: int, delta: int) -> None:

@@ -380,7 +380,8 @@ class RedisKeyValueState(KeyValueState):
 
     async def get(self, key: str) -> bytes | None:
         try:
-            return await self._redis.run(self._redis.client.get(self._prefix + key))
+            value = await self._redis.run(self._redis.client.get(self._prefix + key))
+            return value if isinstance(value, bytes) else None
         except StateUnavailable as exc:
             self._degraded(exc)
             return None
@@ -396,7 +397,8 @@ class RedisKeyValueState(KeyValueState):
         if not keys:
             return []
         try:
-            return list(await self._redis.run(self._redis.client.mget([self._prefix + k for k in keys])))
+            values = await self._redis.run(self._redis.client.mget([self._prefix + k for k in keys]))
+            return [v if isinstance(v, bytes) else None for v in values]
         except StateUnavailable as exc:
             self._degraded(exc)
             return [None] * len(keys)
