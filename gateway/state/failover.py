@@ -9,7 +9,10 @@ Each concern has its own mode (``state.fail`` in the config):
   every request.
 
 Either way, settlements and token corrections never fail a request: when the store is down they
-are queued and replayed in order by a background task. After a failure the store is not asked again
+are queued and replayed in order by a background task. A reservation whose call timed out may still
+be carried out by a Redis that was only slow, so it is released (settled at zero) by a replay too.
+A rate-limit hit cannot be taken back that way: a timed-out hit may be counted once more, which the
+window forgets within two minutes. After a failure the store is not asked again
 for ``cooldown_s``, so an outage costs each request nothing rather than a timeout. The ledger does
 not go through here: it never depends on the store.
 """
@@ -134,6 +137,8 @@ class FailoverBudgetState(BudgetState):
                 refusal = await self.shared.reserve(request_id, limits, amount)
             except StateUnavailable as exc:
                 self.link.failed(exc)
+                # a timed-out script may still run once Redis wakes up: release whatever it reserved
+                self.link.queue(partial(self.shared.settle, request_id, 0))
             else:
                 self.link.recovered()
                 return refusal

@@ -209,6 +209,7 @@ class Flaky(BudgetState, RateLimitState):  # type: ignore[misc]
 
     def __init__(self, budgets: BudgetState, rates: RateLimitState) -> None:
         self.budgets, self.rates, self.down = budgets, rates, False
+        self.slow = False  # the call is carried out, but its answer never arrives (a timeout)
 
     def _check(self) -> None:
         if self.down:
@@ -216,7 +217,10 @@ class Flaky(BudgetState, RateLimitState):  # type: ignore[misc]
 
     async def reserve(self, request_id, limits, amount):  # type: ignore[no-untyped-def]
         self._check()
-        return await self.budgets.reserve(request_id, limits, amount)
+        refusal = await self.budgets.reserve(request_id, limits, amount)
+        if self.slow:
+            raise StateUnavailable("timed out (test)")
+        return refusal
 
     async def settle(self, request_id, actual):  # type: ignore[no-untyped-def]
         self._check()
@@ -272,6 +276,28 @@ async def test_fail_closed_refuses_with_503_and_settles_later(backend: Backend) 
 
     await wait_for(settled)
     assert await state.open_reservations() == 0
+    await state.close()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_a_reservation_that_timed_out_but_ran_is_released(backend: Backend, mode: str) -> None:
+    """Redis was only slow: the script reserved, the answer came too late; nothing may stay reserved."""
+    shared = Flaky(backend.budgets(), backend.rates())
+    state = FailoverBudgetState(shared, mode, cooldown_s=0.05)  # type: ignore[arg-type]
+    shared.slow = True
+    if mode == "closed":
+        with pytest.raises(GatewayError):
+            await state.reserve("r1", [DAY], 400)
+    else:
+        assert await state.reserve("r1", [DAY], 400) is None
+        await state.settle("r1", 100)
+    shared.slow = False
+
+    async def released() -> bool:
+        return await shared.budgets.open_reservations() == 0
+
+    await wait_for(released)
+    assert await shared.budgets.used(DAY.key) == (0 if mode == "closed" else 100)
     await state.close()
 
 
