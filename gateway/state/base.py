@@ -48,6 +48,12 @@ class BudgetState(ABC):
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
         """Add settled spend directly (seeding from the ledger at start-up)."""
 
+    async def add_spent_once(self, request_id: str, limits: list[Limit], amount: int) -> None:
+        """Add a request's settled spend to its counters at most once per request id, however often it
+        is retried (spend counted elsewhere during an outage, replayed after a timeout)."""
+        for limit in limits:
+            await self.add_spent(limit.key, amount, limit.ttl_s)
+
     async def seed(self, key: str, amount: int, ttl_s: int) -> None:
         """Start a counter from the ledger's spend at start-up. In-process state starts empty with every
         process, so this adds; a shared backend applies it once per counter (the first replica to start

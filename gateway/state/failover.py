@@ -153,8 +153,7 @@ class FailoverBudgetState(BudgetState):
         limits = self._local.pop(request_id, None)
         if limits is not None:
             await self.local.settle(request_id, actual)
-            for limit in limits:
-                self.link.queue(partial(self.shared.add_spent, limit.key, actual, limit.ttl_s))
+            self.link.queue(partial(self.shared.add_spent_once, request_id, limits, actual))
             return
         await self._write(lambda: self.shared.settle(request_id, actual))
 

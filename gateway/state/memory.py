@@ -19,6 +19,7 @@ class MemoryBudgetState(BudgetState):
         self._reserved: dict[str, int] = {}
         self._expires: dict[str, float] = {}
         self._reservations: dict[str, tuple[tuple[str, ...], int]] = {}
+        self._applied: OrderedDict[str, None] = OrderedDict()  # add_spent_once ids, the latest 100,000
 
     def _touch(self, key: str, ttl_s: int) -> None:
         self._expires[key] = max(self._expires.get(key, 0.0), self._clock() + ttl_s)
@@ -58,6 +59,15 @@ class MemoryBudgetState(BudgetState):
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
         self._spent[key] = self._spent.get(key, 0) + amount
         self._touch(key, ttl_s)
+
+    async def add_spent_once(self, request_id: str, limits: list[Limit], amount: int) -> None:
+        if request_id in self._applied:
+            return
+        self._applied[request_id] = None
+        if len(self._applied) > 100_000:
+            self._applied.popitem(last=False)
+        for limit in limits:
+            await self.add_spent(limit.key, amount, limit.ttl_s)
 
     async def open_reservations(self) -> int:
         return len(self._reservations)

@@ -200,6 +200,19 @@ return 1
 """
 )
 
+# KEYS: marker, then counters; ARGV: amount, marker ttl ms, then per counter: ttl s
+_ADD_ONCE = (
+    _LUA_COMMON
+    + """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then return 0 end
+for i = 2, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[1])
+  keep(KEYS[i], tonumber(ARGV[i + 1]))
+end
+return 1
+"""
+)
+
 # KEYS: index; ARGV: now ms
 _OPEN = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -226,6 +239,7 @@ class RedisBudgetState(BudgetState):
         self._used = client.register_script(_USED)
         self._add = client.register_script(_ADD_SPENT)
         self._open = client.register_script(_OPEN)
+        self._add_once = client.register_script(_ADD_ONCE)
 
     def _key(self, key: str) -> str:
         return f"{self._ns}:{key}"
@@ -258,6 +272,11 @@ class RedisBudgetState(BudgetState):
 
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
         await self._redis.run(self._add(keys=[self._key(key)], args=[str(amount), int(ttl_s), "0"]))
+
+    async def add_spent_once(self, request_id: str, limits: list[Limit], amount: int) -> None:
+        keys = [f"{self._ns}:applied:{request_id}", *(self._key(limit.key) for limit in limits)]
+        args = [str(amount), self._record_ttl_ms, *(int(limit.ttl_s) for limit in limits)]
+        await self._redis.run(self._add_once(keys=keys, args=args))
 
     async def seed(self, key: str, amount: int, ttl_s: int) -> None:
         await self._redis.run(self._add(keys=[self._key(key)], args=[str(amount), int(ttl_s), "1"]))
