@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.metering.budget import Budgets, Reservation
 from gateway.metering.ledger import Ledger, LedgerRow, OpenReservation
 from gateway.metering.money import from_nanos
@@ -181,6 +182,8 @@ class Meter:
             for row in await self.budgets.remaining(m.tenant.name, m.tenant.budget, time.time()):
                 if row["scope"] == "tenant":
                     BUDGET_REMAINING.labels(m.tenant.name, str(row["window"])).set(float(str(row["remaining_usd"])))
+        except GatewayError:  # the state store is down and budgets fail closed: try again next time
+            return
         except Exception:  # a gauge must never fail a request
             log.exception("budget gauge update failed")
 

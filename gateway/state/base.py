@@ -34,7 +34,8 @@ class BudgetState(ABC):
     @abstractmethod
     async def reserve(self, request_id: str, limits: list[Limit], amount: int) -> Refusal | None:
         """Atomically add ``amount`` to every limit's reserved total if all stay within their caps;
-        otherwise change nothing and return the first limit that would overflow."""
+        otherwise change nothing and return the first limit that would overflow. A second call for a
+        request id whose reservation is open changes nothing (a retried call must not hold twice)."""
 
     @abstractmethod
     async def settle(self, request_id: str, actual: int) -> None:
@@ -102,7 +103,12 @@ class StateUnavailable(Exception):
     """The shared store did not answer in time (refused, timed out, restarting).
 
     Raised by shared backends only; what a request then gets (503, or local accounting) is the
-    caller's choice per concern (``state.fail`` in the config)."""
+    caller's choice per concern (``state.fail`` in the config). ``maybe_ran`` is False only when the
+    call certainly never reached the store (connection refused); after a timeout it may have run."""
+
+    def __init__(self, message: str, *, maybe_ran: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_ran = maybe_ran
 
 
 @dataclass(frozen=True, slots=True)

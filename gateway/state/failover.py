@@ -43,6 +43,7 @@ log = logging.getLogger("kimi_gateway.state")
 
 FailMode = Literal["closed", "open"]
 MAX_PENDING = 100_000
+REPLAY_BATCH = 64
 
 
 def unavailable(concern: str) -> GatewayError:
@@ -93,23 +94,26 @@ class _Link:
             self._task = asyncio.get_running_loop().create_task(self._replay())
 
     async def _replay(self) -> None:
+        """Replay in batches of concurrent calls (the updates commute: settlements and once-only
+        additions per request id, counter increments), keeping whatever failed for the next round."""
+        done = 0
         while self.pending:
             await asyncio.sleep(max(0.05, self.down_until - time.monotonic()))
-            done = 0
-            try:
-                while self.pending:
-                    await self.pending[0]()
-                    self.pending.popleft()
-                    done += 1
-            except StateUnavailable as exc:
-                self.failed(exc)
-                continue
-            except Exception:
-                log.exception("%s: replaying an update into the shared state failed; dropped", self.concern)
-                self.pending.popleft()
-                continue
-            self.recovered()
-            log.warning("%s: %d updates reconciled into the shared state", self.concern, done)
+            while self.pending:
+                batch = [self.pending.popleft() for _ in range(min(REPLAY_BATCH, len(self.pending)))]
+                results = await asyncio.gather(*(replay() for replay in batch), return_exceptions=True)
+                failed = [r for r, res in zip(batch, results, strict=True) if isinstance(res, StateUnavailable)]
+                for res in results:
+                    if isinstance(res, BaseException) and not isinstance(res, StateUnavailable):
+                        log.error("%s: an update for the shared state failed and is dropped: %r", self.concern, res)
+                done += len(batch) - len(failed)
+                if failed:
+                    self.pending.extendleft(reversed(failed))
+                    error = next(r for r in results if isinstance(r, StateUnavailable))
+                    self.failed(error)
+                    break
+        self.recovered()
+        log.warning("%s: %d updates reconciled into the shared state", self.concern, done)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -137,8 +141,8 @@ class FailoverBudgetState(BudgetState):
                 refusal = await self.shared.reserve(request_id, limits, amount)
             except StateUnavailable as exc:
                 self.link.failed(exc)
-                # a timed-out script may still run once Redis wakes up: release whatever it reserved
-                self.link.queue(partial(self.shared.settle, request_id, 0))
+                if exc.maybe_ran:  # a timed-out script may still run once Redis wakes up: release it
+                    self.link.queue(partial(self.shared.settle, request_id, 0))
             else:
                 self.link.recovered()
                 return refusal

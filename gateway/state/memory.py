@@ -32,6 +32,8 @@ class MemoryBudgetState(BudgetState):
             self._reserved.pop(key, None)
 
     async def reserve(self, request_id: str, limits: list[Limit], amount: int) -> Refusal | None:
+        if request_id in self._reservations:  # already held (a retried call)
+            return None
         if len(self._expires) > 4096:
             self._expire()
         for limit in limits:

@@ -34,7 +34,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.state.base import (
     BudgetState,
@@ -78,8 +77,10 @@ def connect(settings: RedisSettings) -> Redis:
         socket_connect_timeout=settings.connect_timeout_s,
         socket_keepalive=True,
         health_check_interval=settings.health_check_interval_s,
+        # a dropped connection is retried once on a fresh one; a timeout is not (Redis is slow or hung,
+        # and waiting twice would only delay the fail mode)
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError],
     )
     return Redis(connection_pool=pool)
 
@@ -97,7 +98,11 @@ class _Bounded:
         try:
             return await asyncio.wait_for(call, self.deadline_s)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StateUnavailable(f"Redis did not answer ({type(exc).__name__}: {exc})") from None
+            # refused connections never delivered the command; anything else may have run it
+            refused = isinstance(exc, RedisConnectionError) and "connecting to" in str(exc)
+            raise StateUnavailable(
+                f"Redis did not answer ({type(exc).__name__}: {exc})", maybe_ran=not refused
+            ) from None
 
 
 def _ms() -> int:
@@ -131,6 +136,7 @@ _RESERVE = (
     _LUA_COMMON
     + """
 local rid, amount, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end  -- already reserved (a retried call)
 local n = (#KEYS - 2) / 2
 for i = 1, n do
   local counter, open = KEYS[1 + 2 * i], KEYS[2 + 2 * i]

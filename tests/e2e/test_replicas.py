@@ -202,6 +202,7 @@ def test_redis_hang_and_restart_mid_load(tmp_path: Path, sim: Process, fail: str
         used = poll(
             lambda: httpx.get(proc.url + "/v1/budget", headers=AUTH).json()["data"][0]["windows"][0]["used_usd"],
             lambda v: Decimal(v) == Decimal(total["cost_usd"]),
+            timeout=15,
         )
         assert Decimal(used) == Decimal(total["cost_usd"])
         assert "shared state unavailable" in proc.output() and "answers again" in proc.output()

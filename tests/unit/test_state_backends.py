@@ -40,6 +40,16 @@ async def test_refusal_changes_nothing_and_names_the_full_limit(backend: Backend
     assert await state.open_reservations() == 0
 
 
+async def test_a_retried_reservation_is_held_once(backend: Backend) -> None:
+    """A call retried after a dropped connection may reach the store twice."""
+    state = backend.budgets()
+    assert await state.reserve("r1", [DAY], 300) is None
+    assert await state.reserve("r1", [DAY], 300) is None
+    assert await state.used(DAY.key) == 300 and await state.open_reservations() == 1
+    await state.settle("r1", 100)
+    assert await state.used(DAY.key) == 100
+
+
 async def test_settle_is_idempotent_and_unknown_ids_are_no_ops(backend: Backend) -> None:
     state = backend.budgets()
     await state.reserve("r1", [DAY], 500)
@@ -221,7 +231,7 @@ class Flaky(BudgetState, RateLimitState):  # type: ignore[misc]
 
     def _check(self) -> None:
         if self.down:
-            raise StateUnavailable("connection refused (test)")
+            raise StateUnavailable("connection refused (test)", maybe_ran=False)
 
     async def reserve(self, request_id, limits, amount):  # type: ignore[no-untyped-def]
         self._check()
