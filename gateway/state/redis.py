@@ -11,8 +11,8 @@
 
 Every key starts with the deployment's namespace and has a TTL. Scripts are registered once per
 process and run by SHA; after a Redis restart (scripts flushed) redis-py loads them again by itself.
-Scripts name keys they read from a reservation record, so Redis Cluster is not supported (a single
-server, or Sentinel, is). Amounts are integer nanodollars, passed and stored as decimal strings so
+Scripts name keys they read from a reservation record, so Redis Cluster is not supported (one server,
+or a proxy in front of a failover pair, is). Amounts are integer nanodollars, passed and stored as decimal strings so
 Lua's doubles never round them (only the comparison with a cap beyond 2^53 nanodollars, $9M, is
 rounded, to a few nanodollars).
 
