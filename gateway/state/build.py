@@ -21,15 +21,15 @@ class States:
     rate_limits: RateLimitState
     kv: KeyValueState
     description: str = "memory"
-    client: Any = field(default=None)  # the Redis client when shared
+    link: Any = field(default=None)  # the Redis link (pool + pipelined connection) when shared
 
     async def open(self) -> None:
         """Say where state lives; a Redis that does not answer yet is logged, not fatal (the fail
         modes apply until it does)."""
-        if self.client is None:
+        if self.link is None:
             return
         try:
-            await self.client.ping()
+            await self.link.call("PING")
             log.info("state: %s", self.description)
         except Exception as exc:
             log.warning("state: %s is not answering yet (%s); fail modes apply until it does", self.description, exc)
@@ -38,8 +38,8 @@ class States:
         for state in (self.budgets, self.rate_limits, self.kv):
             with contextlib.suppress(StateUnavailable):
                 await state.close()
-        if self.client is not None:
-            await self.client.aclose()
+        if self.link is not None:
+            await self.link.close()
 
 
 def build_states(config: StateConfig, longest_request_s: float) -> States:
@@ -66,11 +66,11 @@ def build_states(config: StateConfig, longest_request_s: float) -> States:
         max_connections=config.max_connections,
         health_check_interval_s=config.health_check_interval_s,
     )
-    client = connect(settings)
+    link = connect(settings)
     return States(
-        FailoverBudgetState(RedisBudgetState(client, settings, longest_request_s + 60), config.fail.budgets),
-        FailoverRateLimitState(RedisRateLimitState(client, settings), config.fail.rate_limits),
-        RedisKeyValueState(client, settings),
+        FailoverBudgetState(RedisBudgetState(link, longest_request_s + 60), config.fail.budgets),
+        FailoverRateLimitState(RedisRateLimitState(link), config.fail.rate_limits),
+        RedisKeyValueState(link),
         description=f"redis {config.url} (namespace {config.namespace!r})",
-        client=client,
+        link=link,
     )

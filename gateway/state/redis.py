@@ -9,8 +9,8 @@
   counter, checked and added for all of a request's limits in one script.
 * Key-value entries: plain strings with ``PX`` expiry; a miss when Redis does not answer.
 
-Every key starts with the deployment's namespace and has a TTL. Scripts are registered once per
-process and run by SHA; after a Redis restart (scripts flushed) redis-py loads them again by itself.
+Every key starts with the deployment's namespace and has a TTL. Scripts run by SHA and are loaded
+again after a Redis restart (see ``redis_link``, which also pipelines the calls of concurrent requests).
 Scripts name keys they read from a reservation record, so Redis Cluster is not supported (one server,
 or a proxy in front of a failover pair, is). Amounts are integer nanodollars, passed and stored as decimal strings so
 Lua's doubles never round them (only the comparison with a cap beyond 2^53 nanodollars, $9M, is
@@ -22,18 +22,9 @@ failure raises :class:`StateUnavailable` and the caller applies the configured f
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from typing import Any
 
 from gateway.state.base import (
     BudgetState,
@@ -45,64 +36,11 @@ from gateway.state.base import (
     Refusal,
     StateUnavailable,
 )
+from gateway.state.redis_link import RedisLink, RedisSettings, connect, script
+
+__all__ = ["RedisBudgetState", "RedisKeyValueState", "RedisRateLimitState", "RedisSettings", "connect"]
 
 log = logging.getLogger("kimi_gateway.state")
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RedisSettings:
-    url: str
-    namespace: str
-    password: str | None = None
-    connect_timeout_s: float = 0.25
-    timeout_s: float = 0.25
-    max_connections: int = 64
-    health_check_interval_s: float = 10.0
-
-
-def connect(settings: RedisSettings) -> Redis:
-    """The process's one client and pool.
-
-    A blocking pool waits (up to the timeout) for a free connection instead of failing under a burst;
-    a connection the server dropped (restart) is replaced on the next command after one quick retry;
-    ``health_check_interval`` pings connections idle that long before reusing them.
-    """
-    pool = BlockingConnectionPool.from_url(
-        settings.url,
-        password=settings.password,
-        max_connections=settings.max_connections,
-        timeout=settings.timeout_s,
-        socket_timeout=settings.timeout_s,
-        socket_connect_timeout=settings.connect_timeout_s,
-        socket_keepalive=True,
-        health_check_interval=settings.health_check_interval_s,
-        # a dropped connection is retried once on a fresh one; a timeout is not (Redis is slow or hung,
-        # and waiting twice would only delay the fail mode)
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        retry_on_error=[RedisConnectionError],
-    )
-    return Redis(connection_pool=pool)
-
-
-class _Bounded:
-    """Runs Redis calls under one deadline and turns every failure into StateUnavailable."""
-
-    def __init__(self, client: Redis, settings: RedisSettings) -> None:
-        self.client = client
-        self.ns = settings.namespace
-        # connect + command, retried once, with the retry's backoff: nothing waits longer
-        self.deadline_s = 2 * (settings.connect_timeout_s + settings.timeout_s) + 0.1
-
-    async def run(self, call: Awaitable[T]) -> T:
-        try:
-            return await asyncio.wait_for(call, self.deadline_s)
-        except (RedisError, OSError, TimeoutError) as exc:
-            # refused connections never delivered the command; anything else may have run it
-            refused = isinstance(exc, RedisConnectionError) and "connecting to" in str(exc)
-            raise StateUnavailable(
-                f"Redis did not answer ({type(exc).__name__}: {exc})", maybe_ran=not refused
-            ) from None
 
 
 def _ms() -> int:
@@ -132,7 +70,7 @@ end
 
 # KEYS: record, index, then per counter: hash, open set
 # ARGV: request id, amount, now ms, reservation ttl ms, record ttl ms, then per counter: cap, ttl s
-_RESERVE = (
+_RESERVE = script(
     _LUA_COMMON
     + """
 local rid, amount, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -164,7 +102,7 @@ return {0}
 )
 
 # KEYS: record, index; ARGV: request id, actual
-_SETTLE = (
+_SETTLE = script(
     _LUA_COMMON
     + """
 local raw = redis.call('GET', KEYS[1])
@@ -187,7 +125,7 @@ return 1
 )
 
 # KEYS: hash, open set; ARGV: now ms
-_USED = (
+_USED = script(
     _LUA_COMMON
     + """
 purge(KEYS[1], KEYS[2], tonumber(ARGV[1]))
@@ -196,7 +134,7 @@ return redis.call('HMGET', KEYS[1], 'spent', 'reserved')
 )
 
 # KEYS: hash; ARGV: amount, ttl s, only once (1/0)
-_ADD_SPENT = (
+_ADD_SPENT = script(
     _LUA_COMMON
     + """
 if ARGV[3] == '1' and redis.call('HSETNX', KEYS[1], 'seeded', '1') == 0 then return 0 end
@@ -207,7 +145,7 @@ return 1
 )
 
 # KEYS: marker, then counters; ARGV: amount, marker ttl ms, then per counter: ttl s
-_ADD_ONCE = (
+_ADD_ONCE = script(
     _LUA_COMMON
     + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then return 0 end
@@ -220,10 +158,12 @@ return 1
 )
 
 # KEYS: index; ARGV: now ms
-_OPEN = """
+_OPEN = script(
+    """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZCARD', KEYS[1])
 """
+)
 
 
 class RedisBudgetState(BudgetState):
@@ -233,19 +173,13 @@ class RedisBudgetState(BudgetState):
     request's reservation must not expire, a dead replica's should not hold budget much longer.
     """
 
-    def __init__(self, client: Redis, settings: RedisSettings, reservation_ttl_s: float) -> None:
-        self._redis = _Bounded(client, settings)
-        self._ns = settings.namespace
+    def __init__(self, link: RedisLink, reservation_ttl_s: float) -> None:
+        self._redis = link
+        self._ns = link.settings.namespace
         self._reservation_ttl_ms = int(reservation_ttl_s * 1000)
         # a record outlives its reservation so that a late settlement still adds its spend
         self._record_ttl_ms = self._reservation_ttl_ms + 3_600_000
         self._index = f"{self._ns}:reservations"
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
-        self._used = client.register_script(_USED)
-        self._add = client.register_script(_ADD_SPENT)
-        self._open = client.register_script(_OPEN)
-        self._add_once = client.register_script(_ADD_ONCE)
 
     def _key(self, key: str) -> str:
         return f"{self._ns}:{key}"
@@ -260,35 +194,33 @@ class RedisBudgetState(BudgetState):
             counter = self._key(limit.key)
             keys += [counter, counter + ":open"]
             args += [str(limit.cap), int(limit.ttl_s)]
-        out = await self._redis.run(self._reserve(keys=keys, args=args))
+        out = await self._redis.run(_RESERVE, keys, args)
         if int(out[0]) == 0:
             return None
         limit = limits[int(out[0]) - 1]
         return Refusal(limit.key, limit.cap, int(out[1]) + int(out[2]))
 
     async def settle(self, request_id: str, actual: int) -> None:
-        await self._redis.run(
-            self._settle(keys=[self._record(request_id), self._index], args=[request_id, str(actual)])
-        )
+        await self._redis.run(_SETTLE, [self._record(request_id), self._index], [request_id, str(actual)])
 
     async def used(self, key: str) -> int:
         counter = self._key(key)
-        spent, reserved = await self._redis.run(self._used(keys=[counter, counter + ":open"], args=[_ms()]))
+        spent, reserved = await self._redis.run(_USED, [counter, counter + ":open"], [_ms()])
         return int(spent or 0) + int(reserved or 0)
 
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
-        await self._redis.run(self._add(keys=[self._key(key)], args=[str(amount), int(ttl_s), "0"]))
+        await self._redis.run(_ADD_SPENT, [self._key(key)], [str(amount), int(ttl_s), "0"])
 
     async def add_spent_once(self, request_id: str, limits: list[Limit], amount: int) -> None:
         keys = [f"{self._ns}:applied:{request_id}", *(self._key(limit.key) for limit in limits)]
         args = [str(amount), self._record_ttl_ms, *(int(limit.ttl_s) for limit in limits)]
-        await self._redis.run(self._add_once(keys=keys, args=args))
+        await self._redis.run(_ADD_ONCE, keys, args)
 
     async def seed(self, key: str, amount: int, ttl_s: int) -> None:
-        await self._redis.run(self._add(keys=[self._key(key)], args=[str(amount), int(ttl_s), "1"]))
+        await self._redis.run(_ADD_SPENT, [self._key(key)], [str(amount), int(ttl_s), "1"])
 
     async def open_reservations(self) -> int:
-        return int(await self._redis.run(self._open(keys=[self._index], args=[_ms()])))
+        return int(await self._redis.run(_OPEN, [self._index], [_ms()]))
 
 
 # ------------------------------------------------------------------------------------------ rate limits
@@ -305,7 +237,7 @@ end
 
 # KEYS: counters; ARGV: now ms, then per counter: limit, window ms, amount
 # returns {admitted, then per counter: previous, current, elapsed ms, window index}
-_HIT = (
+_HIT = script(
     _RATE_COMMON
     + """
 local now = tonumber(ARGV[1])
@@ -336,7 +268,8 @@ return out
 # KEYS: counter; ARGV: window index, delta, window ms. Adds delta to that window, creating or rolling
 # the counter when it is behind (a correction, or a hit reconciled after an outage); older windows
 # than the previous one are left alone.
-_ADJUST = """
+_ADJUST = script(
+    """
 local h = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local idx, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
 local w, c, p = tonumber(h[1] or '-1'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
@@ -351,16 +284,15 @@ redis.call('HSET', KEYS[1], 'w', w, 'c', c, 'p', p)
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
 return 1
 """
+)
 
 
 class RedisRateLimitState(RateLimitState):
     """Request and token counters shared by every replica; each counter expires two windows after use."""
 
-    def __init__(self, client: Redis, settings: RedisSettings) -> None:
-        self._redis = _Bounded(client, settings)
-        self._ns = settings.namespace
-        self._hit = client.register_script(_HIT)
-        self._adjust = client.register_script(_ADJUST)
+    def __init__(self, link: RedisLink) -> None:
+        self._redis = link
+        self._ns = link.settings.namespace
 
     def _key(self, key: str) -> str:
         return f"{self._ns}:{key}"
@@ -369,7 +301,7 @@ class RedisRateLimitState(RateLimitState):
         args: list[Any] = [int(now * 1000)]
         for limit in limits:
             args += [limit.limit, limit.window_s * 1000, limit.amount]
-        out = await self._redis.run(self._hit(keys=[self._key(lim.key) for lim in limits], args=args))
+        out = await self._redis.run(_HIT, [self._key(lim.key) for lim in limits], args)
         counts = [
             RateCount(limit, int(out[1 + 4 * i]), int(out[2 + 4 * i]), int(out[3 + 4 * i]) / 1000, int(out[4 + 4 * i]))
             for i, limit in enumerate(limits)
@@ -377,7 +309,7 @@ class RedisRateLimitState(RateLimitState):
         return int(out[0]) == 1, counts
 
     async def adjust(self, key: str, window_s: int, window: int, delta: int) -> None:
-        await self._redis.run(self._adjust(keys=[self._key(key)], args=[window, delta, window_s * 1000]))
+        await self._redis.run(_ADJUST, [self._key(key)], [window, delta, window_s * 1000])
 
 
 # ------------------------------------------------------------------------------------------- key-value
@@ -391,9 +323,9 @@ class RedisKeyValueState(KeyValueState):
     TTLs are capped at ``max_ttl_s`` so no entry lives forever.
     """
 
-    def __init__(self, client: Redis, settings: RedisSettings, max_ttl_s: float = 7 * 86400) -> None:
-        self._redis = _Bounded(client, settings)
-        self._prefix = f"{settings.namespace}:kv:"
+    def __init__(self, link: RedisLink, max_ttl_s: float = 7 * 86400) -> None:
+        self._redis = link
+        self._prefix = f"{link.settings.namespace}:kv:"
         self._max_ttl_ms = int(max_ttl_s * 1000)
         self._warned_at = 0.0
 
@@ -405,7 +337,7 @@ class RedisKeyValueState(KeyValueState):
 
     async def get(self, key: str) -> bytes | None:
         try:
-            value = await self._redis.run(self._redis.client.get(self._prefix + key))
+            value = await self._redis.call("GET", self._prefix + key)
             return value if isinstance(value, bytes) else None
         except StateUnavailable as exc:
             self._degraded(exc)
@@ -414,7 +346,7 @@ class RedisKeyValueState(KeyValueState):
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         ms = min(self._max_ttl_ms, max(1, int(ttl_s * 1000)))
         try:
-            await self._redis.run(self._redis.client.set(self._prefix + key, value, px=ms))
+            await self._redis.call("SET", self._prefix + key, value, "PX", ms)
         except StateUnavailable as exc:
             self._degraded(exc)
 
@@ -422,7 +354,7 @@ class RedisKeyValueState(KeyValueState):
         if not keys:
             return []
         try:
-            values = await self._redis.run(self._redis.client.mget([self._prefix + k for k in keys]))
+            values = await self._redis.call("MGET", *(self._prefix + k for k in keys))
             return [v if isinstance(v, bytes) else None for v in values]
         except StateUnavailable as exc:
             self._degraded(exc)
@@ -430,6 +362,6 @@ class RedisKeyValueState(KeyValueState):
 
     async def delete(self, key: str) -> None:
         try:
-            await self._redis.run(self._redis.client.delete(self._prefix + key))
+            await self._redis.call("DEL", self._prefix + key)
         except StateUnavailable as exc:
             self._degraded(exc)

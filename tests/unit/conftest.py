@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,30 +22,36 @@ REDIS_URL = os.environ.get("KIMI_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:637
 @dataclass
 class Backend:
     name: str
-    client: Any = None
-    settings: Any = None
-    made: list[Any] = field(default_factory=list)
+    link: Any = None
+
+    @property
+    def client(self) -> Any:
+        return self.link.client
+
+    @property
+    def settings(self) -> Any:
+        return self.link.settings
 
     def budgets(self, reservation_ttl_s: float = 60) -> BudgetState:
         if self.name == "memory":
             return MemoryBudgetState()
         from gateway.state.redis import RedisBudgetState
 
-        return RedisBudgetState(self.client, self.settings, reservation_ttl_s)
+        return RedisBudgetState(self.link, reservation_ttl_s)
 
     def rates(self) -> RateLimitState:
         if self.name == "memory":
             return MemoryRateLimitState()
         from gateway.state.redis import RedisRateLimitState
 
-        return RedisRateLimitState(self.client, self.settings)
+        return RedisRateLimitState(self.link)
 
     def kv(self, **kwargs: Any) -> KeyValueState:
         if self.name == "memory":
             return MemoryKeyValueState(**kwargs)
         from gateway.state.redis import RedisKeyValueState
 
-        return RedisKeyValueState(self.client, self.settings)
+        return RedisKeyValueState(self.link)
 
 
 async def redis_backend(namespace: str | None = None) -> Backend:
@@ -54,13 +60,13 @@ async def redis_backend(namespace: str | None = None) -> Backend:
     from gateway.state.redis import RedisSettings, connect
 
     settings = RedisSettings(REDIS_URL, namespace or f"kgtest-{uuid.uuid4().hex[:12]}", timeout_s=1.0)
-    client = connect(settings)
+    link = connect(settings)
     try:
-        await client.ping()
+        await link.client.ping()
     except (RedisError, OSError) as exc:
-        await client.aclose()
+        await link.close()
         require_service("Redis", f"cannot connect to {REDIS_URL} ({exc!r}); set KIMI_GATEWAY_TEST_REDIS_URL")
-    return Backend("redis", client, settings)
+    return Backend("redis", link)
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
@@ -75,4 +81,4 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         keys = [k async for k in b.client.scan_iter(match=b.settings.namespace + ":*")]
         if keys:
             await b.client.delete(*keys)
-        await b.client.aclose()
+        await b.link.close()

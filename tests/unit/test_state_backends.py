@@ -145,7 +145,7 @@ async def cleanup(b: Backend) -> None:
     keys = [k async for k in b.client.scan_iter(match=b.settings.namespace + ":*")]
     if keys:
         await b.client.delete(*keys)
-    await b.client.aclose()
+    await b.link.close()
 
 
 # -------------------------------------------------------------------------------------- rate limits
@@ -373,15 +373,16 @@ async def test_redis_that_refuses_connections_fails_fast() -> None:
     from gateway.state.redis import RedisBudgetState, RedisKeyValueState, RedisSettings, connect
     from tests.conftest import free_port
 
-    settings = RedisSettings(f"redis://127.0.0.1:{free_port()}/0", "kgtest-refused", 0.1, 0.1)
-    client = connect(settings)
+    settings = RedisSettings(f"redis://127.0.0.1:{free_port()}/0", "kgtest-refused", None, 0.1, 0.1)
+    link = connect(settings)
     try:
         started = time.monotonic()
-        with pytest.raises(StateUnavailable):
-            await RedisBudgetState(client, settings, 60).reserve("r", [DAY], 1)
-        kv = RedisKeyValueState(client, settings)
+        with pytest.raises(StateUnavailable) as refused:
+            await RedisBudgetState(link, 60).reserve("r", [DAY], 1)
+        assert not refused.value.maybe_ran
+        kv = RedisKeyValueState(link)
         assert await kv.get("a") is None and await kv.get_many(["a", "b"]) == [None, None]
         await kv.put("a", b"x", 10)
         assert time.monotonic() - started < 2.0
     finally:
-        await client.aclose()
+        await link.close()

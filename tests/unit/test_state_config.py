@@ -54,7 +54,7 @@ async def test_redis_state_reaches_the_request_path(tmp_path: Path) -> None:
     """Runtime.kv is the Redis key-value state, so whatever is stored through it (the reasoning store,
     affinity) is seen by every replica: two apps on one namespace share entries."""
     b = await redis_backend()
-    await b.client.aclose()
+    await b.link.close()
     ns = b.settings.namespace
     state = f"state: {{backend: redis, url: '{b.settings.url}', namespace: {ns}, fail: {{budgets: open}}}}\n"
     apps = [app_with(tmp_path, state) for _ in range(2)]
