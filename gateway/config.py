@@ -152,7 +152,6 @@ class StateConfig(_Strict):
     namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "kimi-gateway"
     connect_timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.25
     timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.25
-    max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64
     health_check_interval_s: Annotated[float, Field(ge=0)] = 10.0
     fail: StateFailModes = Field(default_factory=StateFailModes)
 

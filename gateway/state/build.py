@@ -63,7 +63,6 @@ def build_states(config: StateConfig, longest_request_s: float) -> States:
         password=os.environ.get(config.password_env) if config.password_env else None,
         connect_timeout_s=config.connect_timeout_s,
         timeout_s=config.timeout_s,
-        max_connections=config.max_connections,
         health_check_interval_s=config.health_check_interval_s,
     )
     link = connect(settings)
