@@ -102,7 +102,10 @@ def test_two_replicas_share_one_rate_limit(tmp_path: Path, sim: Process) -> None
         body = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "rate"}], "max_tokens": 5}
         statuses = []
         for i in range(10):  # alternating: each replica alone would admit all five of its own
-            resp = httpx.post(procs[i % 2].url + "/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+            stream = i % 4 >= 2
+            resp = httpx.post(
+                procs[i % 2].url + "/v1/chat/completions", json={**body, "stream": stream}, headers=AUTH, timeout=10
+            )
             statuses.append(resp.status_code)
             if resp.status_code == 200:
                 assert resp.headers["x-ratelimit-remaining-requests"] == str(5 - i)
@@ -162,11 +165,15 @@ def test_redis_hang_and_restart_mid_load(tmp_path: Path, sim: Process, fail: str
         results: list[tuple[float, float, int, dict]] = []  # start, duration, status, error
         body = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "fault"}], "max_tokens": 5}
 
-        async def worker(client: httpx.AsyncClient, until: float) -> None:
+        async def worker(client: httpx.AsyncClient, until: float, stream: bool) -> None:
             while time.monotonic() < until:
                 started = time.monotonic()
-                resp = await client.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH)
+                resp = await client.post(
+                    proc.url + "/v1/chat/completions", json={**body, "stream": stream}, headers=AUTH
+                )
                 error = resp.json().get("error") if resp.status_code != 200 else None
+                if resp.status_code == 200 and stream:  # a whole stream, never a cut one
+                    assert resp.text.rstrip().endswith("data: [DONE]"), resp.text[-200:]
                 results.append((started, time.monotonic() - started, resp.status_code, error or {}))
 
         async def chaos() -> None:
@@ -183,7 +190,7 @@ def test_redis_hang_and_restart_mid_load(tmp_path: Path, sim: Process, fail: str
         async def run() -> float:
             start = time.monotonic()
             async with httpx.AsyncClient(timeout=5) as client:  # a hang would raise ReadTimeout here
-                await asyncio.gather(chaos(), *(worker(client, start + 9.0) for _ in range(4)))
+                await asyncio.gather(chaos(), *(worker(client, start + 9.0, i % 2 == 1) for i in range(4)))
             return start
 
         start = asyncio.run(run())
