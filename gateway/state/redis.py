@@ -10,11 +10,11 @@
 * Key-value entries: plain strings with ``PX`` expiry; a miss when Redis does not answer.
 
 Every key starts with the deployment's namespace and has a TTL. Scripts run by SHA and are loaded
-again after a Redis restart (see ``redis_link``, which also pipelines the calls of concurrent requests).
-Scripts name keys they read from a reservation record, so Redis Cluster is not supported (one server,
-or a proxy in front of a failover pair, is). Amounts are integer nanodollars, passed and stored as decimal strings so
-Lua's doubles never round them (only the comparison with a cap beyond 2^53 nanodollars, $9M, is
-rounded, to a few nanodollars).
+again after a Redis restart (see ``redis_link``, which also pipelines the calls of concurrent
+requests). Scripts name keys they read from a reservation record, so Redis Cluster is not supported
+(one server, or a proxy in front of a failover pair, is). Amounts are integer nanodollars, passed and
+stored as decimal strings so Lua's doubles never round them (only the comparison with a cap beyond
+2^53 nanodollars, $9M, is rounded, to a few nanodollars).
 
 Every call is bounded: short socket timeouts, one quick reconnect attempt, an overall deadline; a
 failure raises :class:`StateUnavailable` and the caller applies the configured fail mode.
