@@ -74,6 +74,13 @@ CACHE_SAVINGS = Counter(
     ("tenant", "model", "upstream"),
     registry=REGISTRY,
 )
+STATE_UNAVAILABLE = Counter(
+    "gateway_state_unavailable",
+    "Calls to the shared state store (Redis) that failed or were skipped while it was down, by concern "
+    "(budgets, rate limits); the concern's fail mode decided what the request got.",
+    ("concern",),
+    registry=REGISTRY,
+)
 BUDGET_REMAINING = Gauge(
     "gateway_budget_remaining_usd",
     "Remaining tenant budget in USD per window (daily, monthly), updated as requests settle.",

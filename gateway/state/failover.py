@@ -28,6 +28,7 @@ from functools import partial
 from typing import Literal
 
 from gateway.errors import GatewayError
+from gateway.observability import STATE_UNAVAILABLE
 from gateway.state.base import (
     BudgetState,
     Limit,
@@ -65,14 +66,19 @@ class _Link:
         self.cooldown_s = cooldown_s
         self.down_until = 0.0
         self.down = False
+        self._unavailable = STATE_UNAVAILABLE.labels(concern)
         self.pending: deque[Callable[[], Awaitable[None]]] = deque()
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
 
     def available(self) -> bool:
-        return time.monotonic() >= self.down_until
+        if time.monotonic() >= self.down_until:
+            return True
+        self._unavailable.inc()
+        return False
 
     def failed(self, exc: StateUnavailable) -> None:
+        self._unavailable.inc()
         self.down_until = time.monotonic() + self.cooldown_s
         if not self.down:
             self.down = True

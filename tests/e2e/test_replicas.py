@@ -213,6 +213,8 @@ def test_redis_hang_and_restart_mid_load(tmp_path: Path, sim: Process, fail: str
         )
         assert Decimal(used) == Decimal(total["cost_usd"])
         assert "shared state unavailable" in proc.output() and "answers again" in proc.output()
+        metrics = httpx.get(proc.url + "/metrics").text
+        assert re.search(r'^gateway_state_unavailable_total\{concern="budgets"\} [1-9]', metrics, re.M)
     finally:
         if proc is not None:
             proc.stop()
