@@ -9,7 +9,7 @@ Each concern has its own mode (``state.fail`` in the config):
   every request.
 
 Either way, settlements and token corrections never fail a request: when the store is down they
-are queued and replayed in order by a background task. A reservation whose call timed out may still
+are queued and replayed (in concurrent batches) by a background task. A reservation whose call timed out may still
 be carried out by a Redis that was only slow, so it is released (settled at zero) by a replay too.
 A rate-limit hit cannot be taken back that way: a timed-out hit may be counted once more, which the
 window forgets within two minutes. After a failure the store is not asked again
