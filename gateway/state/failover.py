@@ -9,12 +9,12 @@ Each concern has its own mode (``state.fail`` in the config):
   every request.
 
 Either way, settlements and token corrections never fail a request: when the store is down they
-are queued and replayed (in concurrent batches) by a background task. A reservation whose call timed out may still
-be carried out by a Redis that was only slow, so it is released (settled at zero) by a replay too.
-A rate-limit hit cannot be taken back that way: a timed-out hit may be counted once more, which the
-window forgets within two minutes. After a failure the store is not asked again
-for ``cooldown_s``, so an outage costs each request nothing rather than a timeout. The ledger does
-not go through here: it never depends on the store.
+are queued and replayed (in concurrent batches) by a background task. A reservation whose call timed
+out may still be carried out by a Redis that was only slow, so it is released (settled at zero) by a
+replay too. A rate-limit hit cannot be taken back that way: a timed-out hit may be counted once
+more, which the window forgets within two minutes. After a failure the store is not asked again for
+``cooldown_s``, so an outage costs each request nothing rather than a timeout. The ledger does not
+go through here: it never depends on the store.
 """
 
 from __future__ import annotations
