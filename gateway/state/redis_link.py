@@ -49,6 +49,22 @@ class Script:
     sha: str
 
 
+def pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """RESP for a batch of commands. redis-py's packer handles every argument type through several
+    checks per argument; the state code sends only bytes, str and int, and this is several times
+    cheaper."""
+    out: list[bytes] = []
+    for args in commands:
+        out.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            if isinstance(arg, str):
+                arg = arg.encode()
+            elif not isinstance(arg, bytes):
+                arg = str(arg).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
 def script(source: str) -> Script:
     return Script(source, hashlib.sha1(source.encode()).hexdigest())
 
@@ -127,7 +143,7 @@ class RedisLink:
                 if not connected:
                     await conn.connect()
                     connected = True
-                await conn.send_packed_command(conn.pack_commands([args for args, _ in batch]))
+                await conn.send_packed_command(pack([args for args, _ in batch]))
                 for _, future in batch:
                     try:
                         reply = await conn.read_response()

@@ -12,10 +12,20 @@ import pytest
 from redis.exceptions import ResponseError
 
 from gateway.state.base import StateUnavailable
-from gateway.state.redis_link import RedisSettings, connect, script
+from gateway.state.redis_link import RedisSettings, connect, pack, script
 from tests.e2e.redis_helpers import RedisServer
 
 pytestmark = pytest.mark.redis
+
+
+def test_pack_matches_redis_py() -> None:
+    from redis.asyncio.connection import Connection
+
+    commands = [
+        ("SET", "k", b"\x00bin\r\n\xff", "PX", 1500),
+        ("EVALSHA", "ab12", 2, "ns:é", "x", -7, 12345678901234567),
+    ]
+    assert pack(commands) == b"".join(Connection().pack_commands(commands))
 
 
 @pytest.fixture()
