@@ -69,6 +69,8 @@ class RateLimiter:
     def _key_rates(self, rules: RateLimits, key_id: str) -> Rates | None:
         cached = self._key_index.get(id(rules))
         if cached is None or cached[0] is not rules:
+            if len(self._key_index) > 1024:  # policies reloaded many times: forget the old ones
+                self._key_index.clear()
             index = {k.removeprefix("sha256:")[:12]: r for k, r in rules.keys.items() if k != "*"}
             cached = self._key_index[id(rules)] = (rules, index)
         return cached[1].get(key_id) or rules.keys.get("*")
