@@ -83,7 +83,7 @@ STATE_UNAVAILABLE = Counter(
 )
 BUDGET_REMAINING = Gauge(
     "gateway_budget_remaining_usd",
-    "Remaining tenant budget in USD per window (daily, monthly), updated as requests settle.",
+    "Remaining tenant budget in USD per window (daily, monthly), refreshed within a second of requests settling.",
     ("tenant", "window"),
     registry=REGISTRY,
     # with several workers each holds the value it last computed: the latest write is the truth
