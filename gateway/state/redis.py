@@ -319,49 +319,48 @@ class RedisKeyValueState(KeyValueState):
     """Shared small entries (affinity, reasoning store, upstream stats) as strings with ``PX`` expiry.
 
     Everything here is an optimisation a request can do without, so a Redis that does not answer
-    makes a read a miss and a write a no-op (logged at most every few seconds), never a failed request.
-    TTLs are capped at ``max_ttl_s`` so no entry lives forever.
+    makes a read a miss and a write a no-op (logged at most every few seconds), never a failed request;
+    after a failure Redis is not asked again for ``cooldown_s``, so a hung Redis costs requests one
+    deadline, not one per call. TTLs are capped at ``max_ttl_s`` so no entry lives forever.
     """
 
-    def __init__(self, link: RedisLink, max_ttl_s: float = 7 * 86400) -> None:
+    def __init__(self, link: RedisLink, max_ttl_s: float = 7 * 86400, cooldown_s: float = 1.0) -> None:
         self._redis = link
         self._prefix = f"{link.settings.namespace}:kv:"
         self._max_ttl_ms = int(max_ttl_s * 1000)
+        self._cooldown_s = cooldown_s
+        self._down_until = 0.0
         self._warned_at = 0.0
 
-    def _degraded(self, exc: StateUnavailable) -> None:
+    async def _call(self, *args: Any) -> Any:
+        """The reply, or None while Redis is known to be down or when it fails now."""
         now = time.monotonic()
-        if now - self._warned_at > 5:
-            self._warned_at = now
-            log.warning("key-value state unavailable, serving without it: %s", exc)
+        if now < self._down_until:
+            return None
+        try:
+            return await self._redis.call(*args)
+        except StateUnavailable as exc:
+            self._down_until = time.monotonic() + self._cooldown_s
+            if now - self._warned_at > 5:
+                self._warned_at = now
+                log.warning("key-value state unavailable, serving without it: %s", exc)
+            return None
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            value = await self._redis.call("GET", self._prefix + key)
-            return value if isinstance(value, bytes) else None
-        except StateUnavailable as exc:
-            self._degraded(exc)
-            return None
+        value = await self._call("GET", self._prefix + key)
+        return value if isinstance(value, bytes) else None
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         ms = min(self._max_ttl_ms, max(1, int(ttl_s * 1000)))
-        try:
-            await self._redis.call("SET", self._prefix + key, value, "PX", ms)
-        except StateUnavailable as exc:
-            self._degraded(exc)
+        await self._call("SET", self._prefix + key, value, "PX", ms)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
-        try:
-            values = await self._redis.call("MGET", *(self._prefix + k for k in keys))
-            return [v if isinstance(v, bytes) else None for v in values]
-        except StateUnavailable as exc:
-            self._degraded(exc)
+        values = await self._call("MGET", *(self._prefix + k for k in keys))
+        if values is None:
             return [None] * len(keys)
+        return [v if isinstance(v, bytes) else None for v in values]
 
     async def delete(self, key: str) -> None:
-        try:
-            await self._redis.call("DEL", self._prefix + key)
-        except StateUnavailable as exc:
-            self._degraded(exc)
+        await self._call("DEL", self._prefix + key)

@@ -73,3 +73,32 @@ async def test_a_restarted_server_is_reconnected_to(server: RedisServer) -> None
         assert await link.call("PING") == b"PONG"
     finally:
         await link.close()
+
+
+async def test_key_value_state_skips_a_hung_redis_after_one_deadline(server: RedisServer) -> None:
+    """A hung Redis (stopped process: connections accepted, never answered) costs one deadline; later
+    reads are misses at once until the cool-down ends, then Redis is asked again."""
+    import signal
+    import time
+
+    from gateway.state.redis import RedisKeyValueState
+
+    link = connect(RedisSettings(server.url, "t", None, 0.1, 0.1))
+    kv = RedisKeyValueState(link, cooldown_s=0.5)
+    try:
+        await kv.put("a", b"1", 60)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert await kv.get("a") is None
+            assert time.monotonic() - started < 1.0
+            started = time.monotonic()
+            assert await kv.get_many(["a", "b"]) == [None, None]
+            assert time.monotonic() - started < 0.05
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.6)
+        assert await kv.get("a") == b"1"
+    finally:
+        await link.close()

@@ -383,6 +383,7 @@ async def test_redis_that_refuses_connections_fails_fast() -> None:
         kv = RedisKeyValueState(link)
         assert await kv.get("a") is None and await kv.get_many(["a", "b"]) == [None, None]
         await kv.put("a", b"x", 10)
+        await kv.delete("a")
         assert time.monotonic() - started < 2.0
     finally:
         await link.close()
