@@ -25,6 +25,13 @@ shows median [min-max].
   .venv/bin/python bench/overhead.py                                   # current tree, ~2 min
   .venv/bin/python bench/overhead.py --gateway-src now=/work/main --gateway-src premeter=/tmp/gw-premeter
   .venv/bin/python bench/overhead.py --duration 10 --conc 1,16,64,128 --repeats 3
+  .venv/bin/python bench/overhead.py --states memory,redis --repeats 3     # state backends side by side
+
+--states runs every gateway once per state backend (labels get /memory, /redis). With more than the
+default `memory`, the bench tenant also gets a budget and RPM/TPM limits too high to bite, so that every
+request reserves, settles and counts in the backend: the comparison is what the backend costs, not what
+the limits cost. --redis-url (default redis://127.0.0.1:6379/0) names the Redis; keys live under a
+namespace of their own per run and expire by themselves.
 
 Writes <out>/run.json and <out>/summary.md (default bench/results/<stamp>/, git-ignored) and prints the
 markdown tables.
@@ -241,15 +248,18 @@ def has_metering(src: Path) -> bool:
         return False
 
 
-def write_config(d: Path, port: int, upstream_port: int, metering: bool) -> Path:
-    """Same shape as bench/gateway_peer.sh; the pre-metering config schema has no prices/ledger keys."""
+def write_config(d: Path, port: int, upstream_port: int, metering: bool, state: str = "", limits: bool = False) -> Path:
+    """Same shape as bench/gateway_peer.sh; the pre-metering config schema has no prices/ledger keys.
+    ``state`` is a config ``state:`` line; ``limits`` gives the tenant a budget and rate limits that
+    never bite, so each request goes through the state backend."""
     (d / "policies").mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     (d / "policies" / "bench.yaml").write_text(
         f"tenant: bench\nkeys:\n  - sha256:{digest}\nmodels:\n"
         + "".join(f"  {m}:\n    candidates: [bench-upstream/{m}]\n" for m in MODELS)
+        + ("budget: {daily_usd: 1000000}\nrate_limits: {rpm: 1000000000, tpm: 1000000000000}\n" if limits else "")
     )
-    text = f"listen: {{host: 127.0.0.1, port: {port}}}\nlog_level: warning\npolicies_dir: policies\n"
+    text = f"listen: {{host: 127.0.0.1, port: {port}}}\nlog_level: warning\npolicies_dir: policies\n{state}"
     if metering:
         (d / "prices.yaml").write_text(
             "currency: USD\nprices:\n"
@@ -270,8 +280,9 @@ def write_config(d: Path, port: int, upstream_port: int, metering: bool) -> Path
 
 
 class Gateway:
-    def __init__(self, label: str, src: Path, python: str) -> None:
+    def __init__(self, label: str, src: Path, python: str, state: str = "", limits: bool = False) -> None:
         self.label, self.src, self.python = label, src, python
+        self.state, self.limits = state, limits
         self.rev = git_desc(src)
         self.metering = has_metering(src)
         exe = Path(python).parent / "kimi-gateway"
@@ -292,7 +303,7 @@ class Gateway:
         return p.stdout.strip() or p.stderr.strip()[-300:]
 
     def spawn(self, args: argparse.Namespace, d: Path, port: int) -> Proc:
-        config = write_config(d, port, args.sim_port, self.metering)
+        config = write_config(d, port, args.sim_port, self.metering, self.state, self.limits)
         argv = [*self.cmd, "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"]
         return Proc(self.label, taskset(args.gateway_cpu, argv), d / "gateway.log", self.env, d)
 
@@ -860,13 +871,27 @@ def main() -> None:
     ap.add_argument("--gateway-port", type=int, default=19204)
     ap.add_argument("--bodies", type=Path, default=HERE / "bodies", help="nonstream.json and stream.json")
     ap.add_argument("--out", type=Path, default=None, help="result dir (default bench/results/<stamp>)")
+    ap.add_argument("--states", default="memory", help="state backends to run each gateway with: memory,redis")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --states redis")
     args = ap.parse_args()
     args.conc = [int(c) for c in args.conc.split(",")]
     if 1 not in args.conc:
         sys.exit("--conc must include 1 (added latency at 1 connection)")
     args.ttfb_duration = args.ttfb_duration or args.duration
     specs = args.gateway_src or ([os.environ["GATEWAY_SRC"]] if os.environ.get("GATEWAY_SRC") else [f"current={REPO}"])
-    gateways = [Gateway(label, src, args.python) for label, src in map(parse_src, specs)]
+    states = [s.strip() for s in args.states.split(",") if s.strip()]
+    if not states or set(states) - {"memory", "redis"}:
+        sys.exit("--states takes memory and/or redis")
+    state_lines = {
+        "memory": "",
+        "redis": f"state: {{backend: redis, url: '{args.redis_url}', namespace: bench-{os.getpid()}}}\n",
+    }
+    limits = states != ["memory"]
+    gateways = [
+        Gateway(label if len(states) == 1 else f"{label}/{state}", src, args.python, state_lines[state], limits)
+        for label, src in map(parse_src, specs)
+        for state in states
+    ]
     if len({g.label for g in gateways}) != len(gateways) or "direct" in {g.label for g in gateways}:
         sys.exit("gateway labels must be distinct and not 'direct' (use LABEL=DIR)")
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -26,14 +26,16 @@ from gateway.metering.ledger import Ledger, ledger_from_url
 from gateway.metering.meter import Meter
 from gateway.observability import log, metrics_payload, setup_logging
 from gateway.pipeline import Runtime
+from gateway.ratelimit import RateLimiter
 from gateway.routing.background import RoutingTasks
 from gateway.routing.router import Router
-from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState
+from gateway.state.build import build_states
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
 
 CONFIG_ENV = "KIMI_GATEWAY_CONFIG"
+WORKERS_ENV = "KIMI_GATEWAY_WORKERS"  # set by ``serve --workers N`` for the worker processes
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -49,11 +51,19 @@ class GatewayApp:
         self.ledger: Ledger = ledger_from_url(
             config.ledger_url, batch_size=ledger_cfg.batch_size, max_delay=ledger_cfg.flush_interval_s
         )
-        self.budgets = Budgets(MemoryBudgetState())
+        longest = max(up.timeouts.total_s for up in config.settings.upstreams.values())
+        self.state = build_states(config.settings.state, longest)
+        self.budgets = Budgets(self.state.budgets)
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
-        kv = MemoryKeyValueState()
+        limits = RateLimiter(self.state.rate_limits)
+        kv = self.state.kv
         self.runtime = Runtime(
-            loaded.policies, self.upstreams, self.meter, kv, Router.from_config(config, loaded.prices, kv)
+            loaded.policies,
+            self.upstreams,
+            self.meter,
+            kv,
+            Router.from_config(config, loaded.prices, kv),
+            limits=limits,
         )
         self.runtime.capture = capture_store_from_url(config.ledger_url)  # beside the ledger
         self.background = RoutingTasks(config, self.runtime)
@@ -134,10 +144,12 @@ class GatewayApp:
 
     async def startup(self) -> None:
         await self.ledger.open()
+        await self.state.open()
         if self.runtime.capture is not None:
             await self.runtime.capture.open()  # deletes rows past their retention, then daily
         settings = self.config.settings
-        shared = not self.config.ledger_url.startswith("sqlite:") or settings.workers > 1
+        workers = max(settings.workers, int(os.environ.get(WORKERS_ENV, "1")))
+        shared = not self.config.ledger_url.startswith("sqlite:") or workers > 1
         # with other processes on the same ledger, leave their requests in flight alone
         longest = max(up.timeouts.total_s for up in settings.upstreams.values())
         await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)
@@ -157,6 +169,7 @@ class GatewayApp:
         await self.background.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
+        await self.state.close()
         await self.ledger.close()
         if self.runtime.capture is not None:
             await self.runtime.capture.close()

@@ -52,12 +52,14 @@ def serve(
     settings = loaded.config.settings
     setup_logging(settings.log_level)
     n = workers or settings.workers
-    budgeted = sorted(t.name for t in loaded.policies.tenants.values() if t.budget is not None)
-    if n > 1 and budgeted and settings.state.backend == "memory":
+    limited = sorted(
+        t.name for t in loaded.policies.tenants.values() if t.budget is not None or t.rate_limits is not None
+    )
+    if n > 1 and limited and settings.state.backend == "memory":
         typer.echo(
-            f"kimi-gateway: {n} workers with in-memory state would each enforce the budgets of "
-            f"{', '.join(budgeted)} on their own, letting spend reach {n}x the caps; run one worker "
-            "(state.backend: memory keeps budgets in one process).",
+            f"kimi-gateway: {n} workers with in-memory state would each enforce the budgets and rate limits "
+            f"of {', '.join(limited)} on their own, letting spend and traffic reach {n}x the limits; run one "
+            "worker, or share state between workers with state.backend: redis.",
             err=True,
         )
         raise typer.Exit(2)
@@ -79,10 +81,33 @@ def serve(
 
         uvicorn.run(GatewayApp(loaded), **common)  # type: ignore[arg-type]
     else:
-        from gateway.app import CONFIG_ENV
+        from gateway.app import CONFIG_ENV, WORKERS_ENV
 
         os.environ[CONFIG_ENV] = str(config.resolve())
+        os.environ[WORKERS_ENV] = str(n)
+        prepare_multiprocess_metrics()
         uvicorn.run("gateway.app:create_app", factory=True, workers=n, **common)  # type: ignore[arg-type]
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Prometheus multiprocess mode for workers: each writes its metrics to files in one folder and
+    ``/metrics`` adds them up. Set before the workers start (they read it when importing
+    prometheus_client); emptied first, so counts from an earlier run do not come back. Without
+    ``PROMETHEUS_MULTIPROC_DIR`` a temporary folder is used and removed on exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="kimi-gateway-metrics-"))
+        atexit.register(shutil.rmtree, folder, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 @app.command()

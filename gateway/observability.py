@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -73,11 +74,20 @@ CACHE_SAVINGS = Counter(
     ("tenant", "model", "upstream"),
     registry=REGISTRY,
 )
+STATE_UNAVAILABLE = Counter(
+    "gateway_state_unavailable",
+    "Calls to the shared state store (Redis) that failed or were skipped while it was down, by concern "
+    "(budgets, rate limits); the concern's fail mode decided what the request got.",
+    ("concern",),
+    registry=REGISTRY,
+)
 BUDGET_REMAINING = Gauge(
     "gateway_budget_remaining_usd",
-    "Remaining tenant budget in USD per window (daily, monthly), updated as requests settle.",
+    "Remaining tenant budget in USD per window (daily, monthly), refreshed within a second of requests settling.",
     ("tenant", "window"),
     registry=REGISTRY,
+    # with several workers each holds the value it last computed: the latest write is the truth
+    multiprocess_mode="mostrecent",
 )
 REASONING_RESTORED = Counter(
     "gateway_reasoning_restored",
@@ -134,7 +144,20 @@ def series(tenant: str, model: str, upstream: str, stream: bool) -> Series:
     )
 
 
+_MULTIPROCESS: list[CollectorRegistry] = []
+
+
 def metrics_payload() -> tuple[bytes, str]:
+    """This process's metrics, or with several workers (``PROMETHEUS_MULTIPROC_DIR`` set by
+    ``kimi-gateway serve --workers N``) every worker's, added up from their files."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not _MULTIPROCESS:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            _MULTIPROCESS.append(registry)
+        return generate_latest(_MULTIPROCESS[0]), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 

@@ -27,13 +27,14 @@ from gateway.metering.tokens import upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
+from gateway.ratelimit import Admission, RateLimiter
 from gateway.reasoning.inbound import prepare_reasoning
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
 from gateway.routing.router import Plan, Router, remaining_fraction
 from gateway.state.base import KeyValueState
-from gateway.state.memory import MemoryKeyValueState
+from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
 from gateway.tools.inbound import prepare_tools
 from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
@@ -65,6 +66,7 @@ class Exchange:
     builtin_tools: bool = False  # the request declares provider builtins ($web_search): per-call fees
     # response transforms for this request (reasoning modes, tool-call repair...); empty = byte relay
     transforms: list[ResponseTransform] = field(default_factory=list)
+    rate: Admission | None = None  # the rate limits that admitted it (headers, token correction)
 
     @property
     def upstream_label(self) -> str:
@@ -81,12 +83,14 @@ class Runtime:
         meter: Meter,
         kv: KeyValueState | None = None,
         router: Router | None = None,
+        limits: RateLimiter | None = None,
     ) -> None:
         self.policies = policies
         self.upstreams = upstreams
         self.meter = meter
         # shared small entries (prefix affinity, reasoning store, upstream stats): memory or Redis
         self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
+        self.limits = limits if limits is not None else RateLimiter(MemoryRateLimitState())
         # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
         self.dead: set[str] = set()
         self.capture: CaptureStore | None = None  # diagnostic capture rows, for tenants that turn it on
@@ -152,11 +156,12 @@ def shape_request(ex: Exchange, candidate: Candidate) -> bytes:
 
 
 def _response_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
-    return [
+    headers = [
         (b"x-request-id", ex.request_id.encode()),
         (b"x-gateway-upstream", ex.upstream_label.encode()),
         (b"x-gateway-route-reason", ex.route_reason.encode()),
     ]
+    return headers + ex.rate.headers if ex.rate is not None else headers
 
 
 def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
@@ -289,6 +294,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             bound = upper_bound_tokens(ex.raw)
             await prefer_affordable(rt.meter.budgets, rt.meter.prices, ex.tenant, m.app, plan, bound, asked, m.ts)
         client_wants_usage = ask_for_stream_usage(ex) if ex.stream else False
+        if ex.tenant.rate_limits is not None:  # before the budget: a refused request reserves nothing
+            bound = upper_bound_tokens(ex.raw) + (requested_max_tokens(ex.body) or ex.tenant.default_max_tokens)
+            ex.rate = await rt.limits.admit(ex.tenant.name, ex.tenant.rate_limits, ex.key_id, bound)
         # a later candidate starts from the body as it was before the first one's shaping
         original = list(ex.body.items()) if len(plan.options) > 1 else None
         for n, option in enumerate(plan.options):
@@ -338,6 +346,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
         await rt.meter.settle(m)
         capture_exchange(rt, ex)
+        if ex.rate is not None:
+            used = m.usage.prompt_tokens + m.usage.completion_tokens if m.usage is not None else 0
+            await rt.limits.correct(ex.rate, used)
 
 
 async def _relay_whole(

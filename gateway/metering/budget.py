@@ -183,4 +183,4 @@ async def seed_from_ledger(
                     continue
                 spent = await ledger.window_spend(tenant, app, window_starts[line.window.key])  # type: ignore[attr-defined]
                 if spent:
-                    await budgets.state.add_spent(line.limit.key, to_nanos(spent), line.limit.ttl_s)
+                    await budgets.state.seed(line.limit.key, to_nanos(spent), line.limit.ttl_s)

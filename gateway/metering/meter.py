@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.metering.budget import Budgets, Reservation
 from gateway.metering.ledger import Ledger, LedgerRow, OpenReservation
 from gateway.metering.money import from_nanos
@@ -24,6 +25,7 @@ from gateway.observability import BUDGET_REMAINING, UNKNOWN, log, series
 from gateway.policy.store import Tenant
 
 ZERO = Decimal(0)
+GAUGE_EVERY_S = 1.0  # the remaining-budget gauge is refreshed this often per tenant, not per request
 
 
 @dataclass(slots=True)
@@ -64,6 +66,8 @@ class Meter:
         self.prices = prices
         self.budgets = budgets
         self.ledger = ledger
+        self._gauge_due: set[str] = set()
+        self._gauge_tasks: set[asyncio.Task[None]] = set()
 
     def price(self, label: str, when: float) -> Price | None:
         return self.prices.at(label, when)
@@ -123,7 +127,7 @@ class Meter:
         if cost.cache_savings:
             s.savings.inc(float(cost.cache_savings))
         if m.tenant.budget is not None:
-            await self._update_remaining(m)
+            self._remaining_soon(m)
         if self.ledger is not None:
             self.ledger.record(
                 LedgerRow(
@@ -156,11 +160,30 @@ class Meter:
                 )
             )
 
+    def _remaining_soon(self, m: Metered) -> None:
+        """Refresh the gauge within a second, once per tenant however many requests settle meanwhile:
+        reading every budget line per request would double the state round trips with Redis."""
+        name = m.tenant.name
+        if name in self._gauge_due:
+            return
+        self._gauge_due.add(name)
+
+        async def later() -> None:
+            await asyncio.sleep(GAUGE_EVERY_S)
+            self._gauge_due.discard(name)
+            await self._update_remaining(m)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._gauge_tasks.add(task)
+        task.add_done_callback(self._gauge_tasks.discard)
+
     async def _update_remaining(self, m: Metered) -> None:
         try:
             for row in await self.budgets.remaining(m.tenant.name, m.tenant.budget, time.time()):
                 if row["scope"] == "tenant":
                     BUDGET_REMAINING.labels(m.tenant.name, str(row["window"])).set(float(str(row["remaining_usd"])))
+        except GatewayError:  # the state store is down and budgets fail closed: try again next time
+            return
         except Exception:  # a gauge must never fail a request
             log.exception("budget gauge update failed")
 

@@ -179,6 +179,21 @@ class CapturePolicy(_Strict):
     retention_days: Annotated[int, Field(ge=1, le=3650)] = 7
 
 
+class Rates(_Strict):
+    """Requests and tokens per minute. Tokens are admitted on the prompt (an upper bound) plus
+    ``max_tokens``, and corrected to the reported usage when the request ends."""
+
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+
+
+class RateLimits(Rates):
+    """Tenant-wide limits, and per key: ``keys`` maps a key hash of this policy (``sha256:...``) or
+    ``"*"`` (every key on its own) to its limits. Every limit that applies must admit a request."""
+
+    keys: dict[str, Rates] = Field(default_factory=dict)
+
+
 class TenantPolicy(_Strict):
     tenant: str
     description: str = ""
@@ -193,6 +208,17 @@ class TenantPolicy(_Strict):
     slo: Slo | None = None
     reasoning: ReasoningPolicy = Field(default_factory=ReasoningPolicy)
     capture: CapturePolicy = Field(default_factory=CapturePolicy)
+    rate_limits: RateLimits | None = None
+
+    @model_validator(mode="after")
+    def _rate_limit_keys(self) -> TenantPolicy:
+        for key in self.rate_limits.keys if self.rate_limits else ():
+            if key != "*" and key not in self.keys:
+                raise ValueError(
+                    f"rate_limits.keys: {key[:20]}... is not one of this policy's keys (use a hash from "
+                    "'keys', or '*' for every key)"
+                )
+        return self
 
     @field_validator("tenant")
     @classmethod

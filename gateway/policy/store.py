@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import LoadedConfig
-from gateway.policy.model import Budget, BudgetStep, CapturePolicy, PolicyDefaults, ReasoningPolicy, Slo, TenantPolicy
+from gateway.policy.model import (
+    Budget,
+    BudgetStep,
+    CapturePolicy,
+    PolicyDefaults,
+    RateLimits,
+    ReasoningPolicy,
+    Slo,
+    TenantPolicy,
+)
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 DEFAULTS_FILE = "defaults.yaml"
@@ -55,6 +64,7 @@ class Tenant:
     budget_steps: tuple[BudgetStep, ...] = ()
     reasoning: ReasoningPolicy = DEFAULT_REASONING
     capture: CapturePolicy = DEFAULT_CAPTURE
+    rate_limits: RateLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +231,7 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             tuple(defaults.budget_routing if steps is None else steps) if policy.budget else (),
             policy.reasoning,
             policy.capture,
+            policy.rate_limits,
         )
         tenants[policy.tenant] = tenant
         for key in policy.keys:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from gateway.state.base import BudgetState, KeyValueState, Limit, Refusal
+from gateway.state.base import BudgetState, KeyValueState, Limit, RateCount, RateLimit, RateLimitState, Refusal
 
 
 class MemoryBudgetState(BudgetState):
@@ -19,6 +19,7 @@ class MemoryBudgetState(BudgetState):
         self._reserved: dict[str, int] = {}
         self._expires: dict[str, float] = {}
         self._reservations: dict[str, tuple[tuple[str, ...], int]] = {}
+        self._applied: OrderedDict[str, None] = OrderedDict()  # add_spent_once ids, the latest 100,000
 
     def _touch(self, key: str, ttl_s: int) -> None:
         self._expires[key] = max(self._expires.get(key, 0.0), self._clock() + ttl_s)
@@ -31,6 +32,8 @@ class MemoryBudgetState(BudgetState):
             self._reserved.pop(key, None)
 
     async def reserve(self, request_id: str, limits: list[Limit], amount: int) -> Refusal | None:
+        if request_id in self._reservations:  # already held (a retried call)
+            return None
         if len(self._expires) > 4096:
             self._expire()
         for limit in limits:
@@ -58,6 +61,15 @@ class MemoryBudgetState(BudgetState):
     async def add_spent(self, key: str, amount: int, ttl_s: int) -> None:
         self._spent[key] = self._spent.get(key, 0) + amount
         self._touch(key, ttl_s)
+
+    async def add_spent_once(self, request_id: str, limits: list[Limit], amount: int) -> None:
+        if request_id in self._applied:
+            return
+        self._applied[request_id] = None
+        if len(self._applied) > 100_000:
+            self._applied.popitem(last=False)
+        for limit in limits:
+            await self.add_spent(limit.key, amount, limit.ttl_s)
 
     async def open_reservations(self) -> int:
         return len(self._reservations)
@@ -106,3 +118,62 @@ class MemoryKeyValueState(KeyValueState):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class MemoryRateLimitState(RateLimitState):
+    """Sliding-window counters in a dict: per key, [window index, previous total, current total]."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, list[int]] = {}
+        self._windows: dict[str, int] = {}  # key -> window_s, to drop stale counters
+
+    @staticmethod
+    def _roll(entry: list[int], idx: int) -> tuple[int, int]:
+        w, current, previous = entry
+        if w == idx:
+            return previous, current
+        if w == idx - 1:
+            return current, 0
+        return 0, 0
+
+    def _drop_stale(self, now: float) -> None:
+        for key in [k for k, e in self._counters.items() if e[0] < int(now // self._windows[k]) - 1]:
+            del self._counters[key]
+            del self._windows[key]
+
+    async def hit(self, limits: list[RateLimit], now: float) -> tuple[bool, list[RateCount]]:
+        if len(self._counters) > 4096:
+            self._drop_stale(now)
+        counts: list[RateCount] = []
+        allowed = True
+        for limit in limits:
+            idx = int(now // limit.window_s)
+            previous, current = self._roll(self._counters.get(limit.key, [idx, 0, 0]), idx)
+            count = RateCount(limit, previous, current, now - idx * limit.window_s, idx)
+            if count.used + limit.amount > limit.limit:
+                allowed = False
+            counts.append(count)
+        if not allowed:
+            return False, counts
+        after = []
+        for count in counts:
+            limit = count.limit
+            self._counters[limit.key] = [count.window, count.current + limit.amount, count.previous]
+            self._windows[limit.key] = limit.window_s
+            after.append(RateCount(limit, count.previous, count.current + limit.amount, count.elapsed_s, count.window))
+        return True, after
+
+    async def adjust(self, key: str, window_s: int, window: int, delta: int) -> None:
+        w, current, previous = self._counters.get(key, [-1, 0, 0])
+        if w == window:
+            current += delta
+        elif w == window + 1:
+            previous += delta
+        elif w == window - 1:
+            w, previous, current = window, current, delta
+        elif w < window - 1:
+            w, previous, current = window, 0, delta
+        else:
+            return
+        self._counters[key] = [w, max(0, current), max(0, previous)]
+        self._windows[key] = window_s

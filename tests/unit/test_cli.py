@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT, write_gateway
 
@@ -53,7 +56,7 @@ def test_keys_hash_matches_sha256() -> None:
 
 def test_workers_with_in_memory_budgets_are_refused(tmp_path: Path) -> None:
     out = run("serve", "--config", str(config(tmp_path, "budget: {daily_usd: 5}\n")), "--workers", "2", "--port", "9")
-    assert out.returncode == 2 and "2x the caps" in out.stderr
+    assert out.returncode == 2 and "2x the limits" in out.stderr and "state.backend: redis" in out.stderr
 
 
 def test_simulate_serves_the_simulator_over_http(tmp_path: Path) -> None:
@@ -84,3 +87,22 @@ def test_simulate_serves_the_simulator_over_http(tmp_path: Path) -> None:
         proc.stop()
     bad = run("simulate", "--profile", "warp")
     assert bad.returncode == 2 and "warp" in bad.stderr
+
+
+def test_multiprocess_metrics_folder_is_emptied_before_workers_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts a previous run left behind must not come back in /metrics."""
+    from gateway.cli import prepare_multiprocess_metrics
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_4242.db").write_bytes(b"stale")
+    (folder / "notes.txt").write_text("not ours")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+    prepare_multiprocess_metrics()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    prepare_multiprocess_metrics()  # none given: a fresh folder of its own
+    made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert made.is_dir() and made != folder and not any(made.iterdir())

@@ -16,8 +16,8 @@ from gateway.metering.prices import PriceBook, PriceEntry, cost_of, load_prices
 from gateway.metering.stream import StreamTap
 from gateway.metering.usage import parse_usage, usage_of_response
 from gateway.policy.model import Budget
-from gateway.state.memory import MemoryBudgetState
 from gateway.yamlfile import ConfigError
+from tests.unit.conftest import Backend
 
 ROOT = Path(__file__).resolve().parents[2]
 M = Decimal(1_000_000)
@@ -192,10 +192,10 @@ def test_budget_windows_and_keys() -> None:
     ]
 
 
-async def test_concurrent_reservations_never_pass_the_cap() -> None:
+async def test_concurrent_reservations_never_pass_the_cap(backend: Backend) -> None:
     price = book().at("ms/k2", 1_780_000_000)
     assert price is not None
-    budgets = Budgets(MemoryBudgetState())
+    budgets = Budgets(backend.budgets())
     per = Decimal(100) * price.miss + Decimal(1000) * price.out
     budget = Budget(daily_usd=per * 10)
 

@@ -1,30 +1,50 @@
-"""The key-value state contract (memory backend; the Redis backend runs the same tests)."""
+"""The key-value state contract, run against memory and against a real Redis."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from gateway.state.memory import MemoryKeyValueState
+from tests.unit.conftest import Backend
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def test_put_get_and_expiry() -> None:
-    clock = Clock()
-    kv = MemoryKeyValueState(clock=clock)
-    await kv.put("a", b"1", ttl_s=10)
+async def test_put_get_and_expiry(backend: Backend) -> None:
+    kv = backend.kv()
+    await kv.put("a", b"1", ttl_s=0.15)
     assert await kv.get("a") == b"1"
-    clock.now += 11
+    await asyncio.sleep(0.3)
     assert await kv.get("a") is None
 
 
+async def test_put_replaces_value_and_lifetime(backend: Backend) -> None:
+    kv = backend.kv()
+    await kv.put("a", b"old", ttl_s=0.15)
+    await kv.put("a", b"new", ttl_s=60)
+    await asyncio.sleep(0.3)
+    assert await kv.get("a") == b"new"
+
+
+async def test_get_many_keeps_order_and_reports_misses(backend: Backend) -> None:
+    kv = backend.kv()
+    await kv.put("affinity:t:1", b"\x00binary\xff", 60)
+    await kv.put("affinity:t:3", b"3", 60)
+    assert await kv.get_many(["affinity:t:1", "affinity:t:2", "affinity:t:3"]) == [b"\x00binary\xff", None, b"3"]
+    assert await kv.get_many([]) == []
+
+
+@pytest.mark.parametrize("key", ["missing", ""])
+async def test_delete_is_idempotent(backend: Backend, key: str) -> None:
+    kv = backend.kv()
+    await kv.put("x", b"v", 60)
+    await kv.delete(key)
+    await kv.delete("x")
+    assert await kv.get("x") is None
+
+
 async def test_cap_evicts_least_recently_used() -> None:
+    """Memory holds at most max_entries; Redis bounds entries by their TTL (see the TTL test)."""
     kv = MemoryKeyValueState(max_entries=2)
     await kv.put("a", b"1", 60)
     await kv.put("b", b"2", 60)
@@ -32,15 +52,6 @@ async def test_cap_evicts_least_recently_used() -> None:
     await kv.put("c", b"3", 60)
     assert await kv.get_many(["a", "b", "c"]) == [b"1", None, b"3"]
     assert len(kv) == 2
-
-
-@pytest.mark.parametrize("key", ["missing", ""])
-async def test_delete_is_idempotent(key: str) -> None:
-    kv = MemoryKeyValueState()
-    await kv.put("x", b"v", 60)
-    await kv.delete(key)
-    await kv.delete("x")
-    assert await kv.get("x") is None
 
 
 async def test_byte_cap_evicts_least_recently_used_values() -> None:

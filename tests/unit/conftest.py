@@ -1,0 +1,84 @@
+"""The state backends under test: every contract test runs against memory and against a real Redis
+(a unique namespace per test, deleted afterwards; skipped loudly when no Redis answers, failed under
+KIMI_GATEWAY_REQUIRE_SERVICES=1)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from gateway.state.base import BudgetState, KeyValueState, RateLimitState
+from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState, MemoryRateLimitState
+from tests.conftest import require_service
+
+REDIS_URL = os.environ.get("KIMI_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@dataclass
+class Backend:
+    name: str
+    link: Any = None
+
+    @property
+    def client(self) -> Any:
+        return self.link.client
+
+    @property
+    def settings(self) -> Any:
+        return self.link.settings
+
+    def budgets(self, reservation_ttl_s: float = 60) -> BudgetState:
+        if self.name == "memory":
+            return MemoryBudgetState()
+        from gateway.state.redis import RedisBudgetState
+
+        return RedisBudgetState(self.link, reservation_ttl_s)
+
+    def rates(self) -> RateLimitState:
+        if self.name == "memory":
+            return MemoryRateLimitState()
+        from gateway.state.redis import RedisRateLimitState
+
+        return RedisRateLimitState(self.link)
+
+    def kv(self, **kwargs: Any) -> KeyValueState:
+        if self.name == "memory":
+            return MemoryKeyValueState(**kwargs)
+        from gateway.state.redis import RedisKeyValueState
+
+        return RedisKeyValueState(self.link)
+
+
+async def redis_backend(namespace: str | None = None) -> Backend:
+    from redis.exceptions import RedisError
+
+    from gateway.state.redis import RedisSettings, connect
+
+    settings = RedisSettings(REDIS_URL, namespace or f"kgtest-{uuid.uuid4().hex[:12]}", timeout_s=1.0)
+    link = connect(settings)
+    try:
+        await link.client.ping()
+    except (RedisError, OSError) as exc:
+        await link.close()
+        require_service("Redis", f"cannot connect to {REDIS_URL} ({exc!r}); set KIMI_GATEWAY_TEST_REDIS_URL")
+    return Backend("redis", link)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        yield Backend("memory")
+        return
+    b = await redis_backend()
+    try:
+        yield b
+    finally:
+        keys = [k async for k in b.client.scan_iter(match=b.settings.namespace + ":*")]
+        if keys:
+            await b.client.delete(*keys)
+        await b.link.close()

@@ -1,0 +1,64 @@
+"""Rate limits alone: which limits apply to a key, OpenAI's reset format, the tightest limit in the
+headers, and refusals that say when to come back (or that the request can never fit)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.policy.model import RateLimits
+from gateway.ratelimit import RateLimiter, format_reset
+from gateway.state.memory import MemoryRateLimitState
+
+KEY = "sha256:" + "c" * 64
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (0.0004, "1ms"), (0.25, "250ms"), (1.2, "2s"), (65, "1m5s")])
+def test_reset_uses_openai_durations(seconds: float, text: str) -> None:
+    assert format_reset(seconds) == text
+
+
+def test_limits_for_a_named_key_and_for_every_other_key() -> None:
+    rules = RateLimits(rpm=100, keys={KEY: {"tpm": 50}, "*": {"rpm": 5}})
+    limiter = RateLimiter(MemoryRateLimitState())
+    named = limiter.limits_for("t", rules, "c" * 12, tokens=40)
+    assert [(lim.key, lim.limit, lim.amount) for lim in named] == [
+        ("rate:t:tenant:rpm", 100, 1),
+        (f"rate:t:key={'c' * 12}:tpm", 50, 40),
+    ]
+    other = limiter.limits_for("t", rules, "d" * 12, tokens=40)
+    assert [lim.key for lim in other] == ["rate:t:tenant:rpm", f"rate:t:key={'d' * 12}:rpm"]
+
+
+async def test_headers_report_the_tightest_limit_and_refusals_say_when() -> None:
+    limiter = RateLimiter(MemoryRateLimitState())
+    rules = RateLimits(rpm=100, keys={"*": {"rpm": 2}})
+    first = await limiter.admit("t", rules, "k1", tokens=10)
+    assert first is not None and dict(first.headers)[b"x-ratelimit-limit-requests"] == b"2"
+    await limiter.admit("t", rules, "k1", tokens=10)
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit("t", rules, "k1", tokens=10)
+    error = refused.value
+    headers = dict(error.headers)
+    assert error.status == 429 and error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert "key k1 of tenant 't'" in error.message and "Limit 2" in error.message
+    assert 1 <= int(headers[b"retry-after"]) <= 120 and int(headers[b"retry-after-ms"]) > 0
+    assert headers[b"x-ratelimit-remaining-requests"] == b"0"
+    assert await limiter.admit("t", rules, "k2", tokens=10) is not None  # another key is unaffected
+
+
+async def test_a_request_that_can_never_fit_is_told_so() -> None:
+    limiter = RateLimiter(MemoryRateLimitState())
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit("t", RateLimits(tpm=1000), "k", tokens=1001)
+    assert "Request too large" in refused.value.message
+    assert (b"x-should-retry", b"false") in refused.value.headers
+    assert not any(name == b"retry-after" for name, _ in refused.value.headers)
+
+
+async def test_correction_frees_what_the_request_did_not_use() -> None:
+    limiter = RateLimiter(MemoryRateLimitState())
+    rules = RateLimits(tpm=1000)
+    admission = await limiter.admit("t", rules, "k", tokens=900)
+    await limiter.correct(admission, 100)
+    assert await limiter.admit("t", rules, "k", tokens=900) is not None
