@@ -14,7 +14,7 @@ import aiosqlite
 import orjson
 
 from gateway.capture.store import CaptureRow, CaptureStore
-from gateway.metering.ledger_sqlite import BUSY_TIMEOUT_MS, migrate
+from gateway.metering.ledger_sqlite import BUSY_TIMEOUT_MS, migrate, values_statements
 
 UPSERT = (
     "INSERT INTO capture (request_id, ts, expires_at, tenant, mode, record) VALUES (?, ?, ?, ?, ?, ?)"
@@ -62,7 +62,8 @@ class SqliteCaptureStore(CaptureStore):
     async def _write(self, rows: list[CaptureRow]) -> None:
         values = [(r.request_id, r.ts, r.expires_at, r.tenant, r.mode, r.record_json()) for r in rows]
         async with self._lock:
-            await self.conn.executemany(UPSERT, values)
+            for sql, params in values_statements(UPSERT, values):
+                await self.conn.execute(sql, params)
             await self.conn.commit()
 
     async def get(self, request_id: str) -> CaptureRow | None:
