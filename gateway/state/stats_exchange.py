@@ -173,10 +173,11 @@ class MemoryStatsExchange(StatsExchange):
                 self._tenants[tenant] = (new, n + c.n, expires)
         stats = {}
         for label in list(self._labels):
-            e = self._live(label)
-            if e is not None:
+            live = self._live(label)
+            if live is not None:
+                open_until = live.open_until if live.open_until > now else 0.0
                 stats[label] = SharedStat(
-                    e.ttft, e.tps, e.samples, e.hit, e.cache_n, e.failures, e.open_until if e.open_until > now else 0.0
+                    live.ttft, live.tps, live.samples, live.hit, live.cache_n, live.failures, open_until
                 )
         averages = {}
         for tenant in tenants:
