@@ -10,7 +10,9 @@ is taken as ``v + (1 - (1 - alpha)^n) (m - v)`` (exact when the samples are equa
 samples of a value replace whatever prior a replica started from. Breakers: consecutive failures add
 up across replicas, a success anywhere after the breaker opened closes it, and a breaker a replica
 opened on its own view opens for every replica (it is published at once, not on the next tick).
-Times are wall-clock seconds here (replicas do not share a monotonic clock).
+Times are wall-clock seconds here (replicas do not share a monotonic clock), so replicas' clocks
+must agree to well within a breaker cooldown (NTP does); each replica turns them back into its own
+monotonic time.
 """
 
 from __future__ import annotations
