@@ -62,7 +62,7 @@ class GatewayApp:
             self.upstreams,
             self.meter,
             kv,
-            Router.from_config(config, loaded.prices, kv),
+            Router.from_config(config, loaded.prices, kv, exchange=self.state.stats),
             limits=limits,
         )
         self.runtime.capture = capture_store_from_url(config.ledger_url)  # beside the ledger

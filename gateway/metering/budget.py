@@ -160,12 +160,16 @@ class Budgets:
 
 
 async def seed_from_ledger(
-    budgets: Budgets, ledger: object, tenants: list[tuple[str, Budget | None]], now: float
+    budgets: Budgets,
+    ledger: object,
+    tenants: list[tuple[str, Budget | None]],
+    now: float,
+    only: set[str] | None = None,
 ) -> None:
     """Start-up: counters of an in-process state begin at what the ledger says was spent in each window.
 
     ``ledger`` is a :class:`gateway.metering.ledger.Ledger` (typed loosely to keep this module free of
-    storage imports).
+    storage imports). ``only``: seed just these counter keys (the ones a policy reload added).
     """
     window_starts = {}
     for window in windows(now):
@@ -179,7 +183,7 @@ async def seed_from_ledger(
             continue
         for app in [None, *budget.apps]:
             for line in lines_for(tenant, budget, app, now):
-                if app is not None and line.scope == "tenant":
+                if (app is not None and line.scope == "tenant") or (only is not None and line.limit.key not in only):
                     continue
                 spent = await ledger.window_spend(tenant, app, window_starts[line.window.key])  # type: ignore[attr-defined]
                 if spent:

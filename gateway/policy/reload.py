@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gateway.config import LoadedConfig
 from gateway.metering.prices import PriceBook
+from gateway.metering.reload_seed import ReloadSeeding
 from gateway.observability import log
 from gateway.policy.store import DEFAULTS_FILE, PolicySet, load_policies
 from gateway.yamlfile import ConfigError
@@ -60,6 +61,8 @@ class PolicyWatcher:
         self.prices = prices
         self.interval_s = interval_s
         self.seen: Signature = signature(config)
+        meter = runtime.meter  # type: ignore[attr-defined]
+        self.seeding = ReloadSeeding(meter.budgets, meter.ledger, runtime.policies, time.time())  # type: ignore[attr-defined]
 
     async def check_once(self) -> bool:
         """Reload when a file changed; returns True when a new set was installed."""
@@ -76,6 +79,10 @@ class PolicyWatcher:
                 " | ".join(exc.problems),
             )
             return False
+        try:  # new budget counters start from the ledger, before any request can reserve on them
+            await self.seeding.before_install(self.runtime.policies, policies, time.time())  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("policy reload: seeding new budget counters from the ledger failed; they start at zero")
         self.runtime.policies = policies  # type: ignore[attr-defined]
         log.info(
             "policies reloaded from %s: %d tenants (%s)",

@@ -26,6 +26,7 @@ from gateway.routing.priors import Speed, prior_of
 from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, RouteStats
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES
 from gateway.state.base import KeyValueState
+from gateway.state.stats_exchange import StatsExchange
 
 # strategies that expect cache hits (cheaper input, shorter prefill), so need the prompt's prefix hashes
 _CACHE_AWARE = frozenset(("cost", "balanced", "latency"))
@@ -118,14 +119,26 @@ class Router:
 
     @classmethod
     def from_config(
-        cls, config: LoadedConfig, prices: PriceBook | None, kv: KeyValueState, dead: set[str] | None = None
+        cls,
+        config: LoadedConfig,
+        prices: PriceBook | None,
+        kv: KeyValueState,
+        dead: set[str] | None = None,
+        exchange: StatsExchange | None = None,
     ) -> Router:
+        """``exchange``: where replicas pool statistics and breakers (None: this process alone)."""
         r = config.settings.routing
         traits = {
             name: Traits(prior_of(up), up.cache_ttl_s, dict(up.shaping))
             for name, up in config.settings.upstreams.items()
         }
-        stats = MemoryRouteStats(r.ewma_alpha, r.breaker_failures, r.breaker_cooldown_s)
+        stats: RouteStats
+        if exchange is None:
+            stats = MemoryRouteStats(r.ewma_alpha, r.breaker_failures, r.breaker_cooldown_s)
+        else:
+            from gateway.routing.shared_stats import SharedRouteStats
+
+            stats = SharedRouteStats(exchange, r.ewma_alpha, r.breaker_failures, r.breaker_cooldown_s)
         return cls(traits, prices, kv, stats, dead)
 
     def traits_of(self, upstream: str) -> Traits:

@@ -11,6 +11,7 @@ from typing import Any
 from gateway.config import StateConfig
 from gateway.state.base import BudgetState, KeyValueState, RateLimitState, StateUnavailable
 from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState, MemoryRateLimitState
+from gateway.state.stats_exchange import StatsExchange
 
 log = logging.getLogger("kimi_gateway.state")
 
@@ -22,6 +23,8 @@ class States:
     kv: KeyValueState
     description: str = "memory"
     link: Any = field(default=None)  # the Redis link (pool + pipelined connection) when shared
+    # where replicas pool upstream statistics and breakers (None: this process is on its own)
+    stats: StatsExchange | None = None
 
     async def open(self) -> None:
         """Say where state lives; a Redis that does not answer yet is logged, not fatal (the fail
@@ -55,6 +58,7 @@ def build_states(config: StateConfig, longest_request_s: float) -> States:
         RedisSettings,
         connect,
     )
+    from gateway.state.redis_stats import RedisStatsExchange
 
     assert config.url is not None  # the config model requires it for redis
     settings = RedisSettings(
@@ -72,4 +76,5 @@ def build_states(config: StateConfig, longest_request_s: float) -> States:
         RedisKeyValueState(link),
         description=f"redis {config.url} (namespace {config.namespace!r})",
         link=link,
+        stats=RedisStatsExchange(link),
     )
