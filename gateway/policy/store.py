@@ -6,7 +6,7 @@ in flight keep the set they started with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.config import LoadedConfig
@@ -32,10 +32,11 @@ class Candidate:
     upstream: str
     model: str
     upstream_model: str
+    # ``upstream/model``: read several times per request (metrics, prices, stats), so made once
+    label: str = field(init=False, compare=False)
 
-    @property
-    def label(self) -> str:
-        return f"{self.upstream}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", f"{self.upstream}/{self.model}")
 
 
 @dataclass(frozen=True, slots=True)
