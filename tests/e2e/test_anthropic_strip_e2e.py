@@ -15,8 +15,7 @@ from anthropic import Anthropic
 
 from gateway.simulator.profiles import PROFILES
 from gateway.tools.aliases import alias_of
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
-from tests.e2e.test_dropin import hashed
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 from tests.e2e.test_reasoning_modes import FIRST_REASONING, expected_reasoning, metric
 
 KEY = "sk-anthropic-strip"
@@ -28,14 +27,7 @@ DEFAULT_REASONING = expected_reasoning(PROFILES["instant"].reasoning_chunks)
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = start_simulator(tmp_path_factory.mktemp("strip-raw"), "vllm-raw", "--ttft-ms", "0", "--tokens-per-s", "0")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, raw: Process) -> Iterator[Process]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, raw_vllm: Process) -> Iterator[Process]:
     folder = tmp_path_factory.mktemp("anthropic-strip")
     upstreams = f"""\
   sim:
@@ -44,7 +36,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, raw: P
     models: [kimi-k2-thinking]
   raw:
     kind: openai
-    base_url: {raw.url}/v1
+    base_url: {raw_vllm.url}/v1
     reasoning_field: reasoning
     think_in_content: true
     tool_call_markers: true
@@ -65,7 +57,7 @@ reasoning: {{mode: strip}}
 
 @pytest.fixture()
 def client(gateway: Process, sim: Process) -> Anthropic:
-    return Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    return gateway.anthropic(KEY)
 
 
 def leaks(text: str) -> bool:
@@ -80,7 +72,7 @@ def post(gateway: Process, body: dict[str, Any]) -> httpx.Response:
 
 @pytest.mark.parametrize("model", ["kimi-k2-thinking", "k2-raw"], ids=["moonshot", "think-in-content"])
 def test_strip_non_stream_message_has_no_thinking_block(
-    gateway: Process, client: Anthropic, raw: Process, model: str
+    gateway: Process, client: Anthropic, raw_vllm: Process, model: str
 ) -> None:
     reply = post(gateway, {"model": model, "max_tokens": 4000, "messages": USER})
     assert reply.status_code == 200 and not leaks(reply.text), reply.text[:400]
@@ -90,7 +82,9 @@ def test_strip_non_stream_message_has_no_thinking_block(
 
 
 @pytest.mark.parametrize("model", ["kimi-k2-thinking", "k2-raw"], ids=["moonshot", "think-in-content"])
-def test_strip_stream_sends_no_thinking_events(gateway: Process, client: Anthropic, raw: Process, model: str) -> None:
+def test_strip_stream_sends_no_thinking_events(
+    gateway: Process, client: Anthropic, raw_vllm: Process, model: str
+) -> None:
     reply = post(gateway, {"model": model, "max_tokens": 4000, "messages": USER, "stream": True})
     assert reply.status_code == 200 and "event: message_stop" in reply.text
     assert not leaks(reply.text), reply.text[:400]
@@ -182,9 +176,8 @@ def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reaso
 ) -> None:
     """An OpenAI client that stops declaring tools once it has the results: the history still names
     ``LS``, which went upstream (and was kept) under its alias."""
-    from openai import OpenAI
 
-    c = OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    c = gateway.openai(KEY)
     tools = [{"type": "function", "function": {"name": t["name"], "parameters": SCHEMA}} for t in TOOLS]
     messages: list[Any] = [{"role": "user", "content": f"List the folder ({stream})"}]
     first = c.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=tools).choices[0].message

@@ -7,7 +7,6 @@ which the Moonshot profile insists on with the same 400 as the real API)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -18,35 +17,14 @@ import pytest
 from openai import OpenAI
 
 from gateway.simulator.text import REASONING
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
+from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
+from tests.e2e.test_dropin import TOOLS
 
 KEY_STRIP = "sk-tenant-strip"
 KEY_REDACT = "sk-tenant-redact"
 KEY_PASS = "sk-tenant-pass"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "Local time in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    },
-]
 REASONING_KEYS = ("reasoning_content", "reasoning")
 FIRST_REASONING = REASONING.take(1, 0)[0][0].strip()  # "The user wants"
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def expected_reasoning(chunks: int) -> str:
@@ -111,7 +89,7 @@ models:
 
 
 def client(gw: Process, key: str) -> OpenAI:
-    return OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    return gw.openai(key)
 
 
 def upstream_requests(sim: Process, limit: int = 1) -> list[dict[str, Any]]:
