@@ -95,6 +95,17 @@ class Process:
 
         return Anthropic(base_url=self.url, api_key=key, **{**SDK_OPTIONS, **options})
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of this server's ``GET /metrics`` (0 when absent), matched on all its labels."""
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
+                if got == want:
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     def output(self) -> str:
         self._out.flush()
         return self.log.read_text(errors="replace")

@@ -16,7 +16,7 @@ from anthropic import Anthropic
 from gateway.simulator.profiles import PROFILES
 from gateway.tools.aliases import alias_of
 from tests.conftest import Process, hashed, start_gateway, write_gateway
-from tests.e2e.test_reasoning_modes import FIRST_REASONING, expected_reasoning, metric
+from tests.e2e.test_reasoning_modes import FIRST_REASONING, expected_reasoning
 
 KEY = "sk-anthropic-strip"
 SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
@@ -134,8 +134,8 @@ def _turn(client: Anthropic, messages: list[Any], stream: bool) -> tuple[Any, st
 def test_strip_claude_code_tool_loop_gets_the_original_reasoning_back_upstream(
     client: Anthropic, gateway: Process, sim: Process, stream: bool
 ) -> None:
-    stored = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
+    stored = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
     messages: list[Any] = [{"role": "user", "content": f"What is in this folder? ({stream})"}]
     turns = 5
     for n in range(turns):
@@ -158,9 +158,9 @@ def test_strip_claude_code_tool_loop_gets_the_original_reasoning_back_upstream(
     assert final.stop_reason == "end_turn" and final.content[-1].type == "text" and not leaks(seen)
     sent = httpx.get(sim.url + "/_sim/requests?limit=1", timeout=5).json()[0]["body"]["messages"]
     assert [m["reasoning_content"] for m in sent if m["role"] == "assistant"] == [DEFAULT_REASONING] * turns
-    after = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
+    after = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
     assert after - stored == sum(range(turns)) + turns  # turns 2..5 and the final one, all from the store
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
 
 
 def test_strip_anthropic_sdk_raises_on_an_upstream_error_without_reasoning(client: Anthropic, sim: Process) -> None:
@@ -185,7 +185,7 @@ def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reaso
     assert [tc["function"]["name"] for tc in calls] == ["LS", MCP]
     messages.append({"role": "assistant", "content": first.content or "", "tool_calls": calls})
     messages += [{"role": "tool", "tool_call_id": tc["id"], "content": "a b"} for tc in calls]
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
     if stream:
         text = "".join(
             ch.choices[0].delta.content or ""
@@ -199,4 +199,4 @@ def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reaso
     assert "tools" not in sent
     assert sent["messages"][1]["reasoning_content"] == DEFAULT_REASONING
     assert [tc["function"]["name"] for tc in sent["messages"][1]["tool_calls"]] == [alias_of("LS"), alias_of(MCP)]
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses

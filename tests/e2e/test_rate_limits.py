@@ -15,7 +15,6 @@ from openai import OpenAI
 from tests.conftest import Process, hashed, start_gateway, write_gateway
 from tests.e2e.redis_helpers import drop_namespace, shared_redis, state_yaml
 from tests.e2e.test_metering import upstream_yaml
-from tests.e2e.test_reasoning_modes import metric
 
 KEY_1, KEY_2 = "sk-rate-one", "sk-rate-two"
 
@@ -77,7 +76,7 @@ def test_rpm_admits_the_limit_then_429_with_retry_after(tmp_path: Path, sim: Pro
         # refused requests reached no upstream and are in the ledger as rejected
         assert len(httpx.get(sim.url + "/_sim/requests").json()) == 4
         # and /metrics counts them apart from upstream and budget 429s
-        assert metric(proc, "gateway_rate_limited_total", tenant="rated", scope="tenant", unit="requests") == 2
+        assert proc.metric("gateway_rate_limited_total", tenant="rated", scope="tenant", unit="requests") == 2
     finally:
         proc.stop()
 

@@ -19,7 +19,7 @@ from openai import OpenAI
 
 from gateway.simulator.text import REASONING
 from tests.conftest import Process, hashed, start_gateway, write_gateway
-from tests.e2e.test_reasoning_modes import FIRST_REASONING, TOOLS, expected_reasoning, metric
+from tests.e2e.test_reasoning_modes import FIRST_REASONING, TOOLS, expected_reasoning
 
 KEYS = {"strip": "sk-order-strip", "redact": "sk-order-redact", "pass": "sk-order-pass"}
 REDACT = {"restate": "[REDACTED:restated]", "wants": "[REDACTED:wants]"}
@@ -104,8 +104,8 @@ def test_parserless_vllm_tool_loop_gives_clean_calls_and_restores_reasoning_unde
 ) -> None:
     httpx.post(raw_vllm.url + "/_sim/reset", timeout=5)
     c = gateway.openai(KEYS[mode])
-    store_before = metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="store")
-    misses_before = metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="placeholder")
+    store_before = gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="store")
+    misses_before = gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="placeholder")
     messages: list[Any] = [{"role": "user", "content": "Weather and time in Beijing, then Shanghai, then more?"}]
     originals: list[str] = []
     turns = 5
@@ -141,10 +141,10 @@ def test_parserless_vllm_tool_loop_gives_clean_calls_and_restores_reasoning_unde
         assert FIRST_REASONING not in received
     sent = last_request(raw_vllm)
     assert [m.get("reasoning") for m in sent["messages"] if m["role"] == "assistant"] == originals
-    restored = metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="store") - store_before
+    restored = gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="store") - store_before
     if mode != "pass":  # turns 2..6 found 1+2+3+4+5 kept turns: the keys match the calls the client saw
         assert restored == sum(range(1, turns + 1))
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="placeholder") == misses_before
+    assert gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="placeholder") == misses_before
 
 
 def test_reasoning_texts_of_the_loop_differ_per_turn() -> None:
@@ -163,8 +163,8 @@ def test_strip_keeps_the_reasoning_of_a_legacy_function_call_turn(
     functions = [TOOLS[0]["function"]]
     messages: list[Any] = [{"role": "user", "content": f"Weather in Oslo? ({stream})"}]
     sim = {"tool_calls": 1, "reasoning_chunks": 4}
-    before = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="store")
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder")
+    before = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="store")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder")
     if stream:
         name, arguments, received = "", "", []
         for chunk in c.chat.completions.create(
@@ -190,5 +190,5 @@ def test_strip_keeps_the_reasoning_of_a_legacy_function_call_turn(
     c.chat.completions.create(model="k2-raw", messages=messages, functions=functions)
     sent = last_request(raw_vllm)
     assert sent["messages"][1]["reasoning"] == expected_reasoning(4)
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="store") == before + 1
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="store") == before + 1
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder") == misses
