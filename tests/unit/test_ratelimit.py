@@ -87,3 +87,12 @@ async def test_refusals_are_counted_by_scope_and_unit_without_the_key() -> None:
     assert refusals("counted", "key", "requests") == before["key", "requests"]
     labels = {s.labels.get("scope") for m in REGISTRY.collect() if m.name == "gateway_rate_limited" for s in m.samples}
     assert labels <= {"tenant", "key"}  # the key id never becomes a label value
+
+
+async def test_a_request_too_large_for_its_key_names_the_key_even_when_the_tenant_limit_is_also_full() -> None:
+    limiter = RateLimiter(MemoryRateLimitState())
+    rules = RateLimits(rpm=1, keys={"*": {"tpm": 5}})
+    await limiter.admit("t", rules, "k", tokens=3)
+    with pytest.raises(GatewayError) as refused:  # the tenant's RPM is full and 6 tokens never fit the key's TPM
+        await limiter.admit("t", rules, "k", tokens=6)
+    assert refused.value.message.startswith("Request too large for key k of tenant 't'")
