@@ -2,8 +2,9 @@
 # kimi-gateway container image.
 #
 #   docker build -t kimi-gateway .
+#   docker build --build-arg EXTRAS='[litellm]' -t kimi-gateway .   # with kind: litellm upstreams
 #   docker run --rm -p 4000:4000 kimi-gateway                      # demo: simulated upstreams, no key needed
-#   docker run --rm -p 4000:4000 -e MOONSHOT_API_KEY kimi-gateway \
+#   docker run --rm -p 4000:4000 -e MOONSHOT_API_KEY -e OPENROUTER_API_KEY -v kimi-data:/data kimi-gateway \
 #       serve --config config/gateway.yaml --host 0.0.0.0 --port 4000
 #
 # Two stages: the builder installs the gateway and its dependencies into a virtualenv; the runtime
@@ -27,7 +28,9 @@ COPY gateway ./gateway
 # Every dependency ships manylinux wheels for CPython 3.11 (amd64 and arm64), so no compiler is
 # needed. pip byte-compiles the installed files here, so the runtime never writes .pyc files.
 # The checks run from / so they import the installed package, not the source tree in /src.
-RUN pip install . \
+# optional extras of the package, e.g. --build-arg EXTRAS='[litellm]'
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS}" \
     && cd / && python -c "import gateway.app" \
     && kimi-gateway --help >/dev/null
 
@@ -39,12 +42,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 
 # Unprivileged user (uid/gid 10001) and its data directory (embedded SQLite ledger and other state).
-# /data is created and chowned before VOLUME so a fresh named volume inherits the ownership.
+# /data is created and chowned before VOLUME so a fresh named volume inherits the ownership. The
+# configs name their SQLite ledger ../data/*.db relative to /app/config: /app/data links to /data, so
+# the ledger lands in the volume (/app itself stays root-owned and read-only for the gateway user).
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin gateway \
-    && mkdir -p /data \
-    && chown 10001:10001 /data
+    && mkdir -p /data /app \
+    && chown 10001:10001 /data \
+    && ln -s /data /app/data
 
 WORKDIR /app
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from gateway.yamlfile import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible gateway for Kimi K2 Thinking.")
 keys_app = typer.Typer(no_args_is_help=True, help="Tenant API keys.")
@@ -22,6 +25,14 @@ policy_app = typer.Typer(no_args_is_help=True, help="Tenant policy files.")
 app.add_typer(policy_app, name="policy")
 
 
+def _exit_with_problems(title: str, error: ConfigError) -> NoReturn:
+    """Every problem on stderr, one a line under ``title``, and exit status 2."""
+    typer.echo(title, err=True)
+    for problem in error.problems:
+        typer.echo(f"  {problem}", err=True)
+    raise typer.Exit(2) from None
+
+
 def _load_or_exit(config: Path):  # type: ignore[no-untyped-def]
     """Config, policies and prices, or every problem on stderr and exit status 2."""
     from gateway.wiring import load_all
@@ -30,10 +41,7 @@ def _load_or_exit(config: Path):  # type: ignore[no-untyped-def]
     try:
         return load_all(config)
     except ConfigError as exc:
-        typer.echo(f"kimi-gateway: configuration is invalid ({len(exc.problems)} problem(s)):", err=True)
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_problems(f"kimi-gateway: configuration is invalid ({len(exc.problems)} problem(s)):", exc)
 
 
 @app.command()
@@ -171,10 +179,7 @@ def policy_check(
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
-        typer.echo(f"kimi-gateway policy check: {len(exc.problems)} problem(s):", err=True)
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_problems(f"kimi-gateway policy check: {len(exc.problems)} problem(s):", exc)
     routes = sum(len(t.routes) for t in policies.tenants.values())
     typer.echo(f"{target}: ok ({len(policies.tenants)} tenants, {routes} virtual models, {len(policies.files)} files)")
 

@@ -81,6 +81,13 @@ STATE_UNAVAILABLE = Counter(
     ("concern",),
     registry=REGISTRY,
 )
+RATE_LIMITED = Counter(
+    "gateway_rate_limited",
+    "Requests refused with 429 by a rate limit, by tenant, the limit that refused them (scope: tenant "
+    "or key, never the key itself) and its unit (requests, tokens).",
+    ("tenant", "scope", "unit"),
+    registry=REGISTRY,
+)
 BUDGET_REMAINING = Gauge(
     "gateway_budget_remaining_usd",
     "Remaining tenant budget in USD per window (daily, monthly), refreshed within a second of requests settling.",

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
+from gateway.observability import RATE_LIMITED
 from gateway.policy.model import RateLimits, Rates
 from gateway.state.base import RateCount, RateLimit, RateLimitState
 
@@ -117,24 +118,36 @@ class RateLimiter:
                     log.exception("token rate correction failed for %s", count.limit.key)
 
 
+def _count_refusal(tenant: str, count: RateCount, unit: str) -> None:
+    """Refusals by tenant, scope and unit: the key id stays out of the labels (keys are many)."""
+    RATE_LIMITED.labels(tenant, "key" if ":key=" in count.limit.key else "tenant", unit).inc()
+
+
+def _whose(tenant: str, key_id: str, count: RateCount) -> str:
+    return f"key {key_id} of tenant '{tenant}'" if ":key=" in count.limit.key else f"tenant '{tenant}'"
+
+
 def _refusal(tenant: str, key_id: str, counts: list[RateCount]) -> GatewayError:
     over = [c for c in counts if c.used + c.limit.amount > c.limit.limit]
     waits = [c.wait_s(c.limit.amount) for c in over]
     worst = over[0]
     unit = "requests" if worst.limit.key.endswith(":rpm") else "tokens"
-    who = f"key {key_id} of tenant '{tenant}'" if ":key=" in worst.limit.key else f"tenant '{tenant}'"
+    who = _whose(tenant, key_id, worst)
     short = "RPM" if unit == "requests" else "TPM"
     headers = _headers(counts)
     if any(w is None for w in waits):
         never = next(c for c, w in zip(over, waits, strict=True) if w is None)
+        _count_refusal(tenant, never, "tokens")
         return GatewayError(
             429,
-            f"Request too large for {who} on tokens per min (TPM): Limit {never.limit.limit}, Requested "
+            f"Request too large for {_whose(tenant, key_id, never)} on tokens per min (TPM): Limit "
+            f"{never.limit.limit}, Requested "
             f"{never.limit.amount} (the prompt bound plus max_tokens). Lower max_tokens or shorten the prompt.",
             type="tokens",
             code="rate_limit_exceeded",
             headers=[*headers, (b"x-should-retry", b"false")],
         )
+    _count_refusal(tenant, worst, unit)
     wait = max(w for w in waits if w is not None)
     retry = max(1, math.ceil(wait))
     return GatewayError(

@@ -9,6 +9,7 @@ a loud message, unless ``KIMI_GATEWAY_REQUIRE_SERVICES=1`` (set by CI) turns tha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -17,13 +18,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
+if TYPE_CHECKING:
+    from anthropic import Anthropic
+    from openai import OpenAI
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_KEY = "sk-demo-kimi-gateway"
 PYTHON = sys.executable
+SDK_OPTIONS: dict[str, Any] = {"max_retries": 0, "timeout": 30.0}
+
+
+def hashed(key: str) -> str:
+    """A key as policy files store it: ``sha256:`` and the hex digest, never the key itself."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def free_port() -> int:
@@ -68,6 +80,31 @@ class Process:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"not ready after {timeout} s:\n{self.output()}")
+
+    def openai(self, key: str, **options: Any) -> OpenAI:
+        """The official OpenAI SDK pointed at this server as an app would point it (``base_url`` and a
+        key), without retries so every error a test provokes reaches the test, and with a timeout so
+        a hung request fails the test instead of stalling the suite."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, **{**SDK_OPTIONS, **options})
+
+    def anthropic(self, key: str, **options: Any) -> Anthropic:
+        """The official Anthropic SDK pointed at this server (it appends ``/v1/messages`` itself)."""
+        from anthropic import Anthropic
+
+        return Anthropic(base_url=self.url, api_key=key, **{**SDK_OPTIONS, **options})
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of this server's ``GET /metrics`` (0 when absent), matched on all its labels."""
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
+                if got == want:
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def output(self) -> str:
         self._out.flush()
@@ -145,6 +182,15 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def simulator(session_tmp: Path) -> Iterator[Process]:
     """One instant simulator process for the session; tests reset it before use."""
     proc = start_simulator(session_tmp, "instant")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def raw_vllm(session_tmp: Path) -> Iterator[Process]:
+    """One instant vLLM simulator started without parsers (raw K2 tool-call markers and ``</think>``
+    inside content) for the session; tests that read its request log reset it first or read the last."""
+    proc = start_simulator(session_tmp, "vllm-raw", "--ttft-ms", "0", "--tokens-per-s", "0")
     yield proc
     proc.stop()
 

@@ -19,7 +19,6 @@ import orjson
 from gateway import errors
 from gateway.api.http import (
     CT_JSON,
-    DisconnectWatch,
     Message,
     Receive,
     Scope,
@@ -30,13 +29,12 @@ from gateway.api.http import (
     read_body,
     send_json,
 )
-from gateway.api.openai import parse_tags
+from gateway.api.openai import open_exchange, run_until_disconnect
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
-from gateway.metering.meter import Metered
 from gateway.metering.tokens import count_prompt
 from gateway.observability import REQUESTS, UNKNOWN, log
-from gateway.pipeline import Exchange, Runtime, chat
+from gateway.pipeline import Runtime
 from gateway.translate.anthropic_request import to_chat_body
 from gateway.translate.anthropic_response import AnthropicStream, error_body, to_message
 
@@ -141,41 +139,10 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
         original, body = parse_messages_body(raw)
-        tags = parse_tags(headers.get(b"x-gateway-tags"))
-        stream = bool(body.get("stream"))
-        metered = Metered(
-            request_id,
-            time.time(),
-            entry.tenant,
-            entry.key_id,
-            body["model"],
-            stream,
-            body,
-            app=tags.get("app"),
-            user=body.get("user"),
-            tags=tags,
-        )
-        ex = Exchange(request_id, entry.tenant, entry.key_id, body, orjson.dumps(body), started, metered)
-        ex.stream = stream
-        ex.builtin_tools = b'"builtin_function"' in ex.raw
-        if body["model"] not in entry.tenant.routes:
-            raise errors.model_not_found(body["model"])
-        ex.model = model = body["model"]
-        watch = DisconnectWatch(receive)
-        out = AnthropicSend(send, original["model"], "msg_" + request_id, stream)
-        try:
-            await chat(rt, ex, out, watch)
-        except asyncio.CancelledError:
-            if not watch.disconnected:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            REQUESTS.labels(tenant_name, model, ex.upstream_label, "499").inc()
-            log.info("request %s: client disconnected; upstream call cancelled", request_id)
-            return
-        finally:
-            watch.finish()
+        ex = open_exchange(request_id, entry, body, orjson.dumps(body), headers, started)
+        model = ex.model
+        out = AnthropicSend(send, original["model"], "msg_" + request_id, ex.stream)
+        await run_until_disconnect(rt, ex, out, receive)
     except GatewayError as error:
         REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
         await send_anthropic_error(send, error, rid_header)

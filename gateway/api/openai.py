@@ -32,6 +32,7 @@ from gateway.errors import GatewayError, invalid_request
 from gateway.metering.meter import Metered
 from gateway.observability import REQUESTS, UNKNOWN, log
 from gateway.pipeline import Exchange, Runtime, chat
+from gateway.policy.store import KeyEntry
 
 ROLES = frozenset(("system", "user", "assistant", "tool", "function", "developer"))
 
@@ -119,6 +120,53 @@ def parse_chat_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def open_exchange(
+    request_id: str, entry: KeyEntry, body: dict[str, Any], raw: bytes, headers: dict[bytes, bytes], started: float
+) -> Exchange:
+    """The exchange of one parsed request (either front end), metered under its tags and user; 404
+    when its tenant may not use the model."""
+    tags = parse_tags(headers.get(b"x-gateway-tags"))
+    user = body.get("user")
+    stream = bool(body.get("stream"))
+    metered = Metered(
+        request_id,
+        time.time(),
+        entry.tenant,
+        entry.key_id,
+        body["model"],
+        stream,
+        body,
+        app=tags.get("app"),
+        user=user if isinstance(user, str) else None,
+        tags=tags,
+    )
+    ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
+    ex.stream = stream
+    ex.builtin_tools = b'"builtin_function"' in raw
+    if body["model"] not in entry.tenant.routes:
+        raise errors.model_not_found(body["model"])
+    ex.model = body["model"]
+    return ex
+
+
+async def run_until_disconnect(rt: Runtime, ex: Exchange, send: Send, receive: Receive) -> None:
+    """Run the pipeline for ``ex``. A client that goes away cancels it, and with it the upstream call,
+    at once; the request then counts as status 499."""
+    watch = DisconnectWatch(receive)
+    try:
+        await chat(rt, ex, send, watch)
+    except asyncio.CancelledError:
+        if not watch.disconnected:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        REQUESTS.labels(ex.tenant.name, ex.model, ex.upstream_label, "499").inc()
+        log.info("request %s: client disconnected; upstream call cancelled", ex.request_id)
+    finally:
+        watch.finish()
+
+
 async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
     started = time.perf_counter()
     request_id = new_request_id()
@@ -132,43 +180,11 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
         body = parse_chat_body(raw)
-        tags = parse_tags(headers.get(b"x-gateway-tags"))
-        user = body.get("user")
-        stream = bool(body.get("stream"))
-        metered = Metered(
-            request_id,
-            time.time(),
-            entry.tenant,
-            entry.key_id,
-            body["model"],
-            stream,
-            body,
-            app=tags.get("app"),
-            user=user if isinstance(user, str) else None,
-            tags=tags,
-        )
-        ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
-        ex.stream = stream
-        ex.max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
-        ex.builtin_tools = b'"builtin_function"' in raw
-        if body["model"] in entry.tenant.routes:
-            ex.model = model = body["model"]
-        else:
-            raise errors.model_not_found(body["model"])
-        watch = DisconnectWatch(receive)
-        try:
-            await chat(rt, ex, send, watch)
-        except asyncio.CancelledError:
-            if not watch.disconnected:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            REQUESTS.labels(tenant_name, model, ex.upstream_label, "499").inc()
-            log.info("request %s: client disconnected; upstream call cancelled", request_id)
-            return
-        finally:
-            watch.finish()
+        max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
+        ex = open_exchange(request_id, entry, body, raw, headers, started)
+        ex.max_latency_ms = max_latency_ms
+        model = ex.model
+        await run_until_disconnect(rt, ex, send, receive)
     except GatewayError as error:
         REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
         if ex is not None and ex.candidate is not None:  # routed: say where it went and why

@@ -50,7 +50,7 @@ for _ = 1, tonumber(ARGV[7]) do
   if (cf >= threshold or o[10] == 1) and open_until <= now then open_until, opened_at = now + cooldown, now end
   redis.call('HSET', key, 'ttft', str(ttft), 'ttft_n', ttft_n + o[2], 'tps', str(tps), 'tps_n', tps_n + o[4],
     'samples', tonumber(h[5] or '0') + o[1], 'hit', str(hit), 'cache_n', cache_n + o[6], 'cf', cf,
-    'open_until', tostring(open_until), 'opened_at', tostring(opened_at))
+    'open_until', string.format('%.6f', open_until), 'opened_at', string.format('%.6f', opened_at))
   redis.call('EXPIRE', key, ttl)
   redis.call('SADD', KEYS[1], label)
 end
@@ -72,7 +72,7 @@ for _, label in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     if open_until <= now then open_until = 0 end
     out[#out + 1] = label
     for j = 1, 8 do out[#out + 1] = h[j] end
-    out[#out + 1] = tostring(open_until)
+    out[#out + 1] = string.format('%.6f', open_until)
   else
     redis.call('SREM', KEYS[1], label)
   end

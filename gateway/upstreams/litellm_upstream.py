@@ -101,6 +101,21 @@ def _usage(raw: Any) -> dict[str, Any] | None:
     return usage.openai_shape() if usage is not None else None
 
 
+def _envelope(data: dict[str, Any], kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """An OpenAI answer or chunk around ``choices``, with usage when litellm reported it."""
+    body: dict[str, Any] = {
+        "id": data.get("id"),
+        "object": kind,
+        "created": data.get("created"),
+        "model": data.get("model"),
+        "choices": choices,
+    }
+    usage = _usage(data.get("usage"))
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
 def completion_dict(response: Any) -> dict[str, Any]:
     """A litellm ``ModelResponse`` → a chat.completion dict."""
     data = _plain(response)
@@ -114,17 +129,7 @@ def completion_dict(response: Any) -> dict[str, Any]:
         if calls:
             out["tool_calls"] = calls
         choices.append({"index": choice.get("index", i), "message": out, "finish_reason": choice.get("finish_reason")})
-    body: dict[str, Any] = {
-        "id": data.get("id"),
-        "object": "chat.completion",
-        "created": data.get("created"),
-        "model": data.get("model"),
-        "choices": choices,
-    }
-    usage = _usage(data.get("usage"))
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    return _envelope(data, "chat.completion", choices)
 
 
 def chunk_dict(chunk: Any) -> dict[str, Any]:
@@ -144,17 +149,7 @@ def chunk_dict(chunk: Any) -> dict[str, Any]:
         if calls:
             out["tool_calls"] = calls
         choices.append({"index": choice.get("index", i), "delta": out, "finish_reason": choice.get("finish_reason")})
-    body: dict[str, Any] = {
-        "id": data.get("id"),
-        "object": "chat.completion.chunk",
-        "created": data.get("created"),
-        "model": data.get("model"),
-        "choices": choices,
-    }
-    usage = _usage(data.get("usage"))
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    return _envelope(data, "chat.completion.chunk", choices)
 
 
 def sse(chunk: dict[str, Any]) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from gateway.config import UpstreamConfig
 from gateway.simulator import SimReply, SimulatedDisconnect, Simulator, profile_from
-from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
+from gateway.upstreams.base import FailureKind, Upstream, UpstreamFailure, UpstreamReply
 
 
 def _header(reply: SimReply, name: str) -> str | None:
@@ -86,7 +86,7 @@ class SimulatedUpstream(Upstream):
                 async with asyncio.timeout(t.first_byte_s if stream else t.total_s):
                     await reply.wait()
             except TimeoutError:
-                kind = "first_byte_timeout" if stream else "total_timeout"
+                kind: FailureKind = "first_byte_timeout" if stream else "total_timeout"
                 raise UpstreamFailure(kind, f"upstream '{self.name}' did not answer in time") from None
             return _SimReply(reply, b"", None, t.idle_s)
         events = reply.events

@@ -11,8 +11,7 @@ import httpx
 import pytest
 from anthropic import Anthropic
 
-from tests.conftest import Process, start_gateway, write_gateway
-from tests.e2e.test_dropin import hashed
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 
 KEY = "sk-anthropic-tenant"
 TOOLS = [
@@ -52,7 +51,7 @@ models:
 
 @pytest.fixture()
 def client(gateway: Process, sim: Process) -> Anthropic:
-    return Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    return gateway.anthropic(KEY)
 
 
 def sim_bodies(sim: Process) -> list[dict[str, Any]]:
@@ -187,7 +186,7 @@ def test_bad_json_is_an_anthropic_400(gateway: Process) -> None:
 
 
 def test_wrong_key_is_an_anthropic_401(gateway: Process) -> None:
-    client = Anthropic(base_url=gateway.url, api_key="sk-wrong", max_retries=0)
+    client = gateway.anthropic("sk-wrong")
     with pytest.raises(anthropic.AuthenticationError) as caught:
         client.messages.create(model="kimi-k2-thinking", max_tokens=10, messages=USER)
     assert _error_of(caught.value)["type"] == "authentication_error"

@@ -15,9 +15,8 @@ from anthropic import Anthropic
 
 from gateway.simulator.profiles import PROFILES
 from gateway.tools.aliases import alias_of
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
-from tests.e2e.test_dropin import hashed
-from tests.e2e.test_reasoning_modes import FIRST_REASONING, expected_reasoning, metric
+from tests.conftest import Process, hashed, start_gateway, write_gateway
+from tests.e2e.test_reasoning_modes import FIRST_REASONING, expected_reasoning
 
 KEY = "sk-anthropic-strip"
 SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
@@ -28,14 +27,7 @@ DEFAULT_REASONING = expected_reasoning(PROFILES["instant"].reasoning_chunks)
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = start_simulator(tmp_path_factory.mktemp("strip-raw"), "vllm-raw", "--ttft-ms", "0", "--tokens-per-s", "0")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, raw: Process) -> Iterator[Process]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, raw_vllm: Process) -> Iterator[Process]:
     folder = tmp_path_factory.mktemp("anthropic-strip")
     upstreams = f"""\
   sim:
@@ -44,7 +36,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, raw: P
     models: [kimi-k2-thinking]
   raw:
     kind: openai
-    base_url: {raw.url}/v1
+    base_url: {raw_vllm.url}/v1
     reasoning_field: reasoning
     think_in_content: true
     tool_call_markers: true
@@ -65,7 +57,7 @@ reasoning: {{mode: strip}}
 
 @pytest.fixture()
 def client(gateway: Process, sim: Process) -> Anthropic:
-    return Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    return gateway.anthropic(KEY)
 
 
 def leaks(text: str) -> bool:
@@ -80,7 +72,7 @@ def post(gateway: Process, body: dict[str, Any]) -> httpx.Response:
 
 @pytest.mark.parametrize("model", ["kimi-k2-thinking", "k2-raw"], ids=["moonshot", "think-in-content"])
 def test_strip_non_stream_message_has_no_thinking_block(
-    gateway: Process, client: Anthropic, raw: Process, model: str
+    gateway: Process, client: Anthropic, raw_vllm: Process, model: str
 ) -> None:
     reply = post(gateway, {"model": model, "max_tokens": 4000, "messages": USER})
     assert reply.status_code == 200 and not leaks(reply.text), reply.text[:400]
@@ -90,7 +82,9 @@ def test_strip_non_stream_message_has_no_thinking_block(
 
 
 @pytest.mark.parametrize("model", ["kimi-k2-thinking", "k2-raw"], ids=["moonshot", "think-in-content"])
-def test_strip_stream_sends_no_thinking_events(gateway: Process, client: Anthropic, raw: Process, model: str) -> None:
+def test_strip_stream_sends_no_thinking_events(
+    gateway: Process, client: Anthropic, raw_vllm: Process, model: str
+) -> None:
     reply = post(gateway, {"model": model, "max_tokens": 4000, "messages": USER, "stream": True})
     assert reply.status_code == 200 and "event: message_stop" in reply.text
     assert not leaks(reply.text), reply.text[:400]
@@ -140,8 +134,8 @@ def _turn(client: Anthropic, messages: list[Any], stream: bool) -> tuple[Any, st
 def test_strip_claude_code_tool_loop_gets_the_original_reasoning_back_upstream(
     client: Anthropic, gateway: Process, sim: Process, stream: bool
 ) -> None:
-    stored = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
+    stored = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
     messages: list[Any] = [{"role": "user", "content": f"What is in this folder? ({stream})"}]
     turns = 5
     for n in range(turns):
@@ -164,9 +158,9 @@ def test_strip_claude_code_tool_loop_gets_the_original_reasoning_back_upstream(
     assert final.stop_reason == "end_turn" and final.content[-1].type == "text" and not leaks(seen)
     sent = httpx.get(sim.url + "/_sim/requests?limit=1", timeout=5).json()[0]["body"]["messages"]
     assert [m["reasoning_content"] for m in sent if m["role"] == "assistant"] == [DEFAULT_REASONING] * turns
-    after = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
+    after = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="store")
     assert after - stored == sum(range(turns)) + turns  # turns 2..5 and the final one, all from the store
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
 
 
 def test_strip_anthropic_sdk_raises_on_an_upstream_error_without_reasoning(client: Anthropic, sim: Process) -> None:
@@ -182,9 +176,8 @@ def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reaso
 ) -> None:
     """An OpenAI client that stops declaring tools once it has the results: the history still names
     ``LS``, which went upstream (and was kept) under its alias."""
-    from openai import OpenAI
 
-    c = OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    c = gateway.openai(KEY)
     tools = [{"type": "function", "function": {"name": t["name"], "parameters": SCHEMA}} for t in TOOLS]
     messages: list[Any] = [{"role": "user", "content": f"List the folder ({stream})"}]
     first = c.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=tools).choices[0].message
@@ -192,7 +185,7 @@ def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reaso
     assert [tc["function"]["name"] for tc in calls] == ["LS", MCP]
     messages.append({"role": "assistant", "content": first.content or "", "tool_calls": calls})
     messages += [{"role": "tool", "tool_call_id": tc["id"], "content": "a b"} for tc in calls]
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder")
     if stream:
         text = "".join(
             ch.choices[0].delta.content or ""
@@ -206,4 +199,4 @@ def test_strip_turn_without_tools_after_aliased_calls_still_finds_the_kept_reaso
     assert "tools" not in sent
     assert sent["messages"][1]["reasoning_content"] == DEFAULT_REASONING
     assert [tc["function"]["name"] for tc in sent["messages"][1]["tool_calls"]] == [alias_of("LS"), alias_of(MCP)]
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="anthropic-strip", source="placeholder") == misses

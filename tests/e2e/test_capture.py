@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,17 +11,12 @@ from typing import Any
 
 import orjson
 import pytest
-from openai import OpenAI
 
-from tests.conftest import PYTHON, ROOT, Process, start_gateway, write_gateway
+from tests.conftest import PYTHON, ROOT, Process, hashed, start_gateway, write_gateway
 
 KEY_FULL = "sk-capture-full"
 KEY_META = "sk-capture-meta"
 SECRET = "sk-live-abcdefghijklmnopqrstuvwxyz"
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def capture_show(config: Path, request_id: str, wait_s: float = 5.0) -> tuple[in
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_full_capture_is_redacted_and_shown_by_the_cli(setup: tuple[Process, Path], stream: bool) -> None:
     gw, config = setup
-    c = OpenAI(base_url=gw.url + "/v1", api_key=KEY_FULL, max_retries=0)
+    c = gw.openai(KEY_FULL)
     args: dict[str, Any] = {
         "model": "k2",
         "messages": [{"role": "user", "content": f"My key is {SECRET}, mail me at carol@example.com"}],
@@ -93,7 +87,7 @@ def test_full_capture_is_redacted_and_shown_by_the_cli(setup: tuple[Process, Pat
 
 def test_metadata_capture_keeps_no_text(setup: tuple[Process, Path]) -> None:
     gw, config = setup
-    c = OpenAI(base_url=gw.url + "/v1", api_key=KEY_META, max_retries=0)
+    c = gw.openai(KEY_META)
     raw = c.chat.completions.with_raw_response.create(
         model="k2", messages=[{"role": "user", "content": f"secret {SECRET}"}]
     )
@@ -120,7 +114,7 @@ def test_capture_on_a_postgresql_ledger_is_redacted_and_expires(tmp_path: Path, 
     import asyncpg
 
     from tests.conftest import require_service
-    from tests.unit.test_ledger import PG_URL, with_schema
+    from tests.unit.conftest import PG_URL, with_schema
 
     async def probe() -> None:
         conn = await asyncpg.connect(PG_URL, timeout=3)
@@ -161,7 +155,7 @@ def test_capture_on_a_postgresql_ledger_is_redacted_and_expires(tmp_path: Path, 
     try:
         gw = start_gateway(config)
         try:
-            c = OpenAI(base_url=gw.url + "/v1", api_key=KEY_FULL, max_retries=0)
+            c = gw.openai(KEY_FULL)
             raw = c.chat.completions.with_raw_response.create(
                 model="k2", messages=[{"role": "user", "content": f"key {SECRET}"}]
             )

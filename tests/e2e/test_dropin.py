@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, write_gateway
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 
 KEY_A = "sk-tenant-a"
 KEY_B = "sk-tenant-b"
@@ -35,12 +35,6 @@ TOOLS = [
     },
 ]
 USER = [{"role": "user", "content": "Weather and time in Beijing?"}]
-
-
-def hashed(key: str) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ models:
 
 @pytest.fixture()
 def client(gateway: Process, sim: Process) -> OpenAI:
-    return OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0, timeout=10)
+    return gateway.openai(KEY_A)
 
 
 def sim_requests(sim: Process) -> list[dict]:
@@ -149,8 +143,8 @@ def test_tools_parallel_calls_stream(client: OpenAI) -> None:
 
 
 def test_models_lists_only_the_tenants_own(gateway: Process) -> None:
-    a = OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0)
-    b = OpenAI(base_url=gateway.url + "/v1", api_key=KEY_B, max_retries=0)
+    a = gateway.openai(KEY_A)
+    b = gateway.openai(KEY_B)
     assert sorted(m.id for m in a.models.list()) == ["k2-alias", "kimi-k2-thinking", "retiring", "unreachable"]
     assert [m.id for m in b.models.list()] == ["b-only"]
 
@@ -217,9 +211,7 @@ def test_model_the_tenant_may_not_use_is_404(gateway: Process) -> None:
     assert error["code"] == "model_not_found"
     assert "b-only" in error["message"]
     with pytest.raises(openai.NotFoundError):
-        OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0).chat.completions.create(
-            model="b-only", messages=USER
-        )
+        gateway.openai(KEY_A).chat.completions.create(model="b-only", messages=USER)
 
 
 def test_body_over_limit_is_413(gateway: Process) -> None:
@@ -255,7 +247,7 @@ def test_missing_or_wrong_key_is_401(gateway: Process, key: str | None) -> None:
     error = assert_openai_error(resp, 401)
     assert error["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
-        OpenAI(base_url=gateway.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+        gateway.openai("sk-wrong").models.list()
 
 
 @pytest.mark.parametrize("authorization", ["Basic c2stdGVuYW50LWE6", "Bearer", "sk-tenant-a"])

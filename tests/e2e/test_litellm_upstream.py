@@ -22,8 +22,7 @@ import respx
 from gateway.app import GatewayApp
 from gateway.upstreams.litellm_upstream import import_litellm
 from gateway.wiring import load_all
-from tests.conftest import write_gateway
-from tests.e2e.test_dropin import hashed
+from tests.conftest import hashed, write_gateway
 
 pytest.importorskip("litellm")
 # litellm's own pydantic models warn about ReadOnly TypedDict items at import; not ours to fix

@@ -4,7 +4,6 @@ a ledger that survives restarts and crashes, and spend visible only to whom it b
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -15,19 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, write_gateway
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 
 KEY_A, KEY_B, ADMIN = "sk-meter-a", "sk-meter-b", "sk-finance-admin"
 MISS, HIT, OUT = Decimal("0.60"), Decimal("0.15"), Decimal("2.50")  # kimi-k2-thinking, USD per 1M tokens
 M = Decimal(1_000_000)
 # a system prompt long enough for Moonshot-style prefix caching (> 256 tokens)
 SYSTEM = {"role": "system", "content": "You are a meticulous assistant. " * 120}
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def expected_cost(usage: dict) -> Decimal:
@@ -92,7 +86,7 @@ def spend_total(gateway: Process, key: str = ADMIN, **params: str) -> dict:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_exact_cost_with_and_without_cache_hits(gateway: Process, sim: Process, stream: bool) -> None:
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0)
+    client = gateway.openai(KEY_A)
     before = Decimal(spend_total(gateway)["cost_usd"])
     messages = [SYSTEM, {"role": "user", "content": f"Tell me about caching ({stream})"}]
     usages = []
@@ -129,7 +123,7 @@ def test_exact_cost_with_and_without_cache_hits(gateway: Process, sim: Process, 
 
 
 def test_stream_without_include_usage_gets_no_usage_chunk_but_is_metered(gateway: Process, sim: Process) -> None:
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0)
+    client = gateway.openai(KEY_A)
     before = spend_total(gateway)
     chunks = list(client.chat.completions.create(model="kimi-k2-thinking", messages=[SYSTEM], stream=True))
     assert all(chunk.choices for chunk in chunks)  # no choices: [] usage chunk for a client that did not ask
@@ -186,7 +180,7 @@ def test_client_disconnect_is_estimated(gateway: Process, sim: Process) -> None:
 
 def test_tenant_sees_only_its_own_spend(gateway: Process) -> None:
     for key in (KEY_A, KEY_B):
-        OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+        gateway.openai(key).chat.completions.create(
             model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], max_tokens=50
         )
     own = httpx.get(
@@ -287,7 +281,7 @@ def test_ledger_survives_restart_and_crash_is_reconciled(tmp_path: Path, simulat
     config = write_gateway(tmp_path, upstream_yaml(simulator), policy_yaml("tenant-a", KEY_A, budget), name="crash")
     env = {"KIMI_GATEWAY_ADMIN_KEY": ADMIN}
     proc = start_gateway(config, env=env)
-    client = OpenAI(base_url=proc.url + "/v1", api_key=KEY_A, max_retries=0)
+    client = proc.openai(KEY_A)
     client.chat.completions.create(model="kimi-k2-thinking", messages=[{"role": "user", "content": "x"}], max_tokens=50)
     first = spend_total(proc)
     proc.stop()  # graceful: everything flushed
@@ -325,7 +319,7 @@ def test_spend_report_cli_reads_the_ledger(gateway: Process, folder: Path) -> No
     import subprocess
     import sys
 
-    OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0).chat.completions.create(
+    gateway.openai(KEY_A).chat.completions.create(
         model="kimi-k2-thinking", messages=[{"role": "user", "content": "for the report"}], max_tokens=20
     )
     expected = spend_total(gateway, group_by="tenant")  # flushes the ledger

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -13,13 +12,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, write_gateway
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 
 KEY = "sk-reload-tenant"
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 POLICY = f"""\
@@ -80,7 +75,7 @@ def test_hot_reload_valid_then_invalid_edit_with_requests_in_flight(
     policy_file = tmp_path / "gateway-policies" / "tenant.yaml"
     proc = start_gateway(config)
     try:
-        client = OpenAI(base_url=proc.url + "/v1", api_key=KEY, max_retries=0)
+        client = proc.openai(KEY)
         assert [m.id for m in client.models.list()] == ["k2"]
         first: dict[str, Any] = {}
         thread = in_flight(client, stream, first)

@@ -4,7 +4,6 @@ limit (stream and non-stream), and tokens corrected to actual usage."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,24 +12,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, write_gateway
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 from tests.e2e.redis_helpers import drop_namespace, shared_redis, state_yaml
+from tests.e2e.test_metering import upstream_yaml
 
 KEY_1, KEY_2 = "sk-rate-one", "sk-rate-two"
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def upstream_yaml(sim: Process) -> str:
-    return f"""\
-  sim:
-    kind: openai
-    base_url: {sim.url}/v1
-    models: [kimi-k2-thinking]
-    timeouts: {{connect_s: 1, first_byte_s: 2, idle_s: 2, total_s: 5}}
-"""
 
 
 def policy(rate_limits: str) -> str:
@@ -55,7 +41,7 @@ def gateway(tmp_path: Path, sim: Process, rate_limits: str, state: str) -> Proce
 
 
 def client(proc: Process, key: str = KEY_1) -> OpenAI:
-    return OpenAI(base_url=proc.url + "/v1", api_key=key, max_retries=0)
+    return proc.openai(key)
 
 
 MESSAGES = [{"role": "user", "content": "rate limited"}]
@@ -89,6 +75,8 @@ def test_rpm_admits_the_limit_then_429_with_retry_after(tmp_path: Path, sim: Pro
             assert headers["x-ratelimit-remaining-requests"] == "0"
         # refused requests reached no upstream and are in the ledger as rejected
         assert len(httpx.get(sim.url + "/_sim/requests").json()) == 4
+        # and /metrics counts them apart from upstream and budget 429s
+        assert proc.metric("gateway_rate_limited_total", tenant="rated", scope="tenant", unit="requests") == 2
     finally:
         proc.stop()
 

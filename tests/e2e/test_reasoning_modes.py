@@ -7,7 +7,6 @@ which the Moonshot profile insists on with the same 400 as the real API)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -18,35 +17,14 @@ import pytest
 from openai import OpenAI
 
 from gateway.simulator.text import REASONING
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
+from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
+from tests.e2e.test_dropin import TOOLS
 
 KEY_STRIP = "sk-tenant-strip"
 KEY_REDACT = "sk-tenant-redact"
 KEY_PASS = "sk-tenant-pass"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "Local time in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    },
-]
 REASONING_KEYS = ("reasoning_content", "reasoning")
 FIRST_REASONING = REASONING.take(1, 0)[0][0].strip()  # "The user wants"
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def expected_reasoning(chunks: int) -> str:
@@ -111,22 +89,11 @@ models:
 
 
 def client(gw: Process, key: str) -> OpenAI:
-    return OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    return gw.openai(key)
 
 
 def upstream_requests(sim: Process, limit: int = 1) -> list[dict[str, Any]]:
     return [e["body"] for e in httpx.get(f"{sim.url}/_sim/requests?limit={limit}", timeout=5).json()]
-
-
-def metric(gw: Process, name: str, **labels: str) -> float:
-    text = httpx.get(gw.url + "/metrics", timeout=5).text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
-            if got == want:
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def no_reasoning_keys(obj: Any) -> bool:
@@ -206,12 +173,12 @@ def run_tool_loop(gw: Process, sim: Process, key: str, model: str, stream: bool,
 def test_strip_tool_loop_on_moonshot_restores_reasoning_every_turn(
     gateway: Process, sim: Process, stream: bool
 ) -> None:
-    before = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="store")
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder")
+    before = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="store")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder")
     run_tool_loop(gateway, sim, KEY_STRIP, "k2", stream, "reasoning_content")
     # turns 2..7 restore 1+2+...+6 assistant messages, all from the store
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="store") - before == 21
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="store") - before == 21
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder") == misses
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -238,7 +205,7 @@ def test_moonshot_profile_rejects_a_tool_loop_without_reasoning(gateway: Process
 
 def test_strip_unknown_turn_falls_back_to_the_placeholder_and_counts_it(gateway: Process, sim: Process) -> None:
     c = client(gateway, KEY_STRIP)
-    before = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder")
+    before = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder")
     messages: list[Any] = [
         {"role": "user", "content": "A conversation this gateway never saw"},
         {"role": "assistant", "content": "", "tool_calls": [
@@ -248,7 +215,7 @@ def test_strip_unknown_turn_falls_back_to_the_placeholder_and_counts_it(gateway:
     resp = c.chat.completions.create(model="k2", messages=messages, tools=TOOLS)
     assert resp.choices[0].finish_reason == "stop"
     assert upstream_requests(sim)[0]["messages"][1]["reasoning_content"] == " "
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder") == before + 1
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder") == before + 1
 
 
 def test_client_sent_reasoning_goes_upstream_in_the_upstreams_field(

@@ -13,14 +13,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
+from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
 from tests.e2e.redis_helpers import drop_namespace, shared_redis, state_yaml
 from tests.e2e.test_reasoning_modes import (
     FIRST_REASONING,
     TOOLS,
     expected_reasoning,
-    hashed,
-    metric,
     no_reasoning_keys,
 )
 
@@ -214,5 +212,5 @@ def test_tool_loop_alternating_replicas_keeps_reasoning_and_prefix(
     assert len(requests_seen(sim_b)) == 1  # only the failed first attempt ever reached b
     # both processes restored kept reasoning (each turn's from the other process), never a placeholder
     for gw in pair:
-        assert metric(gw, "gateway_reasoning_restored_total", tenant="replicas", source="store") > 0
-        assert metric(gw, "gateway_reasoning_restored_total", tenant="replicas", source="placeholder") == 0
+        assert gw.metric("gateway_reasoning_restored_total", tenant="replicas", source="store") > 0
+        assert gw.metric("gateway_reasoning_restored_total", tenant="replicas", source="placeholder") == 0

@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
+from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
 
 KEY = "sk-routing-tenant"
 TOOLS = [
@@ -30,12 +30,6 @@ TOOLS = [
         },
     }
 ]
-
-
-def hashed(key: str) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +92,7 @@ def sims(simulator: Process, sim_b: Process) -> tuple[Process, Process]:
 
 @pytest.fixture()
 def client(gateway: Process) -> OpenAI:
-    return OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    return gateway.openai(KEY)
 
 
 def fault(sim: Process, **spec: object) -> None:
@@ -316,7 +310,7 @@ budget: {{daily_usd: '0.05', when_exhausted: downgrade, min_max_tokens: 256}}
     config = write_gateway(tmp_path, upstreams, policy, name="budget", prices=prices)
     proc = start_gateway(config)
     try:
-        client = OpenAI(base_url=proc.url + "/v1", api_key=KEY, max_retries=0)
+        client = proc.openai(KEY)
         for stream in (False, True):
             raw = client.chat.completions.with_raw_response.create(
                 model="m", messages=[{"role": "user", "content": f"spend {stream}"}], max_tokens=10000, stream=stream

@@ -3,7 +3,6 @@ candidate, and vLLM load scraped from a real simulator's /metrics."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -15,15 +14,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
+from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
 
 KEY = "sk-shaping-tenant"
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
 USER = [{"role": "user", "content": "look it up"}]
-
-
-def hashed(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +65,7 @@ def client(gateway: Process, sim: Process) -> OpenAI:
         SENT.append(request.read())
 
     http = httpx.Client(event_hooks={"request": [record]})
-    return OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0, http_client=http)
+    return gateway.openai(KEY, http_client=http)
 
 
 def seen(sim: Process) -> list[dict[str, Any]]:

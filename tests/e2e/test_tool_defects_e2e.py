@@ -14,8 +14,8 @@ import pytest
 import uvicorn
 from openai import OpenAI
 
-from tests.conftest import Process, free_port, start_gateway, write_gateway
-from tests.e2e.test_dropin import TOOLS, USER, hashed
+from tests.conftest import Process, free_port, hashed, start_gateway, write_gateway
+from tests.e2e.test_dropin import TOOLS, USER
 
 KEY = "sk-defects-tenant"
 HEAD = {"id": "chatcmpl-d", "created": 1, "model": "broken-k2"}
@@ -92,7 +92,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Itera
     upstreams = f"  broken:\n    kind: openai\n    base_url: {upstream_url}/v1\n    models: [broken-k2]\n"
     policy = f'tenant: d\nkeys: ["{hashed(KEY)}"]\nmodels:\n  broken-k2: {{candidates: [broken/broken-k2]}}\n'
     proc: Process = start_gateway(write_gateway(tmp_path_factory.mktemp("defects"), upstreams, policy))
-    yield OpenAI(base_url=proc.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
+    yield proc.openai(KEY)
     proc.stop()
 
 

@@ -15,8 +15,7 @@ from anthropic import Anthropic
 from openai import OpenAI
 
 from gateway.tools.aliases import NAME_RE, alias_of
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
-from tests.e2e.test_dropin import hashed
+from tests.conftest import Process, hashed, start_gateway, write_gateway
 
 KEY = "sk-tool-names"
 SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
@@ -28,13 +27,6 @@ OPENAI_TOOLS = [
     {"type": "function", "function": {"name": n, "description": f"tool {n}", "parameters": SCHEMA}} for n in NAMES
 ]
 USER = [{"role": "user", "content": "List the files, then read one."}]
-
-
-@pytest.fixture(scope="module")
-def raw_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = start_simulator(tmp_path_factory.mktemp("names-raw"), "vllm-raw", "--ttft-ms", "0", "--tokens-per-s", "0")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +77,7 @@ def _message_turn(client: Anthropic, messages: list[Any], stream: bool, **extra:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_claude_code_tool_names_work_through_messages(gateway: Process, sim: Process, stream: bool) -> None:
-    client = Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.anthropic(KEY)
     messages: list[Any] = list(USER)
     first = _message_turn(client, messages, stream)
     uses = [b for b in first.content if b.type == "tool_use"]
@@ -115,7 +107,7 @@ def test_claude_code_tool_names_work_through_messages(gateway: Process, sim: Pro
 def test_named_tool_choice_with_a_refused_name_is_aliased_and_answered_with_the_clients_name(
     gateway: Process, sim: Process, stream: bool
 ) -> None:
-    client = Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.anthropic(KEY)
     reply = _message_turn(client, USER, stream, model="kimi-k3", tool_choice={"type": "tool", "name": MCP})
     assert [b.name for b in reply.content if b.type == "tool_use"] == [MCP]
     assert sent(sim)[-1]["tool_choice"] == {"type": "function", "function": {"name": alias_of(MCP)}}
@@ -156,7 +148,7 @@ def _openai_turn(client: OpenAI, messages: list[Any], stream: bool, **extra: Any
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_openai_clients_get_their_own_tool_names_back(gateway: Process, sim: Process, stream: bool) -> None:
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.openai(KEY)
     message, finish = _openai_turn(client, USER, stream, tools=OPENAI_TOOLS)
     assert finish == "tool_calls"
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["LS", MCP]
@@ -171,7 +163,7 @@ def test_openai_clients_get_their_own_tool_names_back(gateway: Process, sim: Pro
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_legacy_function_call_gets_the_clients_name_back(gateway: Process, sim: Process, stream: bool) -> None:
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.openai(KEY)
     functions = [{"name": "LS", "description": "list files", "parameters": SCHEMA}]
     message, finish = _openai_turn(client, USER, stream, functions=functions)
     assert finish == "function_call"
@@ -184,7 +176,7 @@ def test_raw_k2_marker_calls_under_an_alias_come_back_under_the_clients_name(
     gateway: Process, raw_vllm: Process, stream: bool
 ) -> None:
     """A parserless vLLM writes ``functions.<alias>:0`` in its markers: the call is still the client's."""
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.openai(KEY)
     message, finish = _openai_turn(client, USER, stream, model="k2-raw", tools=OPENAI_TOOLS)
     assert finish == "tool_calls"
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["LS", MCP]
@@ -193,7 +185,7 @@ def test_raw_k2_marker_calls_under_an_alias_come_back_under_the_clients_name(
 
 
 def test_what_cannot_be_aliased_is_still_an_anthropic_400(gateway: Process, sim: Process) -> None:
-    client = Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.anthropic(KEY)
     cases = [
         ([{"name": "", "input_schema": SCHEMA}], "tools[0]: the function has no name"),
         ([{"name": "LS", "input_schema": {"type": "array"}}], "tools[0] ('LS'): input_schema must be a JSON Schema"),

@@ -12,18 +12,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
-from tests.e2e.test_dropin import TOOLS, USER, hashed
+from tests.conftest import Process, hashed, start_gateway, write_gateway
+from tests.e2e.test_dropin import TOOLS, USER
 
 KEY = "sk-tools-tenant"
 PARAMS = TOOLS[0]["function"]["parameters"]
-
-
-@pytest.fixture(scope="module")
-def raw_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = start_simulator(tmp_path_factory.mktemp("rawsim"), "vllm-raw", "--ttft-ms", "0", "--tokens-per-s", "0")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ models:
 
 @pytest.fixture()
 def client(gateway: Process, sim: Process) -> OpenAI:
-    return OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
+    return gateway.openai(KEY)
 
 
 def collect(stream: Any) -> tuple[str, list[dict[str, str]], str | None]:
@@ -203,9 +196,8 @@ def test_invalid_tool_is_a_400_naming_it_before_the_upstream_is_called(
 @pytest.mark.parametrize("stream", [False, True])
 def test_anthropic_tool_loop_over_a_vllm_without_tool_parser(gateway: Process, raw_vllm: Process, stream: bool) -> None:
     """/v1/messages in, raw K2 markers out of vLLM: the loop sees proper tool_use blocks."""
-    import anthropic
 
-    client = anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0, timeout=10)
+    client = gateway.anthropic(KEY)
     tools = [{"name": t["function"]["name"], "input_schema": PARAMS} for t in TOOLS]
 
     def turn(messages: list[Any]) -> Any:

@@ -18,9 +18,8 @@ import pytest
 from openai import OpenAI
 
 from gateway.simulator.text import REASONING
-from tests.conftest import Process, start_gateway, start_simulator, write_gateway
-from tests.e2e.test_dropin import hashed
-from tests.e2e.test_reasoning_modes import FIRST_REASONING, TOOLS, expected_reasoning, metric
+from tests.conftest import Process, hashed, start_gateway, write_gateway
+from tests.e2e.test_reasoning_modes import FIRST_REASONING, TOOLS, expected_reasoning
 
 KEYS = {"strip": "sk-order-strip", "redact": "sk-order-redact", "pass": "sk-order-pass"}
 REDACT = {"restate": "[REDACTED:restated]", "wants": "[REDACTED:wants]"}
@@ -33,19 +32,12 @@ def redacted(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = start_simulator(tmp_path_factory.mktemp("order-raw"), "vllm-raw", "--ttft-ms", "0", "--tokens-per-s", "0")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, raw: Process) -> Iterator[Process]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, raw_vllm: Process) -> Iterator[Process]:
     folder = tmp_path_factory.mktemp("order")
     upstreams = f"""\
   raw:
     kind: openai
-    base_url: {raw.url}/v1
+    base_url: {raw_vllm.url}/v1
     reasoning_field: reasoning
     think_in_content: true
     tool_call_markers: true
@@ -108,12 +100,12 @@ def turn(c: OpenAI, messages: list[Any], stream: bool, sim: dict[str, Any]) -> t
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("mode", ["strip", "redact", "pass"])
 def test_parserless_vllm_tool_loop_gives_clean_calls_and_restores_reasoning_under_every_mode(
-    gateway: Process, raw: Process, mode: str, stream: bool
+    gateway: Process, raw_vllm: Process, mode: str, stream: bool
 ) -> None:
-    httpx.post(raw.url + "/_sim/reset", timeout=5)
-    c = OpenAI(base_url=gateway.url + "/v1", api_key=KEYS[mode], max_retries=0)
-    store_before = metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="store")
-    misses_before = metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="placeholder")
+    httpx.post(raw_vllm.url + "/_sim/reset", timeout=5)
+    c = gateway.openai(KEYS[mode])
+    store_before = gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="store")
+    misses_before = gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="placeholder")
     messages: list[Any] = [{"role": "user", "content": "Weather and time in Beijing, then Shanghai, then more?"}]
     originals: list[str] = []
     turns = 5
@@ -139,7 +131,7 @@ def test_parserless_vllm_tool_loop_gives_clean_calls_and_restores_reasoning_unde
             assert message["reasoning"] == (redacted(original) if mode == "redact" else original)
         messages.append(message)  # the client sends back what it got (a redacted copy for redact)
         messages += [{"role": "tool", "tool_call_id": t["id"], "content": '{"ok": true}'} for t in calls]
-        sent = last_request(raw)
+        sent = last_request(raw_vllm)
         assistants = [m for m in sent["messages"] if m["role"] == "assistant"]
         assert [m.get("reasoning") for m in assistants] == originals[:-1]  # the originals, every turn
         assert all("reasoning_content" not in m for m in assistants)
@@ -147,12 +139,12 @@ def test_parserless_vllm_tool_loop_gives_clean_calls_and_restores_reasoning_unde
     assert finish == "stop" and final["content"] and "think>" not in received and "<|" not in received
     if mode == "strip":
         assert FIRST_REASONING not in received
-    sent = last_request(raw)
+    sent = last_request(raw_vllm)
     assert [m.get("reasoning") for m in sent["messages"] if m["role"] == "assistant"] == originals
-    restored = metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="store") - store_before
+    restored = gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="store") - store_before
     if mode != "pass":  # turns 2..6 found 1+2+3+4+5 kept turns: the keys match the calls the client saw
         assert restored == sum(range(1, turns + 1))
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant=mode, source="placeholder") == misses_before
+    assert gateway.metric("gateway_reasoning_restored_total", tenant=mode, source="placeholder") == misses_before
 
 
 def test_reasoning_texts_of_the_loop_differ_per_turn() -> None:
@@ -162,15 +154,17 @@ def test_reasoning_texts_of_the_loop_differ_per_turn() -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_strip_keeps_the_reasoning_of_a_legacy_function_call_turn(gateway: Process, raw: Process, stream: bool) -> None:
+def test_strip_keeps_the_reasoning_of_a_legacy_function_call_turn(
+    gateway: Process, raw_vllm: Process, stream: bool
+) -> None:
     """Regression: the reasoning recorder ran after the legacy ``function_call`` shape, saw no tool
     calls and kept nothing, so the next turn of a ``functions`` client got the placeholder."""
-    c = OpenAI(base_url=gateway.url + "/v1", api_key=KEYS["strip"], max_retries=0)
+    c = gateway.openai(KEYS["strip"])
     functions = [TOOLS[0]["function"]]
     messages: list[Any] = [{"role": "user", "content": f"Weather in Oslo? ({stream})"}]
     sim = {"tool_calls": 1, "reasoning_chunks": 4}
-    before = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="store")
-    misses = metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder")
+    before = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="store")
+    misses = gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder")
     if stream:
         name, arguments, received = "", "", []
         for chunk in c.chat.completions.create(
@@ -194,7 +188,7 @@ def test_strip_keeps_the_reasoning_of_a_legacy_function_call_turn(gateway: Proce
     messages.append({"role": "assistant", "content": None, "function_call": {"name": name, "arguments": arguments}})
     messages.append({"role": "function", "name": name, "content": '{"temp": 3}'})
     c.chat.completions.create(model="k2-raw", messages=messages, functions=functions)
-    sent = last_request(raw)
+    sent = last_request(raw_vllm)
     assert sent["messages"][1]["reasoning"] == expected_reasoning(4)
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="store") == before + 1
-    assert metric(gateway, "gateway_reasoning_restored_total", tenant="strip", source="placeholder") == misses
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="store") == before + 1
+    assert gateway.metric("gateway_reasoning_restored_total", tenant="strip", source="placeholder") == misses

@@ -1,6 +1,7 @@
-"""The state backends under test: every contract test runs against memory and against a real Redis
-(a unique namespace per test, deleted afterwards; skipped loudly when no Redis answers, failed under
-KIMI_GATEWAY_REQUIRE_SERVICES=1)."""
+"""The backends under test: every state contract test runs against memory and against a real Redis
+(a unique namespace per test, deleted afterwards), every ledger test against SQLite and a real
+PostgreSQL (a unique schema per test, dropped afterwards); skipped loudly when the server does not
+answer, failed under KIMI_GATEWAY_REQUIRE_SERVICES=1."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.state.base import BudgetState, KeyValueState, RateLimitState
@@ -17,6 +20,30 @@ from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState, MemoryR
 from tests.conftest import require_service
 
 REDIS_URL = os.environ.get("KIMI_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_URL = os.environ.get("KIMI_GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def with_schema(url: str, schema: str) -> str:
+    return url + ("&" if "?" in url else "?") + f"schema={schema}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    try:
+        admin = await asyncpg.connect(PG_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        require_service("PostgreSQL", f"cannot connect to {PG_URL} ({exc!r}); set KIMI_GATEWAY_TEST_POSTGRES_URL")
+        return
+    schema = f"kg_ledger_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield with_schema(PG_URL, schema)
+    finally:
+        await admin.execute("SET lock_timeout = '10s'")
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
 
 
 @dataclass

@@ -6,9 +6,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,26 +15,14 @@ from gateway.capture.record import capture_redactor, redacted
 from gateway.capture.store import DAY_S, CaptureRow, capture_store_from_url
 from gateway.metering.ledger import ledger_from_url
 from gateway.policy.model import Redaction
-from tests.conftest import require_service
-from tests.unit.test_ledger import PG_URL, make_row, with_schema
+from tests.unit.conftest import PG_URL
+from tests.unit.test_ledger import make_row
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def capture_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    try:
-        admin = await asyncpg.connect(PG_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        require_service("PostgreSQL", f"cannot connect to {PG_URL} ({exc!r}); set KIMI_GATEWAY_TEST_POSTGRES_URL")
-        return
-    schema = f"kg_capture_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield with_schema(PG_URL, schema)
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+@pytest.fixture
+def capture_url(ledger_url: str) -> str:
+    """Capture rows live in the ledger's database: the same SQLite file or PostgreSQL schema."""
+    return ledger_url
 
 
 def row(request_id: str, ts: float, retention_days: int, record: dict[str, object]) -> CaptureRow:

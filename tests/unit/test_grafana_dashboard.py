@@ -148,6 +148,8 @@ def dashboard() -> dict[str, Any]:
         ("min by (tenant, window) (gateway_budget_remaining_usd)", {"gateway_budget_remaining_usd"}),
         ("sum without(le)(increase(c_total[$__range]))", {"c_total"}),
         ("time() - Inf + NaN", set()),
+        ("sum by (upstream) (rate(a_total[5m])) / scalar(sum(rate(a_total[5m])))", {"a_total"}),
+        ('sum by (candidate) (increase(d_total{candidate=~"($upstream)(/.*)?"}[$__range])) > 0', {"d_total"}),
     ],
 )
 def test_metric_name_extraction(promql: str, expected: set[str]) -> None:
@@ -232,3 +234,23 @@ def test_dashboard_metrics_are_exported_by_the_gateway(dashboard: dict[str, Any]
         f"the dashboard uses {len(missing)} metric name(s) the gateway does not export:\n{report}\n"
         f"exported: {', '.join(sorted(exported))}"
     )
+
+
+def test_every_gateway_metric_has_a_panel(dashboard: dict[str, Any]) -> None:
+    """The reverse direction: a metric added to the gateway gets a panel, or operators never see it."""
+    exported_families = {
+        family.name + SUFFIXES.get(family.type, ("",))[0]
+        for family in _gateway_families()
+        if family.name.startswith("gateway_")
+    }
+    charted = {name for _, promql in dashboard_queries(dashboard) for name in metric_names(promql)}
+    charted |= {name.removesuffix(suffix) + "_bucket" for name in charted for suffix in ("_sum", "_count")}
+    uncharted = sorted(exported_families - charted)
+    assert not uncharted, f"gateway metrics no panel charts (add one to {DASHBOARD.name}): {', '.join(uncharted)}"
+
+
+def _gateway_families() -> list[Any]:
+    exported_sample_names()  # imports every module that registers metrics
+    from gateway.observability import REGISTRY
+
+    return list(REGISTRY.collect())

@@ -8,12 +8,10 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import os
 import sqlite3
 import sys
 import textwrap
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -21,7 +19,6 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
-import asyncpg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,9 +34,7 @@ from gateway.metering.ledger import (
 from gateway.metering.ledger_postgres import PostgresLedger
 from gateway.metering.ledger_sqlite import SqliteLedger
 from gateway.metering.money import NANO, fmt_usd, from_nanos, quantize_usd, to_nanos
-from tests.conftest import ROOT, require_service
-
-PG_URL = os.environ.get("KIMI_GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.conftest import ROOT
 
 
 def utc(text: str) -> float:
@@ -101,29 +96,6 @@ def make_res(i: int, **changes: Any) -> OpenReservation:
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures: one URL per backend, and a factory that closes every ledger it made
-
-
-def with_schema(url: str, schema: str) -> str:
-    return url + ("&" if "?" in url else "?") + f"schema={schema}"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    try:
-        admin = await asyncpg.connect(PG_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        require_service("PostgreSQL", f"cannot connect to {PG_URL} ({exc!r}); set KIMI_GATEWAY_TEST_POSTGRES_URL")
-        return
-    schema = f"kg_ledger_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield with_schema(PG_URL, schema)
-    finally:
-        await admin.execute("SET lock_timeout = '10s'")
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
 
 
 Factory = Callable[..., Ledger]

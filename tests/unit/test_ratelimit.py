@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import GatewayError
+from gateway.observability import REGISTRY
 from gateway.policy.model import RateLimits
 from gateway.ratelimit import RateLimiter, format_reset
 from gateway.state.memory import MemoryRateLimitState
@@ -62,3 +63,36 @@ async def test_correction_frees_what_the_request_did_not_use() -> None:
     admission = await limiter.admit("t", rules, "k", tokens=900)
     await limiter.correct(admission, 100)
     assert await limiter.admit("t", rules, "k", tokens=900) is not None
+
+
+def refusals(tenant: str, scope: str, unit: str) -> float:
+    labels = {"tenant": tenant, "scope": scope, "unit": unit}
+    return REGISTRY.get_sample_value("gateway_rate_limited_total", labels) or 0.0
+
+
+async def test_refusals_are_counted_by_scope_and_unit_without_the_key() -> None:
+    limiter = RateLimiter(MemoryRateLimitState())
+    before = {
+        (scope, unit): refusals("counted", scope, unit)
+        for scope in ("tenant", "key")
+        for unit in ("requests", "tokens")
+    }
+    await limiter.admit("counted", RateLimits(rpm=1), "k", tokens=10)
+    with pytest.raises(GatewayError):
+        await limiter.admit("counted", RateLimits(rpm=1), "k", tokens=10)
+    with pytest.raises(GatewayError):  # can never fit: counted as a token refusal of the key's limit
+        await limiter.admit("counted", RateLimits(keys={"*": {"tpm": 5}}), "k", tokens=6)
+    assert refusals("counted", "tenant", "requests") == before["tenant", "requests"] + 1
+    assert refusals("counted", "key", "tokens") == before["key", "tokens"] + 1
+    assert refusals("counted", "key", "requests") == before["key", "requests"]
+    labels = {s.labels.get("scope") for m in REGISTRY.collect() if m.name == "gateway_rate_limited" for s in m.samples}
+    assert labels <= {"tenant", "key"}  # the key id never becomes a label value
+
+
+async def test_a_request_too_large_for_its_key_names_the_key_even_when_the_tenant_limit_is_also_full() -> None:
+    limiter = RateLimiter(MemoryRateLimitState())
+    rules = RateLimits(rpm=1, keys={"*": {"tpm": 5}})
+    await limiter.admit("t", rules, "k", tokens=3)
+    with pytest.raises(GatewayError) as refused:  # the tenant's RPM is full and 6 tokens never fit the key's TPM
+        await limiter.admit("t", rules, "k", tokens=6)
+    assert refused.value.message.startswith("Request too large for key k of tenant 't'")
