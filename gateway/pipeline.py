@@ -32,7 +32,7 @@ from gateway.reasoning.inbound import prepare_reasoning
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
-from gateway.routing.router import Plan, Router, remaining_fraction
+from gateway.routing.router import RETIRED, Plan, Router, remaining_fraction
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
 from gateway.tools.inbound import prepare_tools
@@ -251,6 +251,7 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
                 candidate.upstream_model,
                 candidate.label,
             )
+            raise CandidateFailed(error, RETIRED)  # the next candidate may serve it: nothing was sent yet
         if reply.status == 429 or reply.status >= 500:
             raise CandidateFailed(error, str(reply.status))
         raise error
@@ -284,7 +285,8 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     """Serve one chat/completions request end to end; raises GatewayError before any byte is sent.
 
     The plan is tried in order: a candidate that fails before answering (connect error, 5xx, 429,
-    first-byte timeout) hands the request to the next one; nothing has reached the client yet.
+    first-byte timeout, a 404 for a retired model id) hands the request to the next one; nothing has
+    reached the client yet. The last candidate's failure is the client's answer.
     """
     m = ex.metered
     try:
@@ -310,7 +312,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             try:
                 reply = await _call(rt, ex, option.candidate, body)
             except CandidateFailed as failed:
-                rt.router.failed(option, failed.kind)
+                if failed.kind != RETIRED:  # a retired id is dead already; it says nothing about health
+                    rt.router.failed(option, failed.kind)
+                plan.failed[option.label] = failed.kind
                 if n + 1 == len(plan.options):
                     raise failed.error from None
                 FAILOVERS.labels(option.label, failed.kind).inc()

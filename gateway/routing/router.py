@@ -27,6 +27,10 @@ from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, Rout
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES
 from gateway.state.base import KeyValueState
 
+# the failure kind of a 404 for the model: the candidate is dead (a retired id), the request moves on
+RETIRED = "404"
+_WHY = {RETIRED: "404 for the model: retired"}
+
 # strategies that expect cache hits (cheaper input, shorter prefill), so need the prompt's prefix hashes
 _CACHE_AWARE = frozenset(("cost", "balanced", "latency"))
 
@@ -50,15 +54,20 @@ class Plan:
     slo_total_ms: float | None = None
     chain: affinity.PrefixChain | None = None
     estimated: bool = False
+    failed: dict[str, str] = field(default_factory=dict)  # label -> failure kind, filled while trying
 
     def reason_for(self, option: Option) -> str:
-        """The route reason of the option actually used (a failover names what failed before it)."""
+        """The route reason of the option actually used (a failover names what failed before it, and how)."""
         if option is self.options[0]:
             return self.reason
-        before = [o.label for o in self.options[: self.options.index(option)]]
+        before = [self._failed_text(o.label) for o in self.options[: self.options.index(option)]]
         return (
             f"{self.strategy}: failover to candidate {self.options.index(option) + 1} after {', '.join(before)} failed"
         )
+
+    def _failed_text(self, label: str) -> str:
+        kind = self.failed.get(label)
+        return f"{label} ({_WHY.get(kind, kind)})" if kind else label
 
 
 def budget_strategy(strategy: str, tenant: Tenant, fraction: float | None) -> tuple[str, str]:
