@@ -67,6 +67,7 @@ class Exchange:
     # response transforms for this request (reasoning modes, tool-call repair...); empty = byte relay
     transforms: list[ResponseTransform] = field(default_factory=list)
     rate: Admission | None = None  # the rate limits that admitted it (headers, token correction)
+    open_row: bool = False  # the ledger holds an open-reservation row for it (crash reconciliation)
 
     @property
     def upstream_label(self) -> str:
@@ -175,11 +176,13 @@ def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
         s.overhead.observe(max(0.0, now - ex.started - ex.upstream_time))
 
 
-async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
+async def _reserve(rt: Runtime, ex: Exchange) -> None:
     """Hold the worst-case cost on every budget that caps this request (429 when it does not fit)."""
     m = ex.metered
     budget = ex.tenant.budget
     if budget is None or m.price is None:
+        if ex.open_row:  # a failover to an unpriced candidate: the open row must not keep the old amount
+            rt.meter.opened(m, upper_bound_tokens(ex.raw))
         return
     asked = requested_max_tokens(ex.body)
     max_tokens = asked or ex.tenant.default_max_tokens
@@ -195,6 +198,11 @@ async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
         now=m.ts,
     )
     m.reservation = reservation
+    if reservation is not None or ex.open_row:
+        # one open-reservation row per request, upserted at every attempt: after a failover it names
+        # the candidate and the amount actually held, so a crash is reconciled at what was at stake
+        rt.meter.opened(m, bound)
+        ex.open_row = True
     if reservation is None:
         return
     if reservation.downgraded or asked is None:
@@ -204,8 +212,6 @@ async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
         ex.dirty = True
         if reservation.downgraded:
             ex.route_reason += f"; budget: max_tokens lowered to {reservation.max_tokens}"
-    if record:  # the ledger keeps one open-reservation row per request, written at the first attempt
-        rt.meter.opened(m, bound)
 
 
 class CandidateFailed(Exception):
@@ -276,7 +282,7 @@ async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first:
     if not first and m.reservation is not None:  # the next candidate has its own price: reserve again
         await rt.meter.budgets.settle(m.reservation, Decimal(0))
         m.reservation = None
-    await _reserve(rt, ex, record=first)
+    await _reserve(rt, ex)
     m.route_reason = ex.route_reason
     return shape_request(ex, candidate)
 
