@@ -210,13 +210,13 @@ class Router:
         asked = _max_tokens(body) or tenant.default_max_tokens
         average = self.stats.completion_avg(tenant.name)
         output = int(min(asked, average if average is not None else COLD_COMPLETION_TOKENS))
-        when = self.wall()
+        when, now = self.wall(), self.clock()
         for option in plan.options:
             c = option.candidate
             price = self.prices.at(c.label, when) if self.prices is not None else None
             stat = self.stats.stat(c.label, self.traits_of(c.upstream).prior)
             load = self.loads.get(c.upstream)
-            queue = load.queue_delay(stat.ttft_s, stat.tokens_per_s) if load is not None else 0.0
+            queue = load.queue_delay(stat.ttft_s, stat.tokens_per_s, now) if load is not None else 0.0
             estimate(
                 option, price, stat, prompt, output, held.get(c.label, 0), queue, plan.slo_ttft_ms, plan.slo_total_ms
             )
@@ -258,10 +258,15 @@ class Router:
         tokens = usage.completion_tokens if usage is not None else 0
         stat = stats.stat(c.label, prior)
         uncached = (usage.prompt_tokens - usage.cached_tokens) if usage is not None else 0
-        if ttft_s is not None:  # learn the first-token time net of prefill
-            ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps)
+        load = self.loads.get(c.upstream)
+        if load is not None and gen_s is not None:  # how long it held a slot, for the queue model
+            load.served((ttft_s or 0.0) + gen_s - option.queue_s)
+        # learn the first-token time net of prefill and of the queue wait the load model accounts for
+        # (counted in both, a queueing vLLM would look slow twice)
+        if ttft_s is not None:
+            ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps - option.queue_s)
         elif gen_s is not None:  # a whole answer: decode time is what the expected first token leaves
-            gen_s -= stat.ttft_s + uncached / stat.prefill_tps
+            gen_s -= stat.ttft_s + uncached / stat.prefill_tps + option.queue_s
         stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
         if usage is None:
             return
