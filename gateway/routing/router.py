@@ -259,15 +259,21 @@ class Router:
         stat = stats.stat(c.label, prior)
         uncached = (usage.prompt_tokens - usage.cached_tokens) if usage is not None else 0
         load = self.loads.get(c.upstream)
-        if load is not None and gen_s is not None:  # how long it held a slot, for the queue model
-            load.served((ttft_s or 0.0) + gen_s - option.queue_s)
-        # learn the first-token time net of prefill and of the queue wait the load model accounts for
-        # (counted in both, a queueing vLLM would look slow twice)
-        if ttft_s is not None:
-            ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps - option.queue_s)
-        elif gen_s is not None:  # a whole answer: decode time is what the expected first token leaves
-            gen_s -= stat.ttft_s + uncached / stat.prefill_tps + option.queue_s
-        stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
+        if load is not None and not plan.estimated:
+            # a scraped vLLM on a plan that expected no wait (one candidate, pinned): its times hold an
+            # unknown queue wait, so only a stream's decode speed is learned from them
+            if ttft_s is not None:
+                stats.observe_speed(c.label, prior, None, tokens, gen_s)
+        else:
+            if load is not None and gen_s is not None:  # how long it held a slot, for the queue model
+                load.served((ttft_s or 0.0) + gen_s - option.queue_s)
+            # learn the first-token time net of prefill and of the queue wait the load model accounts
+            # for (counted in both, a queueing vLLM would look slow twice)
+            if ttft_s is not None:
+                ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps - option.queue_s)
+            elif gen_s is not None:  # a whole answer: decode time is what the expected first token leaves
+                gen_s -= stat.ttft_s + uncached / stat.prefill_tps + option.queue_s
+            stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
         if usage is None:
             return
         stats.observe_completion(tenant.name, usage.completion_tokens)

@@ -109,3 +109,33 @@ def test_queue_wait_is_not_learned_into_the_first_token_time() -> None:
     asyncio.run(router.served(tenant, plan, option, ttft, 10.0, Usage(20, 500, 0, 0)))
     assert router.stats.stat(vllm.label, Speed(0.2, 50.0)).ttft_s == pytest.approx(0.2)
     assert router.loads["vllm"].service_s == pytest.approx(10.2)  # it held a slot 10.2 s, not 10.2 + wait
+
+
+def test_a_plan_without_estimates_teaches_a_scraped_vllm_only_its_decode_speed() -> None:
+    """A single-candidate route expects no wait, so the wait hidden in its times must not be learned
+    as a slow first token or a long slot time."""
+    import asyncio
+    from pathlib import Path
+
+    from gateway.metering.usage import Usage
+    from gateway.policy.store import Candidate, Route, Tenant
+    from gateway.routing.load import apply_load
+    from gateway.routing.priors import Speed
+    from gateway.routing.router import Router, Traits
+    from gateway.state.memory import MemoryKeyValueState
+
+    vllm = Candidate("vllm", "k2", "k2")
+    prior = Speed(0.2, 50.0)
+    router = Router({"vllm": Traits(prior)}, None, MemoryKeyValueState())
+    route = Route("k2", (vllm,), "balanced")
+    tenant = Tenant("t", {"k2": route}, Path("t.yaml"))
+    apply_load(router, "vllm", Load(8, 32, 0.5))
+    plan = asyncio.run(router.plan(tenant, route, {"messages": [{"role": "user", "content": "q"}]}, 100))
+    assert not plan.estimated
+    # waited 3 s in the queue, then 0.2 s to the first token and 500 tokens at 25 tokens/s
+    asyncio.run(router.served(tenant, plan, plan.options[0], 3.2, 20.0, Usage(20, 500, 0, 0)))
+    stat = router.stats.stat(vllm.label, prior)
+    assert stat.ttft_s == pytest.approx(0.2) and stat.tokens_per_s == pytest.approx(25.0)
+    assert router.loads["vllm"].service_s is None
+    asyncio.run(router.served(tenant, plan, plan.options[0], None, 23.2, Usage(20, 500, 0, 0)))  # whole
+    assert router.stats.stat(vllm.label, prior).tokens_per_s == pytest.approx(25.0)
