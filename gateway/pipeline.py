@@ -32,7 +32,7 @@ from gateway.reasoning.inbound import prepare_reasoning
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
-from gateway.routing.router import Plan, Router, remaining_fraction
+from gateway.routing.router import RETIRED, Plan, Router, remaining_fraction
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
 from gateway.tools.inbound import prepare_tools
@@ -67,6 +67,7 @@ class Exchange:
     # response transforms for this request (reasoning modes, tool-call repair...); empty = byte relay
     transforms: list[ResponseTransform] = field(default_factory=list)
     rate: Admission | None = None  # the rate limits that admitted it (headers, token correction)
+    open_row: bool = False  # the ledger holds an open-reservation row for it (crash reconciliation)
 
     @property
     def upstream_label(self) -> str:
@@ -175,11 +176,13 @@ def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
         s.overhead.observe(max(0.0, now - ex.started - ex.upstream_time))
 
 
-async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
+async def _reserve(rt: Runtime, ex: Exchange) -> None:
     """Hold the worst-case cost on every budget that caps this request (429 when it does not fit)."""
     m = ex.metered
     budget = ex.tenant.budget
     if budget is None or m.price is None:
+        if ex.open_row:  # a failover to an unpriced candidate: the open row must not keep the old amount
+            rt.meter.opened(m, upper_bound_tokens(ex.raw))
         return
     asked = requested_max_tokens(ex.body)
     max_tokens = asked or ex.tenant.default_max_tokens
@@ -195,6 +198,11 @@ async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
         now=m.ts,
     )
     m.reservation = reservation
+    if reservation is not None or ex.open_row:
+        # one open-reservation row per request, upserted at every attempt: after a failover it names
+        # the candidate and the amount actually held, so a crash is reconciled at what was at stake
+        rt.meter.opened(m, bound)
+        ex.open_row = True
     if reservation is None:
         return
     if reservation.downgraded or asked is None:
@@ -204,8 +212,6 @@ async def _reserve(rt: Runtime, ex: Exchange, record: bool = True) -> None:
         ex.dirty = True
         if reservation.downgraded:
             ex.route_reason += f"; budget: max_tokens lowered to {reservation.max_tokens}"
-    if record:  # the ledger keeps one open-reservation row per request, written at the first attempt
-        rt.meter.opened(m, bound)
 
 
 class CandidateFailed(Exception):
@@ -251,6 +257,7 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
                 candidate.upstream_model,
                 candidate.label,
             )
+            raise CandidateFailed(error, RETIRED)  # the next candidate may serve it: nothing was sent yet
         if reply.status == 429 or reply.status >= 500:
             raise CandidateFailed(error, str(reply.status))
         raise error
@@ -275,7 +282,7 @@ async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first:
     if not first and m.reservation is not None:  # the next candidate has its own price: reserve again
         await rt.meter.budgets.settle(m.reservation, Decimal(0))
         m.reservation = None
-    await _reserve(rt, ex, record=first)
+    await _reserve(rt, ex)
     m.route_reason = ex.route_reason
     return shape_request(ex, candidate)
 
@@ -284,7 +291,8 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     """Serve one chat/completions request end to end; raises GatewayError before any byte is sent.
 
     The plan is tried in order: a candidate that fails before answering (connect error, 5xx, 429,
-    first-byte timeout) hands the request to the next one; nothing has reached the client yet.
+    first-byte timeout, a 404 for a retired model id) hands the request to the next one; nothing has
+    reached the client yet. The last candidate's failure is the client's answer.
     """
     m = ex.metered
     try:
@@ -310,7 +318,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             try:
                 reply = await _call(rt, ex, option.candidate, body)
             except CandidateFailed as failed:
-                rt.router.failed(option, failed.kind)
+                if failed.kind != RETIRED:  # a retired id is dead already; it says nothing about health
+                    rt.router.failed(option, failed.kind)
+                plan.failed[option.label] = failed.kind
                 if n + 1 == len(plan.options):
                     raise failed.error from None
                 FAILOVERS.labels(option.label, failed.kind).inc()

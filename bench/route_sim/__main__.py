@@ -1,4 +1,4 @@
-"""``python -m bench.route_sim [--conversations N] [--seed S] [--policies a,b]``: print the table."""
+"""``python -m bench.route_sim [--conversations N] [--seed S] [--policies a,b] [--without-turbo]``: print the table."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import argparse
 import sys
 import time
 
-from bench.route_sim.sim import POLICIES, make_workload, report, run
+from bench.route_sim.sim import BASELINES, POLICIES, UPSTREAMS, WITHOUT_TURBO, make_workload, report, run
 
 
 def table(rows: list[dict[str, object]]) -> str:
     by = {r["policy"]: r for r in rows}
     lines = [
         "| policy | spend USD | vs round-robin | vs always-turbo | cache-hit share of input | TTFT SLO met "
-        "| p95 TTFT s | p95 latency s | served (standard / turbo / vLLM) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| mean TTFT s | p95 TTFT s | p95 latency s | served (standard / turbo / vLLM) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    rr = by.get("round-robin", {}).get("spend_usd")
-    turbo = by.get("always-turbo", {}).get("spend_usd")
+    rr = float(by["round-robin"]["spend_usd"]) if "round-robin" in by else None  # type: ignore[arg-type]
+    turbo = float(by["always-turbo"]["spend_usd"]) if "always-turbo" in by else None  # type: ignore[arg-type]
     for r in rows:
         spend = float(r["spend_usd"])  # type: ignore[arg-type]
         served = r["served"]
@@ -25,13 +25,12 @@ def table(rows: list[dict[str, object]]) -> str:
             str(served.get(label, 0))  # type: ignore[union-attr]
             for label in ("moonshot/kimi-k2-thinking", "moonshot-turbo/kimi-k2-thinking-turbo", "vllm/kimi-k2-thinking")
         )
+        vs_rr = f"{spend / rr:.0%}" if rr else ""
+        vs_turbo = f"{spend / turbo:.0%}" if turbo else ""
         lines.append(
-            f"| {r['policy']} | {spend:.2f} | {spend / rr:.0%} | {spend / turbo:.0%} | "  # type: ignore[operator]
+            f"| {r['policy']} | {spend:.2f} | {vs_rr} | {vs_turbo} | "
             f"{r['cache_hit_share']:.1%} | {r['slo_attainment']:.2%} of {r['slo_feasible_requests']} | "
-            f"{r['p95_ttft_s']:.2f} | {r['p95_latency_s']:.1f} | {counts} |"
-            if rr and turbo
-            else f"| {r['policy']} | {spend:.2f} | | | {r['cache_hit_share']:.1%} | {r['slo_attainment']:.2%} | "
-            f"{r['p95_ttft_s']:.2f} | {r['p95_latency_s']:.1f} | {counts} |"
+            f"{r['mean_ttft_s']:.2f} | {r['p95_ttft_s']:.2f} | {r['p95_latency_s']:.1f} | {counts} |"
         )
     return "\n".join(lines)
 
@@ -41,16 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=300)
     parser.add_argument("--window-s", type=float, default=2400.0, help="conversations start within this window")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default=None, help="comma-separated (default: every one that applies)")
+    parser.add_argument(
+        "--without-turbo",
+        action="store_true",
+        help="candidates are Moonshot standard and vLLM only: no upstream is fastest whatever the caches hold",
+    )
     args = parser.parse_args(argv)
-    policies = [p for p in args.policies.split(",") if p]
-    unknown = sorted(set(policies) - set(POLICIES))
+    upstreams = WITHOUT_TURBO if args.without_turbo else UPSTREAMS
+    known = [p for p in POLICIES if p not in BASELINES or any(u.label == BASELINES[p] for u in upstreams)]
+    policies = [p for p in (args.policies or ",".join(known)).split(",") if p]
+    unknown = sorted(set(policies) - set(known))
     if unknown:
-        parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
+        parser.error(f"unknown policies {unknown}; known here: {', '.join(known)}")
     outcomes = {}
     started = time.perf_counter()
     for policy in policies:
-        outcomes[policy] = run(policy, make_workload(args.conversations, args.seed, args.window_s), args.seed)
+        workload = make_workload(args.conversations, args.seed, args.window_s)
+        outcomes[policy] = run(policy, workload, args.seed, upstreams)
     rows = report(outcomes)
     print(table(rows))
     print(

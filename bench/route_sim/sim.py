@@ -69,6 +69,9 @@ UPSTREAMS = (
     # at once (the simulator's vllm profile), the rest wait in its queue
     UpstreamModel("vllm/kimi-k2-thinking", "0.44", "0.044", "0.44", 0.2, 6000, 50, slots=32),
 )
+# the single-upstream baselines and the upstream each sends everything to
+BASELINES = {"always-standard": UPSTREAMS[0].label, "always-turbo": UPSTREAMS[1].label}
+WITHOUT_TURBO = tuple(u for u in UPSTREAMS if u.label != UPSTREAMS[1].label)
 SLO_MIX = (("interactive", 2500.0, 0.3), ("agent", 6000.0, 0.5), ("batch", None, 0.2))
 
 
@@ -185,7 +188,7 @@ class Outcome:
     served: dict[str, int] = field(default_factory=dict)
 
 
-def _prices() -> PriceBook:
+def _prices(upstreams: tuple[UpstreamModel, ...]) -> PriceBook:
     import datetime as dt
 
     return PriceBook(
@@ -193,14 +196,14 @@ def _prices() -> PriceBook:
             PriceEntry(
                 target=u.label, effective_from=dt.date(2025, 1, 1), input_miss=u.miss, input_hit=u.hit, output=u.out
             )
-            for u in UPSTREAMS
+            for u in upstreams
         ]
     )
 
 
-def _candidates() -> tuple[Candidate, ...]:
+def _candidates(upstreams: tuple[UpstreamModel, ...]) -> tuple[Candidate, ...]:
     out = []
-    for u in UPSTREAMS:
+    for u in upstreams:
         upstream, _, model = u.label.partition("/")
         out.append(Candidate(upstream, model, model))
     return tuple(out)
@@ -214,26 +217,30 @@ class Clock:
         return self.now
 
 
-def run(policy: str, workload: list[Conversation], seed: int = 0) -> Outcome:
+def run(
+    policy: str, workload: list[Conversation], seed: int = 0, upstreams: tuple[UpstreamModel, ...] = UPSTREAMS
+) -> Outcome:
     """Replay ``workload`` with a router strategy (cost, latency, balanced, pinned) or a baseline
-    (round-robin, random, always-standard, always-turbo, latency-no-cache)."""
-    return asyncio.run(_run(policy, workload, seed))
+    (round-robin, random, always-standard, always-turbo, latency-no-cache, balanced-no-cache)."""
+    if policy in BASELINES and not any(u.label == BASELINES[policy] for u in upstreams):
+        raise ValueError(f"{policy} needs {BASELINES[policy]}, which is not among the upstreams")
+    return asyncio.run(_run(policy, workload, seed, upstreams))
 
 
-async def _run(policy: str, workload: list[Conversation], seed: int) -> Outcome:
+async def _run(policy: str, workload: list[Conversation], seed: int, upstreams: tuple[UpstreamModel, ...]) -> Outcome:
     clock = Clock()
     epoch = clock.now
-    prices = _prices()
-    candidates = _candidates()
-    servers = {u.label: Server(u) for u in UPSTREAMS}
+    prices = _prices(upstreams)
+    candidates = _candidates(upstreams)
+    servers = {u.label: Server(u) for u in upstreams}
     traits = {
         c.upstream: Traits(Speed(u.ttft_s, u.tokens_per_s, u.prefill_tps), u.cache_ttl_s)
-        for c, u in zip(candidates, UPSTREAMS, strict=True)
+        for c, u in zip(candidates, upstreams, strict=True)
     }
     router = Router(traits, prices, MemoryKeyValueState(clock=clock), clock=clock, wall=clock)
     strategy = policy
-    if policy == "latency-no-cache":
-        strategy, router.cache_aware = "latency", False
+    if policy.endswith("-no-cache"):  # the same strategy, blind to prefix caches (a baseline)
+        strategy, router.cache_aware = policy.removesuffix("-no-cache"), False
     routes = {name: Route(name, candidates, strategy, slo) for name, slo, _ in SLO_MIX}
     tenant = Tenant("bench", routes, Path("bench.yaml"))
     rng = random.Random(seed)
@@ -267,7 +274,7 @@ async def _run(policy: str, workload: list[Conversation], seed: int) -> Outcome:
             elif policy == "random":
                 chosen = rng.choice(candidates)
             else:
-                chosen = candidates[0 if policy == "always-standard" else 1]
+                chosen = next(c for c in candidates if c.label == BASELINES[policy])
             plan = option = None
         else:
             route = routes[conv.model]
@@ -334,6 +341,7 @@ POLICIES = (
     "always-standard",
     "always-turbo",
     "latency-no-cache",
+    "balanced-no-cache",
 )
 
 
@@ -348,6 +356,7 @@ def report(outcomes: dict[str, Outcome]) -> list[dict[str, Any]]:
                 "cache_hit_share": o.cached / o.prompt if o.prompt else 0.0,
                 "slo_attainment": o.slo_met / o.slo_total if o.slo_total else 1.0,
                 "slo_feasible_requests": o.slo_total,
+                "mean_ttft_s": sum(o.ttfts) / len(o.ttfts) if o.ttfts else 0.0,
                 "p95_ttft_s": percentile(o.ttfts, 0.95),
                 "p95_latency_s": percentile(o.latencies, 0.95),
                 "served": dict(sorted(o.served.items())),

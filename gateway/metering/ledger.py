@@ -261,9 +261,10 @@ class Batch:
     """What one transaction must do, in this order, to have the effect of the entries in sequence.
 
     Rows are inserted, then the reservations of all recorded rows are deleted, then the reservations
-    that no later row in the batch settles are upserted. A reservation and its row in the same batch
-    therefore leave nothing open, and a (pathological) reservation made *after* its row stays open,
-    exactly as if each entry had been written on its own.
+    that no later row in the batch settles are upserted (of several for one request, the last: a
+    failover reserves again). A reservation and its row in the same batch therefore leave nothing
+    open, and a (pathological) reservation made *after* its row stays open, exactly as if each entry
+    had been written on its own.
     """
 
     rows: list[LedgerRow]
@@ -275,11 +276,13 @@ def plan_batch(entries: Sequence[Entry]) -> Batch:
     rows: list[LedgerRow] = []
     reservations: list[OpenReservation] = []
     settled_after: set[str] = set()
+    reserved_after: set[str] = set()  # a request re-reserved after a failover: its latest row wins
     for entry in reversed(entries):
         if isinstance(entry, LedgerRow):
             settled_after.add(entry.request_id)
             rows.append(entry)
-        elif entry.request_id not in settled_after:
+        elif entry.request_id not in settled_after and entry.request_id not in reserved_after:
+            reserved_after.add(entry.request_id)
             reservations.append(entry)
     rows.reverse()
     reservations.reverse()

@@ -73,9 +73,13 @@ class Meter:
         return self.prices.at(label, when)
 
     def opened(self, m: Metered, prompt_bound: int) -> None:
-        """Record an open reservation so a crash before settlement is reconciled at start-up."""
-        if self.ledger is None or m.reservation is None:
+        """Record an open reservation so a crash before settlement is reconciled at start-up.
+
+        Called again after a failover, the row (keyed by request id) is replaced by the one now held;
+        with no reservation (an unpriced candidate) it holds nothing."""
+        if self.ledger is None:
             return
+        held = m.reservation
         self.ledger.reservation_opened(
             OpenReservation(
                 request_id=m.request_id,
@@ -86,9 +90,9 @@ class Meter:
                 virtual_model=m.virtual_model,
                 upstream=m.upstream,
                 upstream_model=m.upstream_model,
-                amount_usd=from_nanos(m.reservation.amount),
+                amount_usd=from_nanos(held.amount) if held is not None else ZERO,
                 prompt_tokens_estimate=prompt_bound,
-                windows=[line.limit.key for line in m.reservation.lines],
+                windows=[line.limit.key for line in held.lines] if held is not None else [],
             )
         )
 

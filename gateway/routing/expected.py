@@ -30,6 +30,7 @@ class Option:
     output_tokens: int = 0
     meets_slo: bool = True
     held_tokens: int = 0  # the longest prefix this upstream served recently (before the hit rate)
+    queue_s: float = 0.0  # expected wait in a loaded vLLM's queue, part of ttft_s
     excluded: str = ""  # why the candidate is not tried (dead, breaker open)
 
     @property
@@ -54,6 +55,7 @@ def estimate(
     option.prompt_tokens = prompt_tokens
     option.output_tokens = output_tokens
     option.cached_tokens = cached
+    option.queue_s = queue_s
     if price is not None:
         option.cost = (prompt_tokens - cached) * price.miss + cached * price.hit + output_tokens * price.out
     option.ttft_s = stat.ttft_s + queue_s + (prompt_tokens - cached) / stat.prefill_tps

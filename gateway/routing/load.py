@@ -1,11 +1,17 @@
 """Load awareness for self-hosted vLLM: scrape ``/metrics`` and turn a queue into expected delay.
 
 vLLM exports ``vllm:num_requests_waiting``, ``vllm:num_requests_running`` and
-``vllm:kv_cache_usage_perc``. A waiting request starts only when a running one finishes, so the
-expected extra wait before the first token is about ``waiting / running`` service times; a nearly
-full KV cache (preemptions) adds one more time to first token. The router adds that delay to the
-candidate's expected TTFT, so a queueing server looks slow and loses to a faster one when the SLO
-demands it. The state is per gateway process: each replica scrapes the server itself.
+``vllm:kv_cache_usage_perc``. While every slot is busy, slots free up at about ``running / service``
+per second (``service`` = the time a request holds a slot), so a request with ``k`` requests ahead
+of it starts after about ``(k + 1) * service / running``; a nearly full KV cache (preemptions) adds
+one more time to first token. The router adds that delay to the candidate's expected TTFT, so a
+queueing server looks slow and loses to a faster one when the SLO demands it.
+
+Between scrapes the picture is kept current: requests the gateway sent there count as arrivals (no
+herding onto a server that looked idle), and slots that finished since the scrape count as
+departures (a saturated server is not treated as if frozen at its last scrape). The service time is
+learned from the answers: a request's time at the server less the wait that was expected for it.
+The state is per gateway process: each replica scrapes the server itself.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from gateway.routing.stats import COLD_COMPLETION_TOKENS
 
 _LINE = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$")
 KV_FULL = 0.98
+SERVICE_ALPHA = 0.1  # EWMA weight of one answer in the learned service time (many requests share a server)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,34 +53,52 @@ def parse_metrics(text: str) -> Load:
 
 
 class LoadState:
-    """One vLLM server as this gateway sees it: the last scrape plus what it sent since.
+    """One vLLM server as this gateway sees it: the last scrape plus what happened since.
 
-    Between scrapes every request the gateway routes there counts as one more arrival, so a burst
-    does not all go to a server that looked idle two seconds ago (no herding). Once the server has
-    been seen queueing, its concurrency limit is known (the running count at that moment).
+    Once the server has been seen queueing, its concurrency limit is known (the running count at
+    that moment); until then a free slot is assumed and no wait is expected.
     """
 
     def __init__(self) -> None:
         self.load = Load()
         self.capacity = math.inf
         self.dispatched = 0
+        self.scraped_at = 0.0
+        self.service_s: float | None = None  # learned time a request holds a slot (None: cold)
 
-    def scraped(self, load: Load) -> None:
+    def scraped(self, load: Load, now: float) -> None:
         self.load = load
         if load.waiting > 0:
             self.capacity = max(load.running, 1.0)
         self.dispatched = 0
+        self.scraped_at = now
 
-    def queue_delay(self, ttft_s: float, tokens_per_s: float) -> float:
+    def served(self, seconds: float) -> None:
+        """A request's time at the server less its expected wait: how long it held a slot."""
+        seconds = max(0.0, seconds)
+        old = self.service_s
+        self.service_s = seconds if old is None else old + SERVICE_ALPHA * (seconds - old)
+
+    def queue_delay(self, ttft_s: float, tokens_per_s: float, now: float) -> float:
         load = self.load
+        service = self.service_s if self.service_s is not None else cold_service(ttft_s, tokens_per_s)
         free = max(0.0, self.capacity - load.running) if load.waiting == 0 else 0.0
-        ahead = load.waiting + self.dispatched - free
-        return queue_delay(Load(max(0.0, ahead), load.running, load.kv_usage), ttft_s, tokens_per_s)
+        # slots that finished since the scrape, at the rate a busy server frees them
+        drained = load.running * max(0.0, now - self.scraped_at) / service if service > 0 else 0.0
+        ahead = load.waiting + self.dispatched - free - drained
+        return queue_delay(Load(ahead, load.running, load.kv_usage), ttft_s, tokens_per_s, service)
 
 
-def queue_delay(load: Load, ttft_s: float, tokens_per_s: float) -> float:
-    service = ttft_s + (COLD_COMPLETION_TOKENS / tokens_per_s if tokens_per_s > 0 else 0.0)
-    delay = load.waiting / max(load.running, 1.0) * service
+def cold_service(ttft_s: float, tokens_per_s: float) -> float:
+    """Time in a slot before any answer was seen: first token plus a cold tenant's output."""
+    return ttft_s + (COLD_COMPLETION_TOKENS / tokens_per_s if tokens_per_s > 0 else 0.0)
+
+
+def queue_delay(load: Load, ttft_s: float, tokens_per_s: float, service_s: float | None = None) -> float:
+    """Expected wait before a slot, with ``load.waiting`` requests ahead (negative: slots free)."""
+    service = service_s if service_s is not None else cold_service(ttft_s, tokens_per_s)
+    # k ahead: the (k + 1)-th slot to free is ours; a fraction of a free slot is partly ours already
+    delay = max(0.0, load.waiting + 1.0) * service / max(load.running, 1.0)
     if load.kv_usage >= KV_FULL:
         delay += ttft_s
     return delay
@@ -83,7 +108,7 @@ def apply_load(router: Router, upstream: str, load: Load) -> None:
     state = router.loads.get(upstream)
     if state is None:
         state = router.loads[upstream] = LoadState()
-    state.scraped(load)
+    state.scraped(load, router.clock())
     VLLM_QUEUE.labels(upstream).set(load.waiting)
 
 

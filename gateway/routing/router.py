@@ -28,6 +28,10 @@ from gateway.routing.strategies import CHEAPNESS, STRATEGIES
 from gateway.state.base import KeyValueState
 from gateway.state.stats_exchange import StatsExchange
 
+# the failure kind of a 404 for the model: the candidate is dead (a retired id), the request moves on
+RETIRED = "404"
+_WHY = {RETIRED: "404 for the model: retired"}
+
 # strategies that expect cache hits (cheaper input, shorter prefill), so need the prompt's prefix hashes
 _CACHE_AWARE = frozenset(("cost", "balanced", "latency"))
 
@@ -51,15 +55,20 @@ class Plan:
     slo_total_ms: float | None = None
     chain: affinity.PrefixChain | None = None
     estimated: bool = False
+    failed: dict[str, str] = field(default_factory=dict)  # label -> failure kind, filled while trying
 
     def reason_for(self, option: Option) -> str:
-        """The route reason of the option actually used (a failover names what failed before it)."""
+        """The route reason of the option actually used (a failover names what failed before it, and how)."""
         if option is self.options[0]:
             return self.reason
-        before = [o.label for o in self.options[: self.options.index(option)]]
+        before = [self._failed_text(o.label) for o in self.options[: self.options.index(option)]]
         return (
             f"{self.strategy}: failover to candidate {self.options.index(option) + 1} after {', '.join(before)} failed"
         )
+
+    def _failed_text(self, label: str) -> str:
+        kind = self.failed.get(label)
+        return f"{label} ({_WHY.get(kind, kind)})" if kind else label
 
 
 def budget_strategy(strategy: str, tenant: Tenant, fraction: float | None) -> tuple[str, str]:
@@ -214,13 +223,13 @@ class Router:
         asked = _max_tokens(body) or tenant.default_max_tokens
         average = self.stats.completion_avg(tenant.name)
         output = int(min(asked, average if average is not None else COLD_COMPLETION_TOKENS))
-        when = self.wall()
+        when, now = self.wall(), self.clock()
         for option in plan.options:
             c = option.candidate
             price = self.prices.at(c.label, when) if self.prices is not None else None
             stat = self.stats.stat(c.label, self.traits_of(c.upstream).prior)
             load = self.loads.get(c.upstream)
-            queue = load.queue_delay(stat.ttft_s, stat.tokens_per_s) if load is not None else 0.0
+            queue = load.queue_delay(stat.ttft_s, stat.tokens_per_s, now) if load is not None else 0.0
             estimate(
                 option, price, stat, prompt, output, held.get(c.label, 0), queue, plan.slo_ttft_ms, plan.slo_total_ms
             )
@@ -262,11 +271,22 @@ class Router:
         tokens = usage.completion_tokens if usage is not None else 0
         stat = stats.stat(c.label, prior)
         uncached = (usage.prompt_tokens - usage.cached_tokens) if usage is not None else 0
-        if ttft_s is not None:  # learn the first-token time net of prefill
-            ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps)
-        elif gen_s is not None:  # a whole answer: decode time is what the expected first token leaves
-            gen_s -= stat.ttft_s + uncached / stat.prefill_tps
-        stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
+        load = self.loads.get(c.upstream)
+        if load is not None and not plan.estimated:
+            # a scraped vLLM on a plan that expected no wait (one candidate, pinned): its times hold an
+            # unknown queue wait, so only a stream's decode speed is learned from them
+            if ttft_s is not None:
+                stats.observe_speed(c.label, prior, None, tokens, gen_s)
+        else:
+            if load is not None and gen_s is not None:  # how long it held a slot, for the queue model
+                load.served((ttft_s or 0.0) + gen_s - option.queue_s)
+            # learn the first-token time net of prefill and of the queue wait the load model accounts
+            # for (counted in both, a queueing vLLM would look slow twice)
+            if ttft_s is not None:
+                ttft_s = max(0.0, ttft_s - uncached / stat.prefill_tps - option.queue_s)
+            elif gen_s is not None:  # a whole answer: decode time is what the expected first token leaves
+                gen_s -= stat.ttft_s + uncached / stat.prefill_tps + option.queue_s
+            stats.observe_speed(c.label, prior, ttft_s, tokens, gen_s)
         if usage is None:
             return
         stats.observe_completion(tenant.name, usage.completion_tokens)

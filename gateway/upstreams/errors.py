@@ -3,7 +3,8 @@
 Rules: a 4xx keeps its status, type and message (it is about the request); a 401/403 is about the
 gateway's own upstream key, never the client's, so it becomes a 502; a 5xx becomes a 502 naming the
 upstream's status; a 429 keeps Retry-After. A 404 for the model (Moonshot answers so for retired ids)
-is reported as the upstream's, clearly, and marks the candidate dead.
+marks the candidate dead; the request moves on to the next candidate, and only when none is left is
+the 404 reported as the upstream's, clearly.
 """
 
 from __future__ import annotations

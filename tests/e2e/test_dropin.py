@@ -48,7 +48,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process) -> Ite
     models:
       kimi-k2-thinking: kimi-k2-thinking
       kimi-k2-thinking-turbo: kimi-k2-thinking-turbo
-      k2-retired: kimi-k2-0711-preview
+      k2-retired-0: kimi-k2-0711-preview
+      k2-retired-1: kimi-k2-0711-preview
+      k2-gone-0: kimi-k2-0905-preview
+      k2-gone-1: kimi-k2-0905-preview
     timeouts: {{connect_s: 1, first_byte_s: 1, idle_s: 1, total_s: 3}}
   dead:
     kind: openai
@@ -63,7 +66,10 @@ models:
   kimi-k2-thinking: {{candidates: [sim/kimi-k2-thinking]}}
   k2-alias: {{candidates: [sim/kimi-k2-thinking-turbo]}}
   unreachable: {{candidates: [dead/kimi-k2-thinking]}}
-  retiring: {{candidates: [sim/k2-retired, sim/kimi-k2-thinking-turbo]}}
+  retiring-0: {{candidates: [sim/k2-retired-0, sim/kimi-k2-thinking-turbo], strategy: pinned}}
+  retiring-1: {{candidates: [sim/k2-retired-1, sim/kimi-k2-thinking-turbo], strategy: pinned}}
+  retired-alone-0: {{candidates: [sim/k2-gone-0]}}
+  retired-alone-1: {{candidates: [sim/k2-gone-1]}}
 """
     config = write_gateway(folder, upstreams, policy, extra_yaml="max_body_bytes: 65536")
     (config.parent / "gateway-policies" / "tenant-b.yaml").write_text(
@@ -145,7 +151,15 @@ def test_tools_parallel_calls_stream(client: OpenAI) -> None:
 def test_models_lists_only_the_tenants_own(gateway: Process) -> None:
     a = gateway.openai(KEY_A)
     b = gateway.openai(KEY_B)
-    assert sorted(m.id for m in a.models.list()) == ["k2-alias", "kimi-k2-thinking", "retiring", "unreachable"]
+    assert sorted(m.id for m in a.models.list()) == [
+        "k2-alias",
+        "kimi-k2-thinking",
+        "retired-alone-0",
+        "retired-alone-1",
+        "retiring-0",
+        "retiring-1",
+        "unreachable",
+    ]
     assert [m.id for m in b.models.list()] == ["b-only"]
 
 
@@ -380,14 +394,46 @@ def test_client_disconnect_cancels_the_upstream_stream(gateway: Process, simulat
     assert deadline["completed"] == 0
 
 
-def test_retired_model_404_is_reported_then_skipped(client: OpenAI, gateway: Process, sim: Process) -> None:
-    with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="retiring", messages=USER)
-    message = info.value.message
-    assert "upstream 'sim'" in message and "kimi-k2-0711-preview" in message and "retired" in message
-    assert info.value.body["code"] == "upstream_model_not_found"  # type: ignore[index]
-    raw = client.chat.completions.with_raw_response.create(model="retiring", messages=USER)
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_retired_model_with_another_candidate_fails_over_within_the_request(
+    client: OpenAI, gateway: Process, sim: Process, stream: bool
+) -> None:
+    model = f"retiring-{int(stream)}"  # its own retired candidate: each is marked dead once
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=USER, stream=stream)
+    if stream:
+        assert "[DONE]" in raw.http_response.read().decode()
+    else:
+        assert raw.parse().choices[0].message.content
+    assert raw.headers["x-gateway-upstream"] == "sim/kimi-k2-thinking-turbo"
+    assert (
+        f"failover to candidate 2 after sim/k2-retired-{int(stream)} (404 for the model: retired) failed"
+        in raw.headers["x-gateway-route-reason"]
+    )
+    # afterwards the retired candidate is not even tried
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=USER, stream=stream)
+    if stream:
+        raw.http_response.read()
     assert raw.headers["x-gateway-upstream"] == "sim/kimi-k2-thinking-turbo"
     assert "404" in raw.headers["x-gateway-route-reason"]
-    assert [r["body"]["model"] for r in sim_requests(sim)] == ["kimi-k2-0711-preview", "kimi-k2-thinking-turbo"]
-    assert "candidate sim/k2-retired is skipped" in gateway.output()
+    seen = [r["body"]["model"] for r in sim_requests(sim)]
+    assert seen == ["kimi-k2-0711-preview", "kimi-k2-thinking-turbo", "kimi-k2-thinking-turbo"]
+    assert gateway.output().count(f"candidate sim/k2-retired-{int(stream)} is skipped") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_retired_model_without_another_candidate_is_the_upstreams_404(
+    client: OpenAI, gateway: Process, sim: Process, stream: bool
+) -> None:
+    model = f"retired-alone-{int(stream)}"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model=model, messages=USER, stream=stream)
+    message = info.value.message
+    assert "upstream 'sim'" in message and "kimi-k2-0905-preview" in message and "retired" in message
+    assert info.value.body["code"] == "upstream_model_not_found"  # type: ignore[index]
+    assert f"candidate sim/k2-gone-{int(stream)} is skipped" in gateway.output()
+    # the only candidate is dead: the gateway says its configuration needs updating, without a call
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model=model, messages=USER, stream=stream)
+    assert info.value.body["code"] == "model_unavailable"  # type: ignore[index]
+    assert f"sim/k2-gone-{int(stream)}" in info.value.message
+    assert len(sim_requests(sim)) == 1

@@ -4,6 +4,7 @@ a ledger that survives restarts and crashes, and spend visible only to whom it b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -311,6 +312,65 @@ def test_ledger_survives_restart_and_crash_is_reconciled(tmp_path: Path, simulat
         assert after["estimated_requests"] == first["estimated_requests"] + 1
         assert Decimal(after["cost_usd"]) > Decimal(first["cost_usd"])
         assert "reconciled" in proc.output()
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_open_reservation_after_failover_describes_the_candidate_that_holds_it(
+    tmp_path: Path, simulator: Process, stream: bool
+) -> None:
+    import sqlite3
+    import threading
+
+    import orjson
+
+    upstreams = upstream_yaml(simulator).replace("first_byte_s: 2", "first_byte_s: 5") + (
+        "  down:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n    models: [kimi-k2-thinking]\n"
+    )
+    policy = (
+        f'tenant: tenant-a\nkeys: ["{hashed(KEY_A)}"]\nbudget: {{daily_usd: "100"}}\n'
+        "models:\n  k2: {candidates: [down/kimi-k2-thinking, sim/kimi-k2-thinking], strategy: pinned}\n"
+    )
+    # the refused candidate is the dearer one: its reservation would overstate the money at stake
+    dear = {"input_miss": "1.15", "input_hit": "0.15", "output": "8.00"}
+    config = write_gateway(tmp_path, upstreams, policy, name="fo", prices={"down/kimi-k2-thinking": dear})
+    body = {
+        "model": "k2",
+        "messages": [{"role": "user", "content": "fail over, then hang"}],
+        "max_tokens": 400,
+        "stream": stream,
+        "sim": {"fault": {"stall_s": 10}},  # in flight until the process dies
+    }
+    raw = orjson.dumps(body)
+    bound = len(raw) // 2 + 16  # the gateway's prompt bound (metering/tokens.py upper_bound_tokens)
+    held = (Decimal(bound) * MISS + Decimal(400) * OUT) / M  # sim's worst case, not down's
+    proc = start_gateway(config)
+    url, headers = proc.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY_A}"}
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(url, content=raw, headers={**headers, "content-type": "application/json"}, timeout=60)
+
+    threading.Thread(target=send, daemon=True).start()
+    db = tmp_path / "fo-ledger.db"
+    found: list[tuple] = []
+    for _ in range(100):  # mid-flight: read what a crash would leave behind
+        time.sleep(0.05)
+        if db.exists():
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                found = conn.execute("SELECT upstream, amount_nanos FROM open_reservations").fetchall()
+            if found and found[0][0] == "sim":
+                break
+    assert found == [("sim", int(held * 1_000_000_000))]
+    os.kill(proc.proc.pid, signal.SIGKILL)
+    proc.proc.wait()
+    proc.stop()
+    proc = start_gateway(config)  # start-up reconciles the open reservation into an estimated row
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute("SELECT upstream, cost_nanos, outcome FROM ledger").fetchall()
+        assert rows == [("sim", int(held * 1_000_000_000), "crashed")]
     finally:
         proc.stop()
 

@@ -205,7 +205,9 @@ def test_failover_order_connect_error_then_5xx(client: OpenAI, sims: tuple[Proce
         text = raw.http_response.read().decode()
         assert "[DONE]" in text
     assert raw.headers["x-gateway-upstream"] == "b/k2-fo"
-    assert raw.headers["x-gateway-route-reason"] == "pinned: failover to candidate 3 after down/k2-fo, a/k2-fo failed"
+    assert raw.headers["x-gateway-route-reason"] == (
+        "pinned: failover to candidate 3 after down/k2-fo (connect), a/k2-fo (500) failed"
+    )
     assert len(requests_seen(sim_a)) == 1 and len(requests_seen(sim_b)) == 1
 
 
@@ -268,8 +270,13 @@ def test_retired_candidate_is_skipped_afterwards_with_a_metric(
     client: OpenAI, gateway: Process, sims: tuple[Process, Process]
 ) -> None:
     sim_a, _ = sims
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="retiring", messages=[{"role": "user", "content": "old"}])
+    # the 404 costs the app nothing: the same request moves on to the next candidate
+    raw = client.chat.completions.with_raw_response.create(
+        model="retiring", messages=[{"role": "user", "content": "old"}], stream=True
+    )
+    assert "[DONE]" in raw.http_response.read().decode()
+    assert raw.headers["x-gateway-upstream"] == "b/k2-fo"
+    assert "after a/k2-old (404 for the model: retired) failed" in raw.headers["x-gateway-route-reason"]
     for stream in (False, True):
         raw = client.chat.completions.with_raw_response.create(
             model="retiring", messages=[{"role": "user", "content": "old"}], stream=stream
@@ -278,7 +285,10 @@ def test_retired_candidate_is_skipped_afterwards_with_a_metric(
         assert "skipped a/k2-old (404 for the model: retired)" in raw.headers["x-gateway-route-reason"]
     assert len(requests_seen(sim_a)) == 1
     assert gateway.output().count("candidate a/k2-old is skipped until the configuration changes") == 1
-    assert 'gateway_dead_candidates_total{candidate="a/k2-old"} 1.0' in httpx.get(gateway.url + "/metrics").text
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'gateway_dead_candidates_total{candidate="a/k2-old"} 1.0' in metrics
+    assert 'gateway_failovers_total{candidate="a/k2-old",kind="404"} 1.0' in metrics
+    assert 'gateway_breaker_opened_total{candidate="a/k2-old"}' not in metrics  # dead, not unhealthy
 
 
 def test_malformed_max_latency_header_is_a_400(gateway: Process, sims: tuple[Process, Process]) -> None:

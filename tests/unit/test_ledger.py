@@ -207,6 +207,23 @@ def test_a_batch_has_the_effect_of_its_entries_in_order() -> None:
     assert [r.request_id for r in batch.reservations] == ["req-00002", "req-00003", "req-00004"]
 
 
+def test_a_reservation_made_again_after_a_failover_replaces_the_first_in_one_batch() -> None:
+    batch = plan_batch([make_res(1), make_res(2), make_res(1, upstream="vllm", amount_usd=Decimal("0.002"))])
+    kept = [(r.request_id, r.upstream) for r in batch.reservations]
+    assert kept == [("req-00002", "moonshot"), ("req-00001", "vllm")]
+
+
+async def test_a_reservation_upserted_again_is_stored_as_the_last_one(ledger: Ledger) -> None:
+    ledger.reservation_opened(make_res(5))
+    await ledger.flush()
+    ledger.reservation_opened(make_res(6))
+    ledger.reservation_opened(make_res(6, upstream="vllm", amount_usd=Decimal("0.002")))  # same batch
+    ledger.reservation_opened(make_res(5, upstream="vllm", amount_usd=Decimal("0.003")))  # a later batch
+    await ledger.flush()
+    stored = {r.request_id: (r.upstream, r.amount_usd) for r in await ledger.open_reservations()}
+    assert stored == {"req-00005": ("vllm", Decimal("0.003")), "req-00006": ("vllm", Decimal("0.002"))}
+
+
 # --------------------------------------------------------------------------------------------------
 # Round trips
 
