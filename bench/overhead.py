@@ -958,7 +958,7 @@ def main() -> None:
                 colds = []
                 gw = None
                 for i in range(max(1, args.cold_starts)):
-                    d = work / f"{g.label}-rep{rep + 1}-spawn{i + 1}"
+                    d = work / f"{g.label.replace('/', '-')}-rep{rep + 1}-spawn{i + 1}"
                     d.mkdir()
                     gw = g.spawn(args, d, args.gateway_port)
                     started.append(gw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import functools
 import time
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
@@ -30,7 +31,13 @@ class Window:
 
 
 def windows(now: float) -> tuple[Window, Window]:
-    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    """The UTC day and month ``now`` falls in (computed once per day: every reservation asks)."""
+    return _windows_of_day(int(now // 86400))
+
+
+@functools.lru_cache(maxsize=8)
+def _windows_of_day(day_number: int) -> tuple[Window, Window]:
+    day = dt.date(1970, 1, 1) + dt.timedelta(days=day_number)
     tomorrow = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     days_in_month = calendar.monthrange(day.year, day.month)[1]
     next_month = dt.datetime.combine(day.replace(day=1) + dt.timedelta(days=days_in_month), dt.time(), tzinfo=dt.UTC)
@@ -49,9 +56,29 @@ class Line:
     limit: Limit
 
 
+# (tenant, app, day) -> (the budget object, its lines): a request's caps are the same all day, and
+# reserving is on every budgeted request's path. A reloaded policy is a new object: rebuilt then.
+_LINES: dict[tuple[str, str | None, int], tuple[Budget, list[Line]]] = {}
+
+
 def lines_for(tenant: str, budget: Budget | None, app: str | None, now: float) -> list[Line]:
+    """The caps that apply to a request of ``tenant`` (and ``app``) at ``now``; callers must not
+    change the returned list (it is shared for the day). Counters live until their window resets
+    plus at least a day."""
     if budget is None:
         return []
+    day = int(now // 86400)
+    cached = _LINES.get((tenant, app, day))
+    if cached is not None and cached[0] is budget:
+        return cached[1]
+    if len(_LINES) > 4096:
+        _LINES.clear()
+    lines = _lines(tenant, budget, app, day * 86400.0)
+    _LINES[(tenant, app, day)] = (budget, lines)
+    return lines
+
+
+def _lines(tenant: str, budget: Budget, app: str | None, now: float) -> list[Line]:
     out: list[Line] = []
     scopes: list[tuple[str, Caps]] = [("tenant", budget)]
     if app is not None and app in budget.apps:
