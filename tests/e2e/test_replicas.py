@@ -73,9 +73,10 @@ def test_two_replicas_enforce_one_budget_cap(tmp_path: Path, simulator: Process)
         assert statuses.count(200) == 10, statuses
         assert statuses.count(429) == 40
         assert all(r.json()["error"]["type"] == "budget_exceeded" for r in responses if r.status_code == 429)
-        # both replicas served some of the ten: the cap was shared, not enforced per process
-        served = {r.headers["x-request-id"][:16] for r in responses if r.status_code == 200}
-        assert len(served) == 2
+        # both replicas answered (25 each): enforced per process, the cap would have let 20 through;
+        # which replica won which of the ten is a race, so it is not asserted
+        answered = {r.headers["x-request-id"][:16] for r in responses}
+        assert len(answered) == 2
         totals = [spend_total(p) for p in procs]
         spent = sum(Decimal(t["cost_usd"]) for t in totals)
         assert spent <= cap
