@@ -23,7 +23,7 @@ from gateway.capture.store import CaptureStore
 from gateway.errors import GatewayError
 from gateway.metering.meter import Meter, Metered
 from gateway.metering.stream import StreamTap
-from gateway.metering.tokens import upper_bound_tokens
+from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate, PolicySet, Tenant
@@ -133,14 +133,6 @@ def ask_for_stream_usage(ex: Exchange) -> bool:
         )
         ex.dirty = True
     return wants
-
-
-def requested_max_tokens(body: dict[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 def shape_request(ex: Exchange, candidate: Candidate) -> bytes:

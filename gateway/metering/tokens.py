@@ -81,3 +81,12 @@ def upper_bound_tokens(raw_body: bytes) -> int:
     """A cheap bound on prompt tokens with no tokenizer: no BPE token is shorter than half a byte
     of UTF-8 on average for real text, so bytes/2 over-counts English ~2x and CJK only slightly."""
     return len(raw_body) // 2 + 16
+
+
+def requested_max_tokens(body: dict[str, Any]) -> int | None:
+    """The output bound a chat/completions request asked for (``max_completion_tokens`` first), or None."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

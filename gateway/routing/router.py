@@ -16,6 +16,7 @@ from typing import Any
 from gateway.config import LoadedConfig, ModelShaping
 from gateway.metering.budget import Budgets, lines_for
 from gateway.metering.prices import PriceBook
+from gateway.metering.tokens import requested_max_tokens
 from gateway.metering.usage import Usage
 from gateway.observability import log
 from gateway.policy.store import Route, Tenant
@@ -220,7 +221,7 @@ class Router:
         else:
             prompt = max(raw_len // affinity.BYTES_PER_TOKEN, 1)
         prompt = max([prompt, *held.values()])
-        asked = _max_tokens(body) or tenant.default_max_tokens
+        asked = requested_max_tokens(body) or tenant.default_max_tokens
         average = self.stats.completion_avg(tenant.name)
         output = int(min(asked, average if average is not None else COLD_COMPLETION_TOKENS))
         when, now = self.wall(), self.clock()
@@ -295,11 +296,3 @@ class Router:
         if plan.chain is not None and usage.prompt_tokens:
             ttl = self.traits_of(c.upstream).cache_ttl_s
             await affinity.remember(self.kv, tenant.name, plan.chain, c.label, usage.prompt_tokens, ttl, self.wall())
-
-
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
