@@ -7,8 +7,9 @@ which the Moonshot profile insists on with the same 400 as the real API)."""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -112,10 +113,18 @@ def one_turn(c: OpenAI, model: str, messages: list[Any], stream: bool, sim: dict
         choice = resp.choices[0]
         # a typical client appends the SDK's message object itself
         return choice.message, str(choice.finish_reason), resp.model_dump_json()
-    content, calls, finish, seen = "", {}, "", []
-    for chunk in c.chat.completions.create(
-        model=model, messages=messages, tools=TOOLS, stream=True, extra_body={"sim": sim}
-    ):
+    return assemble_stream(
+        c.chat.completions.create(model=model, messages=messages, tools=TOOLS, stream=True, extra_body={"sim": sim})
+    )
+
+
+def assemble_stream(chunks: Iterable[Any]) -> tuple[dict[str, Any], str, str]:
+    """An SDK chat stream as (the assistant message a client sends back, finish_reason, every chunk
+    received as JSON)."""
+    content, finish = "", ""
+    calls: dict[int, dict[str, Any]] = {}
+    seen: list[Any] = []
+    for chunk in chunks:
         seen.append(chunk.model_dump())
         for choice in chunk.choices:
             delta = choice.delta
@@ -132,8 +141,6 @@ def one_turn(c: OpenAI, model: str, messages: list[Any], stream: bool, sim: dict
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    import json
-
     return message, finish, json.dumps(seen)
 
 
@@ -145,7 +152,7 @@ def run_tool_loop(gw: Process, sim: Process, key: str, model: str, stream: bool,
         chunks = 2 + turn  # a different reasoning text every turn
         message, finish, received = one_turn(c, model, messages, stream, {"tool_calls": 2, "reasoning_chunks": chunks})
         assert finish == "tool_calls"
-        assert no_reasoning_keys(__import__("json").loads(received)), received[:500]
+        assert no_reasoning_keys(json.loads(received)), received[:500]
         assert FIRST_REASONING not in received
         expected.append(expected_reasoning(chunks))
         messages.append(message)
@@ -160,9 +167,7 @@ def run_tool_loop(gw: Process, sim: Process, key: str, model: str, stream: bool,
         assert all(m.get("tool_calls") for m in assistants)
     # the answer after the last tool results
     message, finish, received = one_turn(c, model, messages, stream, {"reasoning_chunks": 3})
-    assert (
-        finish == "stop" and FIRST_REASONING not in received and no_reasoning_keys(__import__("json").loads(received))
-    )
+    assert finish == "stop" and FIRST_REASONING not in received and no_reasoning_keys(json.loads(received))
     sent = upstream_requests(sim)[0]["messages"]
     assert [m[field] for m in sent if m["role"] == "assistant"] == expected
     other = "reasoning" if field == "reasoning_content" else "reasoning_content"

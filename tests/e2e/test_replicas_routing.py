@@ -18,6 +18,7 @@ from tests.e2e.redis_helpers import drop_namespace, shared_redis, state_yaml
 from tests.e2e.test_reasoning_modes import (
     FIRST_REASONING,
     TOOLS,
+    assemble_stream,
     expected_reasoning,
     no_reasoning_keys,
 )
@@ -112,26 +113,10 @@ def call(gw: Process, stream: bool, **kwargs: Any) -> tuple[dict[str, str], dict
         raw = c.chat.completions.with_raw_response.create(**kwargs)
         choice = raw.parse().choices[0]
         return dict(raw.headers), choice.message.model_dump(exclude_none=True), str(choice.finish_reason), raw.text
-    content, calls, finish, seen = "", {}, "", []
     with c.chat.completions.with_streaming_response.create(stream=True, **kwargs) as resp:
         headers = dict(resp.headers)
-        for chunk in resp.parse():
-            seen.append(chunk.model_dump())
-            for choice in chunk.choices:
-                content += choice.delta.content or ""
-                for tc in choice.delta.tool_calls or ():
-                    entry = calls.setdefault(
-                        tc.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-                    )
-                    entry["id"] = tc.id or entry["id"]
-                    if tc.function is not None:
-                        entry["function"]["name"] = tc.function.name or entry["function"]["name"]
-                        entry["function"]["arguments"] += tc.function.arguments or ""
-                finish = choice.finish_reason or finish
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return headers, message, finish, json.dumps(seen)
+        message, finish, seen = assemble_stream(resp.parse())
+    return headers, message, finish, seen
 
 
 def test_breaker_opened_by_one_replica_is_skipped_by_the_other(
