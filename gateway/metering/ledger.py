@@ -260,7 +260,7 @@ def build_spend_query(
 class Batch:
     """What one transaction must do, in this order, to have the effect of the entries in sequence.
 
-    Rows are inserted, then the reservations of all recorded rows are deleted, then the reservations
+    Rows are inserted, then the stored reservations of recorded rows are deleted, then the reservations
     that no later row in the batch settles are upserted (of several for one request, the last: a
     failover reserves again). A reservation and its row in the same batch therefore leave nothing
     open, and a (pathological) reservation made *after* its row stays open, exactly as if each entry
@@ -272,7 +272,10 @@ class Batch:
     reservations: list[OpenReservation]
 
 
-def plan_batch(entries: Sequence[Entry]) -> Batch:
+def plan_batch(entries: Sequence[Entry], stored_open: set[str] | None = None) -> Batch:
+    """The :class:`Batch` for ``entries``. ``stored_open`` (the request ids whose open reservation an
+    earlier batch stored) limits the deletions to reservations that exist: most requests reserve and
+    settle within one batch, or reserve nothing, and their deletion would be a wasted index probe."""
     rows: list[LedgerRow] = []
     reservations: list[OpenReservation] = []
     settled_after: set[str] = set()
@@ -286,7 +289,8 @@ def plan_batch(entries: Sequence[Entry]) -> Batch:
             reservations.append(entry)
     rows.reverse()
     reservations.reverse()
-    return Batch(rows, list(dict.fromkeys(r.request_id for r in rows)), reservations)
+    settled = dict.fromkeys(r.request_id for r in rows)
+    return Batch(rows, [i for i in settled if stored_open is None or i in stored_open], reservations)
 
 
 def split_existing(rows: Sequence[LedgerRow], existing: dict[str, bool]) -> tuple[list[LedgerRow], list[str]]:
@@ -401,6 +405,7 @@ class Ledger(ABC):
         self._task: asyncio.Task[None] | None = None
         self._state = "new"  # new -> open -> closing -> closed
         self._backlog_warned = False
+        self._stored_open: set[str] = set()  # open reservations this process stored and has not settled
 
     # ---- what a backend provides
 
@@ -638,7 +643,10 @@ class Ledger(ABC):
         delay = 0.05
         while True:
             try:
-                await self._write(plan_batch(entries))
+                batch = plan_batch(entries, self._stored_open)
+                await self._write(batch)
+                self._stored_open.difference_update(batch.settled)
+                self._stored_open.update(r.request_id for r in batch.reservations)
                 return
             except Exception as exc:
                 if isinstance(exc, BadEntry) or self._is_data_error(exc):

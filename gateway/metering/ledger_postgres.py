@@ -265,6 +265,7 @@ class PostgresLedger(Ledger):
                     await conn.copy_records_to_table(
                         "ledger", records=[encoded[id(r)] for r in insert], columns=ROW_COLUMNS, schema_name=self.schema
                     )
+            if batch.settled:
                 await conn.execute("DELETE FROM open_reservations WHERE request_id = ANY($1::text[])", batch.settled)
             if reservations:
                 await conn.executemany(UPSERT_RES, reservations)

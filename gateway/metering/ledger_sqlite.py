@@ -127,6 +127,7 @@ RES_COLUMNS = (
 )  # fmt: skip
 
 INSERT_ROW = f"INSERT INTO ledger ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
+INSERT_NEW_ROW = INSERT_ROW + " ON CONFLICT (request_id) DO NOTHING"
 UPSERT_RES = (
     f"INSERT INTO open_reservations ({', '.join(RES_COLUMNS)}) VALUES ({', '.join('?' * len(RES_COLUMNS))})"
     " ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in RES_COLUMNS[1:])
@@ -137,9 +138,23 @@ SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
 
 def encode_row(r: LedgerRow) -> tuple[Any, ...]:
     day, month = utc_day_month(r.ts)
+    tags = dump_json(r.tags)
+    # one look at all the text: nearly always ASCII without NUL, and then nothing needs cleaning
+    text = (
+        f"{r.tenant}{r.key_id}{r.app or ''}{r.user or ''}{tags}{r.virtual_model}{r.upstream or ''}"
+        f"{r.upstream_model or ''}{r.price_version or ''}{r.outcome}{r.estimate_reason or ''}{r.route_reason}"
+    )
+    if text.isascii() and "\x00" not in text:
+        return (
+            r.request_id, float(r.ts), day, month, r.tenant, r.key_id, r.app, r.user, tags, r.virtual_model,
+            r.upstream, r.upstream_model, int(bool(r.stream)), int(r.prompt_tokens), int(r.cached_tokens),
+            int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed), to_nanos(r.cost_usd),
+            to_nanos(r.cache_savings_usd), r.price_version, None if r.ttft_ms is None else float(r.ttft_ms),
+            float(r.latency_ms), int(r.status), r.outcome, int(bool(r.estimated)), r.estimate_reason, r.route_reason,
+        )  # fmt: skip
     return (
         r.request_id, float(r.ts), day, month, clean_text(r.tenant), clean_text(r.key_id),
-        opt_text(r.app), opt_text(r.user), clean_text(dump_json(r.tags)), clean_text(r.virtual_model),
+        opt_text(r.app), opt_text(r.user), clean_text(tags), clean_text(r.virtual_model),
         opt_text(r.upstream), opt_text(r.upstream_model), int(bool(r.stream)), int(r.prompt_tokens),
         int(r.cached_tokens), int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed),
         to_nanos(r.cost_usd), to_nanos(r.cache_savings_usd), opt_text(r.price_version),
@@ -232,6 +247,10 @@ async def migrate(conn: aiosqlite.Connection, where: str) -> None:
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
             (m.version, m.name, time.time()),
         )
+
+
+class _AlreadyRecorded(Exception):
+    """A row of the batch has a request id the ledger holds already (rolls the fast path back)."""
 
 
 class SqliteLedger(Ledger):
@@ -344,20 +363,47 @@ class SqliteLedger(Ledger):
         return {rid: bool(replaceable) for rid, replaceable in rows}
 
     async def _write(self, batch: Batch) -> None:
-        encoded = dict(zip(map(id, batch.rows), encode_all(encode_row, batch.rows), strict=True))
+        encoded = encode_all(encode_row, batch.rows)
         reservations = encode_all(encode_res, batch.reservations)
-        async with self._transaction() as conn:
-            if batch.rows:
-                existing = await self._existing(conn, [r.request_id for r in batch.rows])
-                insert, replace = split_existing(batch.rows, existing)
-                if replace:
-                    await conn.execute(DELETE_ROWS, [json_param(replace)])
-                for sql, params in values_statements(INSERT_ROW, [encoded[id(r)] for r in insert]):
-                    await conn.execute(sql, params)
-                if batch.settled:
-                    await conn.execute(DELETE_RESERVATIONS, [json_param(batch.settled)])
-            for sql, params in values_statements(UPSERT_RES, reservations):
+        try:
+            async with self._transaction() as conn:
+                await self._apply(conn, batch, encoded, reservations, careful=False)
+        except _AlreadyRecorded:  # rolled back: do it again, looking at each stored id
+            async with self._transaction() as conn:
+                await self._apply(conn, batch, encoded, reservations, careful=True)
+
+    async def _apply(
+        self,
+        conn: aiosqlite.Connection,
+        batch: Batch,
+        encoded: list[tuple[Any, ...]],
+        reservations: list[tuple[Any, ...]],
+        *,
+        careful: bool,
+    ) -> None:
+        """The batch's statements. Nearly always no request id of the batch is stored yet, so the rows
+        go in with ``ON CONFLICT DO NOTHING`` and a count of the changes proves it; only when some row
+        was skipped (a reconciled estimate to replace, a duplicate to log) is the batch redone with a
+        lookup of each id (``careful``)."""
+        if batch.rows and careful:
+            existing = await self._existing(conn, [r.request_id for r in batch.rows])
+            insert, replace = split_existing(batch.rows, existing)
+            if replace:
+                await conn.execute(DELETE_ROWS, [json_param(replace)])
+            chosen = {id(r) for r in insert}
+            rows = [e for r, e in zip(batch.rows, encoded, strict=True) if id(r) in chosen]
+            for sql, params in values_statements(INSERT_ROW, rows):
                 await conn.execute(sql, params)
+        elif batch.rows:
+            before = conn.total_changes
+            for sql, params in values_statements(INSERT_NEW_ROW, encoded):
+                await conn.execute(sql, params)
+            if conn.total_changes - before != len(encoded):
+                raise _AlreadyRecorded
+        if batch.settled:
+            await conn.execute(DELETE_RESERVATIONS, [json_param(batch.settled)])
+        for sql, params in values_statements(UPSERT_RES, reservations):
+            await conn.execute(sql, params)
 
     async def _reconcile(
         self, opened_before: float | None, make_row: Callable[[OpenReservation], LedgerRow]

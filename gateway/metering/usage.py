@@ -48,27 +48,28 @@ class Usage:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    # type() rather than isinstance(): a bool is an int to isinstance, and never a token count
+    return value if type(value) is int and value > 0 else 0
 
 
 def parse_usage(obj: Any) -> Usage | None:
     """A :class:`Usage` from one usage object in any provider's dialect, or None."""
     if not isinstance(obj, dict):
         return None
-    prompt = _int(obj.get("prompt_tokens") or obj.get("input_tokens"))
-    completion = _int(obj.get("completion_tokens") or obj.get("output_tokens"))
-    cached = _int(obj.get("cached_tokens"))
-    details = obj.get("prompt_tokens_details")
-    if not cached and isinstance(details, dict):
-        cached = _int(details.get("cached_tokens"))
-    if not cached:
-        cached = _int(obj.get("prompt_cache_hit_tokens")) or _int(obj.get("cache_read_input_tokens"))
-    reasoning = 0
-    cdetails = obj.get("completion_tokens_details")
-    if isinstance(cdetails, dict):
-        reasoning = _int(cdetails.get("reasoning_tokens"))
+    get = obj.get
+    prompt = _int(get("prompt_tokens") or get("input_tokens"))
+    completion = _int(get("completion_tokens") or get("output_tokens"))
     if not (prompt or completion):
         return None
+    cached = _int(get("cached_tokens"))
+    if not cached:
+        details = get("prompt_tokens_details")
+        if isinstance(details, dict):
+            cached = _int(details.get("cached_tokens"))
+        if not cached:
+            cached = _int(get("prompt_cache_hit_tokens")) or _int(get("cache_read_input_tokens"))
+    cdetails = get("completion_tokens_details")
+    reasoning = _int(cdetails.get("reasoning_tokens")) if isinstance(cdetails, dict) else 0
     return Usage(prompt, completion, min(cached, prompt) if prompt else cached, reasoning)
 
 

@@ -207,6 +207,13 @@ def test_a_batch_has_the_effect_of_its_entries_in_order() -> None:
     assert [r.request_id for r in batch.reservations] == ["req-00002", "req-00003", "req-00004"]
 
 
+def test_a_batch_deletes_only_reservations_an_earlier_batch_stored() -> None:
+    entries = [make_res(1), make_row(1), make_row(2), make_row(3)]
+    # 1 reserved and settled in this batch, 2 reserved nothing, 3's reservation is in the database
+    assert plan_batch(entries, stored_open={"req-00003"}).settled == ["req-00003"]
+    assert plan_batch(entries, stored_open=set()).settled == []
+
+
 def test_a_reservation_made_again_after_a_failover_replaces_the_first_in_one_batch() -> None:
     batch = plan_batch([make_res(1), make_res(2), make_res(1, upstream="vllm", amount_usd=Decimal("0.002"))])
     kept = [(r.request_id, r.upstream) for r in batch.reservations]
@@ -580,6 +587,18 @@ async def test_a_duplicate_request_id_keeps_the_first_row(ledger: Ledger, caplog
     assert second is not None and second.cost_usd == make_row(2).cost_usd
     assert caplog.text.count("already recorded") == 2
     assert ledger.rejected == 0
+
+
+async def test_a_batch_with_one_known_id_stores_all_the_others_once(ledger: Ledger) -> None:
+    """The fast insert skips a known id; the batch is redone id by id, without double rows."""
+    ledger.record(make_row(5))
+    await ledger.flush()
+    for i in range(1, 10):
+        ledger.record(make_row(i, cost_usd=Decimal("7")))
+    await ledger.flush()
+    assert await count(ledger) == 9
+    stored = await ledger.spend(group_by=[])
+    assert stored[0]["cost_usd"] == 8 * Decimal("7") + make_row(5).cost_usd
 
 
 # --------------------------------------------------------------------------------------------------
