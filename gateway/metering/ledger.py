@@ -628,9 +628,11 @@ class Ledger(ABC):
                 self._inflight = []
                 self._written += n
                 self._wake_waiters()
-                if len(self._pending) < self.batch_size and not self._hurry.is_set() and self._state != "closing":
-                    # what arrived during the write waits for the next interval: under steady load this
-                    # keeps one transaction per interval instead of one per write's duration
+                if len(self._pending) < self.batch_size and not self._waiters and self._state != "closing":
+                    # What arrived during the write waits for the next interval: under steady load this
+                    # keeps one transaction per interval instead of one per write's duration. Only a full
+                    # batch, a flush() still waiting or a close goes on at once; a full batch that set
+                    # ``_hurry`` must not (it kept the writer in one-row transactions under load).
                     break
             self._hurry.clear()
             if self._backlog_warned and self.backlog <= self.backlog_warn // 2:
