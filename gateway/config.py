@@ -173,7 +173,8 @@ class LedgerConfig(_Strict):
     ``postgresql://...`` for several replicas."""
 
     url: str = "sqlite:///../data/ledger.db"
-    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    # 512: a full batch is one multi-row INSERT on SQLite (its statements cover powers of two of rows)
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 512
     # rows are visible to reports this long after a request at most; longer batches cost less per row
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
 

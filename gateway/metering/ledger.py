@@ -381,7 +381,7 @@ class Ledger(ABC):
     def __init__(
         self,
         *,
-        batch_size: int = 500,
+        batch_size: int = 512,
         max_delay: float = 0.05,
         backlog_warn: int = 10_000,
         close_timeout: float = 30.0,

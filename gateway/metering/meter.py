@@ -121,10 +121,14 @@ class Meter:
         usage = m.usage or Usage()
         tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
         s = series(tenant, model, upstream, m.stream)
-        if usage.prompt_tokens or usage.completion_tokens:
+        # a counter's inc takes a lock: zero increments (no cache hit, no reasoning count) are skipped
+        if usage.prompt_tokens:
             s.prompt.inc(usage.prompt_tokens)
+        if usage.cached_tokens:
             s.cached.inc(usage.cached_tokens)
+        if usage.completion_tokens:
             s.completion.inc(usage.completion_tokens)
+        if usage.reasoning_tokens:
             s.reasoning.inc(usage.reasoning_tokens)
         if cost.usd:
             s.spend.inc(float(cost.usd))

@@ -20,6 +20,7 @@ from gateway.metering.money import NANO
 from gateway.yamlfile import ConfigError, load_model
 
 MILLION = Decimal(1_000_000)
+NO_SAVINGS = Decimal(0).quantize(NANO)
 Money = Annotated[Decimal, Field(ge=0)]
 
 
@@ -150,15 +151,21 @@ def cost_of(
     tool_calls: dict[str, int] | None = None,
 ) -> Cost:
     """Exact cost: uncached input at the miss price, cached at the hit price, output, tool fees."""
-    cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
-    uncached = max(prompt_tokens, 0) - cached
-    usd = uncached * price.miss + cached * price.hit + max(completion_tokens, 0) * price.out
-    for name, count in (tool_calls or {}).items():
-        fee = price.tool_fees.get(name)
-        if fee is not None:
-            usd += fee * count
-    savings = cached * (price.miss - price.hit)
-    return Cost(usd.quantize(NANO), savings.quantize(NANO), price.version)
+    prompt = prompt_tokens if prompt_tokens > 0 else 0
+    cached = cached_tokens if cached_tokens > 0 else 0
+    if cached > prompt:
+        cached = prompt
+    usd = (prompt - cached) * price.miss + (completion_tokens if completion_tokens > 0 else 0) * price.out
+    savings = NO_SAVINGS
+    if cached:  # (each Decimal operation skipped counts: this runs for every request)
+        usd += cached * price.hit
+        savings = (cached * (price.miss - price.hit)).quantize(NANO)
+    if tool_calls:
+        for name, count in tool_calls.items():
+            fee = price.tool_fees.get(name)
+            if fee is not None:
+                usd += fee * count
+    return Cost(usd.quantize(NANO), savings, price.version)
 
 
 def worst_case(price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
