@@ -173,7 +173,7 @@ class LedgerConfig(_Strict):
     ``postgresql://...`` for several replicas."""
 
     url: str = "sqlite:///../data/ledger.db"
-    # 512: a full batch is one multi-row INSERT on SQLite (its statements cover powers of two of rows)
+    # 512: a full batch is whole multi-row INSERTs on SQLite (statements of up to 64 rows)
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 512
     # rows are visible to reports this long after a request at most; longer batches cost less per row
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2

@@ -189,9 +189,11 @@ def decode_res(v: Sequence[Any]) -> OpenReservation:
     )
 
 
-# rows per statement: powers of two up to this, so a connection prepares at most ten statement texts
-# per kind (SQLite keeps prepared statements cached; one text per batch size would pile up megabytes)
-MAX_ROWS_PER_STATEMENT = 512
+# Rows per statement: powers of two up to this, so a connection prepares at most seven statement texts
+# per kind (SQLite keeps prepared statements cached; one text per batch size would pile up megabytes).
+# 64 rows bind 1,792 parameters, a fraction of a millisecond with the GIL held; 512 held it for about
+# 3 ms, which showed as p99 latency at one connection (1.74 against 1.46 ms, bench/RESULTS.md).
+MAX_ROWS_PER_STATEMENT = 64
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,6 +249,15 @@ async def migrate(conn: aiosqlite.Connection, where: str) -> None:
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
             (m.version, m.name, time.time()),
         )
+
+
+async def _insert_rows(conn: aiosqlite.Connection, sql: str, rows: Sequence[LedgerRow]) -> None:
+    """``rows`` in statements of at most :data:`MAX_ROWS_PER_STATEMENT`, each encoded just before it
+    goes: the event loop is never held for a whole batch's encoding, nor the GIL for a whole batch's
+    parameters (sqlite3 binds them holding it), so requests in flight see no pause of a millisecond."""
+    for i in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+        for statement, params in values_statements(sql, encode_all(encode_row, rows[i : i + MAX_ROWS_PER_STATEMENT])):
+            await conn.execute(statement, params)
 
 
 class _AlreadyRecorded(Exception):
@@ -363,23 +374,16 @@ class SqliteLedger(Ledger):
         return {rid: bool(replaceable) for rid, replaceable in rows}
 
     async def _write(self, batch: Batch) -> None:
-        encoded = encode_all(encode_row, batch.rows)
         reservations = encode_all(encode_res, batch.reservations)
         try:
             async with self._transaction() as conn:
-                await self._apply(conn, batch, encoded, reservations, careful=False)
+                await self._apply(conn, batch, reservations, careful=False)
         except _AlreadyRecorded:  # rolled back: do it again, looking at each stored id
             async with self._transaction() as conn:
-                await self._apply(conn, batch, encoded, reservations, careful=True)
+                await self._apply(conn, batch, reservations, careful=True)
 
     async def _apply(
-        self,
-        conn: aiosqlite.Connection,
-        batch: Batch,
-        encoded: list[tuple[Any, ...]],
-        reservations: list[tuple[Any, ...]],
-        *,
-        careful: bool,
+        self, conn: aiosqlite.Connection, batch: Batch, reservations: list[tuple[Any, ...]], *, careful: bool
     ) -> None:
         """The batch's statements. Nearly always no request id of the batch is stored yet, so the rows
         go in with ``ON CONFLICT DO NOTHING`` and a count of the changes proves it; only when some row
@@ -390,15 +394,11 @@ class SqliteLedger(Ledger):
             insert, replace = split_existing(batch.rows, existing)
             if replace:
                 await conn.execute(DELETE_ROWS, [json_param(replace)])
-            chosen = {id(r) for r in insert}
-            rows = [e for r, e in zip(batch.rows, encoded, strict=True) if id(r) in chosen]
-            for sql, params in values_statements(INSERT_ROW, rows):
-                await conn.execute(sql, params)
+            await _insert_rows(conn, INSERT_ROW, insert)
         elif batch.rows:
             before = conn.total_changes
-            for sql, params in values_statements(INSERT_NEW_ROW, encoded):
-                await conn.execute(sql, params)
-            if conn.total_changes - before != len(encoded):
+            await _insert_rows(conn, INSERT_NEW_ROW, batch.rows)
+            if conn.total_changes - before != len(batch.rows):
                 raise _AlreadyRecorded
         if batch.settled:
             await conn.execute(DELETE_RESERVATIONS, [json_param(batch.settled)])
