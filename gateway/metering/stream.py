@@ -56,6 +56,16 @@ def _usage_at(data: bytes) -> int:
     return -1
 
 
+def _done_at_end(block: bytes) -> int:
+    """Where ``[DONE]`` starts when it is the block's last event (``data: [DONE]``), or -1."""
+    end = len(block.rstrip(b"\r\n"))
+    start = end - len(_DONE)
+    if start < 0 or block[start:end] != _DONE:
+        return -1
+    line = block.rfind(b"\n", 0, start) + 1  # its line must be the data line of [DONE] alone
+    return start if block[line:start].rstrip(b" ") == b"data:" else -1
+
+
 def _object(data: bytes) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(data)
@@ -114,7 +124,11 @@ class StreamTap:
         looked at."""
         first = _usage_at(block)
         if self._wants_usage:
-            done = block.find(_DONE)
+            # [DONE] ends a stream: look at the block's end first, and through the whole block (a
+            # stream that arrives in one read is kilobytes) only when it is not there
+            done = _done_at_end(block)
+            if done < 0:
+                done = block.find(_DONE)
             if done >= 0 and (first < 0 or done < first):
                 first = done
         if first < 0:

@@ -15,7 +15,9 @@ DONE = b"data: [DONE]"
 def last_boundary(data: bytes, end: int | None = None) -> int:
     """Index just past the last blank line (``\\n\\n`` or ``\\r\\n\\r\\n``) before ``end``, or 0."""
     lf = data.rfind(b"\n\n", 0, end)
-    crlf = data.rfind(b"\r\n\r\n", 0, end)
+    # a CRLF boundary beats the LF one only if it ends after it: look just there, not through the
+    # whole block again (an LF-only stream would be scanned twice to the start for nothing)
+    crlf = data.rfind(b"\r\n\r\n", max(lf - 2, 0), end)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 

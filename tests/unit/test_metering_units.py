@@ -165,6 +165,19 @@ def test_tap_synthesizes_openais_usage_chunk_from_moonshots_choice_usage() -> No
     assert out.endswith(DONE)
 
 
+@pytest.mark.parametrize("done", [DONE, b"data:[DONE]\r\n\r\n"])
+def test_tap_synthesizes_the_usage_chunk_before_done_in_a_stream_read_in_one_block(done: bytes) -> None:
+    """The whole stream in one read (as from an upstream that writes it at once), with a delta that
+    mentions [DONE] in its text: the chunk goes just before the stream's own [DONE], bytes unchanged."""
+    mention = sse({"id": "c1", "choices": [{"index": 0, "delta": {"content": "say [DONE] when done"}}]})
+    tap = StreamTap(client_wants_usage=True)
+    out = tap.process(DELTA + mention + FINISH_MOONSHOT + done)
+    assert out.startswith(DELTA + mention + FINISH_MOONSHOT)
+    assert out.endswith(done)
+    chunk = orjson.loads(out[len(DELTA + mention + FINISH_MOONSHOT) : -len(done)].removeprefix(b"data: "))
+    assert chunk["choices"] == [] and chunk["usage"]["cached_tokens"] == 8
+
+
 def test_tap_passes_usage_null_chunks_untouched() -> None:
     tap = StreamTap(client_wants_usage=False)
     block = sse({"choices": [{"index": 0, "delta": {"content": "x"}}], "usage": None})

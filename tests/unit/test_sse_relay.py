@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.upstreams.sse import SSERelay
+from gateway.upstreams.sse import SSERelay, last_boundary
 
 EVENTS = [
     b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
@@ -64,3 +64,12 @@ def test_abort_drops_half_event_and_sends_error() -> None:
     out = relay.abort("cut", "upstream_error")
     assert b"reasoning" not in out
     assert orjson.loads(out[6:])["error"]["message"] == "cut"
+
+
+@given(st.binary(max_size=24).map(lambda b: bytes(b"ab\r\n"[x % 4] for x in b)), st.data())
+def test_last_boundary_finds_what_a_search_of_the_whole_block_finds(data: bytes, draw: st.DataObject) -> None:
+    """The CRLF boundary is looked for only after the last LF one: the answer must not change."""
+    end = draw.draw(st.one_of(st.none(), st.integers(0, len(data))))
+    lf = data.rfind(b"\n\n", 0, end)
+    crlf = data.rfind(b"\r\n\r\n", 0, end)
+    assert last_boundary(data, end) == max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
