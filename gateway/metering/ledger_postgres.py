@@ -107,6 +107,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
         ),
     ),
+    Migration(
+        3,
+        "reports by time range",
+        (
+            # a report of some days grouped by day scanned the whole day index; by ts it reads the range
+            "DROP INDEX IF EXISTS ledger_day",
+            "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
+        ),
+    ),
 )
 
 ROW_COLUMNS = (

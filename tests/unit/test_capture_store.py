@@ -123,7 +123,7 @@ async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
     upgraded = ledger_from_url(capture_url)
     await upgraded.open()
     try:
-        assert await upgraded.applied_migrations() == [1, 2]
+        assert await upgraded.applied_migrations() == [1, 2, 3]
         assert await upgraded.get("req-00001") == make_row(1)  # the ledger's rows are untouched
     finally:
         await upgraded.close()
@@ -169,6 +169,6 @@ async def test_a_capture_table_made_before_the_migration_existed_is_kept_with_it
     ledger = ledger_from_url(capture_url)
     await ledger.open()
     try:
-        assert await ledger.applied_migrations() == [1, 2]
+        assert await ledger.applied_migrations() == [1, 2, 3]
     finally:
         await ledger.close()

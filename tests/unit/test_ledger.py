@@ -28,6 +28,7 @@ from gateway.metering.ledger import (
     Ledger,
     LedgerRow,
     OpenReservation,
+    build_spend_query,
     ledger_from_url,
     plan_batch,
 )
@@ -499,7 +500,7 @@ async def test_rows_survive_a_restart_and_writing_continues(make: Factory) -> No
     second.record(make_row(2))
     await second.flush()
     assert await count(second) == 2
-    assert await second.applied_migrations() == [1, 2]
+    assert await second.applied_migrations() == [1, 2, 3]
 
 
 async def test_entries_recorded_before_open_are_kept(make: Factory) -> None:
@@ -723,12 +724,12 @@ async def test_migrations_are_idempotent_and_safe_to_race(make: Factory) -> None
     racers = [make() for _ in range(3)]
     await asyncio.gather(*(r.open() for r in racers))
     for r in racers:
-        assert await r.applied_migrations() == [1, 2]
+        assert await r.applied_migrations() == [1, 2, 3]
     for r in racers:
         await r.close()
     again = make()
     await again.open()
-    assert await again.applied_migrations() == [1, 2]
+    assert await again.applied_migrations() == [1, 2, 3]
 
 
 async def test_two_ledgers_write_to_one_database_without_loss(make: Factory) -> None:
@@ -760,6 +761,27 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
             assert raw.execute("SELECT cost_nanos FROM ledger").fetchone() == (123_457,)
     finally:
         await ledger.close()
+
+
+async def test_a_report_of_some_days_searches_their_time_range(tmp_path: Path) -> None:
+    """Spend by day between two times reads the ``ts`` index range, not every row of the ledger."""
+    path = tmp_path / "ledger.db"
+    ledger = ledger_from_url(f"sqlite:///{path}")
+    await ledger.open()
+    await ledger.close()
+    sql, params = build_spend_query(
+        ["day"],
+        since=utc("2026-11-01T00:00:00"),
+        until=utc("2026-11-08T00:00:00"),
+        tenant=None,
+        cost_col="cost_nanos",
+        savings_col="cache_savings_nanos",
+        placeholder=lambda _: "?",
+        collate="",
+    )
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        plan = " / ".join(row[-1] for row in raw.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "USING INDEX ledger_ts (ts>? AND ts<?)" in plan, plan
 
 
 async def test_sqlite_in_memory() -> None:
