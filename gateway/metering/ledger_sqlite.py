@@ -147,28 +147,21 @@ SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
 
 def encode_row(r: LedgerRow) -> tuple[Any, ...]:
     day, month = utc_day_month(r.ts)
-    tags = dump_json(r.tags)
+    texts: tuple[str | None, ...] = (
+        r.tenant, r.key_id, r.app, r.user, dump_json(r.tags), r.virtual_model, r.upstream, r.upstream_model,
+        r.price_version, r.outcome, r.estimate_reason, r.route_reason,
+    )  # fmt: skip
     # one look at all the text: nearly always ASCII without NUL, and then nothing needs cleaning
-    text = (
-        f"{r.tenant}{r.key_id}{r.app or ''}{r.user or ''}{tags}{r.virtual_model}{r.upstream or ''}"
-        f"{r.upstream_model or ''}{r.price_version or ''}{r.outcome}{r.estimate_reason or ''}{r.route_reason}"
-    )
-    if text.isascii() and "\x00" not in text:
-        return (
-            r.request_id, float(r.ts), day, month, r.tenant, r.key_id, r.app, r.user, tags, r.virtual_model,
-            r.upstream, r.upstream_model, int(bool(r.stream)), int(r.prompt_tokens), int(r.cached_tokens),
-            int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed), to_nanos(r.cost_usd),
-            to_nanos(r.cache_savings_usd), r.price_version, None if r.ttft_ms is None else float(r.ttft_ms),
-            float(r.latency_ms), int(r.status), r.outcome, int(bool(r.estimated)), r.estimate_reason, r.route_reason,
-        )  # fmt: skip
+    joined = "".join(filter(None, texts))
+    if not joined.isascii() or "\x00" in joined:
+        texts = tuple(map(opt_text, texts))
+    tenant, key_id, app, user, tags, vmodel, upstream, umodel, price_version, outcome, reason, route = texts
     return (
-        r.request_id, float(r.ts), day, month, clean_text(r.tenant), clean_text(r.key_id),
-        opt_text(r.app), opt_text(r.user), clean_text(tags), clean_text(r.virtual_model),
-        opt_text(r.upstream), opt_text(r.upstream_model), int(bool(r.stream)), int(r.prompt_tokens),
-        int(r.cached_tokens), int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed),
-        to_nanos(r.cost_usd), to_nanos(r.cache_savings_usd), opt_text(r.price_version),
-        None if r.ttft_ms is None else float(r.ttft_ms), float(r.latency_ms), int(r.status),
-        clean_text(r.outcome), int(bool(r.estimated)), opt_text(r.estimate_reason), clean_text(r.route_reason),
+        r.request_id, float(r.ts), day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
+        int(bool(r.stream)), int(r.prompt_tokens), int(r.cached_tokens), int(r.completion_tokens),
+        int(r.reasoning_tokens), int(r.tool_calls_billed), to_nanos(r.cost_usd), to_nanos(r.cache_savings_usd),
+        price_version, None if r.ttft_ms is None else float(r.ttft_ms), float(r.latency_ms), int(r.status),
+        outcome, int(bool(r.estimated)), reason, route,
     )  # fmt: skip
 
 
@@ -426,8 +419,7 @@ class SqliteLedger(Ledger):
                 params,
             )
             rows = [make_row(decode_res(v[:-1])) for v in found if not v[-1]]
-            for sql, values in values_statements(INSERT_ROW, [encode_row(r) for r in rows]):
-                await conn.execute(sql, values)
+            await _insert_rows(conn, INSERT_ROW, rows)
             await conn.execute(f"DELETE FROM open_reservations {where}", params)
         return rows
 
