@@ -355,9 +355,19 @@ class Migration:
     statements: tuple[str, ...]
 
 
+# The same statements in both dialects. A report of some days grouped by day scanned the whole day
+# index; by ts it reads the range.
+REPORTS_BY_TIME_RANGE = Migration(
+    3,
+    "reports by time range",
+    ("DROP INDEX IF EXISTS ledger_day", "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)"),
+)
+
+
 def pending_migrations(migrations: Sequence[Migration], applied: Iterable[int], where: str) -> list[Migration]:
     """The migrations still to apply, in order; warns when the database is newer than this code
-    (a rollback during a deploy) rather than refusing to start, since migrations only add."""
+    (a rollback during a deploy) rather than refusing to start: migrations only add tables and columns
+    or swap an index, so older code still works on the newer schema."""
     versions = [m.version for m in migrations]
     if versions != sorted(set(versions)):
         raise RuntimeError(f"ledger migrations must have unique, increasing versions: {versions}")

@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from gateway.metering.ledger import (
+    REPORTS_BY_TIME_RANGE,
     Batch,
     Ledger,
     LedgerRow,
@@ -107,15 +108,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
         ),
     ),
-    Migration(
-        3,
-        "reports by time range",
-        (
-            # a report of some days grouped by day scanned the whole day index; by ts it reads the range
-            "DROP INDEX IF EXISTS ledger_day",
-            "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
-        ),
-    ),
+    REPORTS_BY_TIME_RANGE,
 )
 
 ROW_COLUMNS = (

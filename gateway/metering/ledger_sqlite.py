@@ -25,6 +25,7 @@ import orjson
 
 from gateway.metering.ledger import (
     GROUPS,
+    REPORTS_BY_TIME_RANGE,
     Batch,
     Ledger,
     LedgerRow,
@@ -113,15 +114,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
         ),
     ),
-    Migration(
-        3,
-        "reports by time range",
-        (
-            # a report of some days grouped by day scanned the whole day index; by ts it reads the range
-            "DROP INDEX IF EXISTS ledger_day",
-            "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
-        ),
-    ),
+    REPORTS_BY_TIME_RANGE,
 )
 
 ROW_COLUMNS = (
