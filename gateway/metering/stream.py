@@ -57,13 +57,11 @@ def _usage_at(data: bytes) -> int:
 
 
 def _done_at_end(block: bytes) -> int:
-    """Where ``[DONE]`` starts when it is the block's last event (``data: [DONE]``), or -1."""
-    end = len(block.rstrip(b"\r\n"))
-    start = end - len(_DONE)
-    if start < 0 or block[start:end] != _DONE:
-        return -1
-    line = block.rfind(b"\n", 0, start) + 1  # its line must be the data line of [DONE] alone
-    return start if block[line:start].rstrip(b" ") == b"data:" else -1
+    """Where the block's last event starts when it is ``[DONE]`` (read as :meth:`StreamTap._event`
+    reads it), or -1."""
+    body = block.rstrip(b"\r\n")
+    start = last_boundary(body)
+    return start if _data(body[start:]) == _DONE else -1
 
 
 def _object(data: bytes) -> dict[str, Any] | None:
