@@ -29,9 +29,23 @@ def _check(d: Decimal | int) -> Decimal:
     return value
 
 
+_NANOS_PER_USD = 1_000_000_000
+_FAST_DIGITS = 40
+
+
 def to_nanos(d: Decimal | int) -> int:
     """Whole nanodollars in ``d`` USD, rounded half-to-even (exact for any finite amount)."""
-    q = (d if type(d) is Decimal and d.is_finite() else _check(d)).quantize(NANO, context=_CTX)
+    if type(d) is Decimal and d.is_finite():
+        if -_FAST_DIGITS < d.adjusted() < _FAST_DIGITS:
+            # Every amount settled per request is already a whole number of nanodollars (costs are
+            # quantized once): its exact ratio says so in one C call, a third of quantize + scaleb.
+            # (Bounded magnitudes only: the ratio of 1E-999999 would be a million-digit integer.)
+            num, den = d.as_integer_ratio()
+            if not _NANOS_PER_USD % den:
+                return num * (_NANOS_PER_USD // den)
+        q = d.quantize(NANO, context=_CTX)
+    else:
+        q = _check(d).quantize(NANO, context=_CTX)
     return int(q.scaleb(9, context=_CTX))
 
 

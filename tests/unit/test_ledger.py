@@ -14,7 +14,7 @@ import textwrap
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -34,7 +34,7 @@ from gateway.metering.ledger import (
 )
 from gateway.metering.ledger_postgres import PostgresLedger
 from gateway.metering.ledger_sqlite import SqliteLedger
-from gateway.metering.money import NANO, fmt_usd, from_nanos, quantize_usd, to_nanos
+from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos
 from tests.conftest import ROOT
 
 
@@ -146,6 +146,21 @@ def test_money_rounds_half_even_to_the_nanodollar() -> None:
     assert fmt_usd(Decimal("0.0001235")) == "0.000124"
     assert fmt_usd(Decimal("-0.0000001")) == "0.000000"
     assert fmt_usd(Decimal("1234.5"), places=2) == "1234.50"
+
+
+@given(
+    st.decimals(allow_nan=False, allow_infinity=False)
+    | st.builds(lambda n, e: Decimal(n).scaleb(e), st.integers(-(10**40), 10**40), st.integers(-60, 45))
+)
+def test_nanodollars_of_any_amount_match_quantizing_it(amount: Decimal) -> None:
+    """The exact-ratio shortcut for amounts already whole in nanodollars never changes a result."""
+    try:
+        expected = int(amount.quantize(NANO, context=_CTX).scaleb(9, context=_CTX))
+    except InvalidOperation:  # beyond the 60-digit context: the shortcut must not accept it either
+        with pytest.raises(InvalidOperation):
+            to_nanos(amount)
+        return
+    assert to_nanos(amount) == expected
 
 
 def test_money_refuses_floats_and_non_finite_amounts() -> None:
