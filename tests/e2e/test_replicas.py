@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.app import METRICS_FLUSH_S
 from tests.conftest import PYTHON, Process, free_port, start_gateway, write_gateway
 from tests.e2e.redis_helpers import RedisServer, drop_namespace, shared_redis, state_yaml
 from tests.e2e.test_metering import ADMIN, KEY_A, MISS, OUT, M, policy_yaml, spend_total, upstream_yaml
@@ -136,12 +137,21 @@ def test_workers_share_state_and_metrics_add_up(tmp_path: Path, sim: Process) ->
                 prefixes.add(r.headers["x-request-id"][:16])
             sent += 20
         assert len(prefixes) == 2, "one worker answered everything"
-        for _ in range(6):  # whichever worker answers /metrics reports both workers' requests
+
+        def counted() -> float:
             text = httpx.get(proc.url + "/metrics").text
-            counted = sum(
-                float(v) for v in re.findall(r'^gateway_requests_total\{[^}]*status="200"[^}]*\} (\S+)$', text, re.M)
-            )
-            assert counted == sent
+            found = re.findall(r'^gateway_requests_total\{[^}]*status="200"[^}]*\} (\S+)$', text, re.M)
+            return sum(float(v) for v in found)
+
+        # a worker hands its request-path counts over every METRICS_FLUSH_S (the one serving the scrape
+        # flushes its own at once), so within that time every scrape, whichever worker answers it,
+        # reports both workers' requests, and never more than were sent
+        deadline = time.monotonic() + 5 * METRICS_FLUSH_S
+        while (seen := counted()) < sent and time.monotonic() < deadline:
+            assert seen <= sent
+            time.sleep(0.1)
+        for _ in range(6):
+            assert counted() == sent
         assert spend_total(proc)["requests"] == sent
     finally:
         proc.stop()
