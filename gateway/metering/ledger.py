@@ -105,6 +105,10 @@ class LedgerRow:
     estimated: bool
     estimate_reason: str | None
     route_reason: str
+    # cost_usd and cache_savings_usd in whole nanodollars when the producer has them already (the
+    # meter's integer cost); stores that keep nanodollars then skip converting the Decimals again
+    cost_nanos: int | None = field(default=None, compare=False, repr=False)
+    savings_nanos: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

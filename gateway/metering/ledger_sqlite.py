@@ -140,6 +140,9 @@ SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
 
 
 def encode_row(r: LedgerRow) -> tuple[Any, ...]:
+    """The row's column values. Fields go in as typed (sqlite3 binds a bool as 0/1); money is whole
+    nanodollars, taken from the row when the meter computed them, converted exactly otherwise (a
+    float amount is refused here, before the database)."""
     day, month = utc_day_month(r.ts)
     texts: tuple[str | None, ...] = (
         r.tenant, r.key_id, r.app, r.user, dump_json(r.tags), r.virtual_model, r.upstream, r.upstream_model,
@@ -150,12 +153,12 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
     if not joined.isascii() or "\x00" in joined:
         texts = tuple(map(opt_text, texts))
     tenant, key_id, app, user, tags, vmodel, upstream, umodel, price_version, outcome, reason, route = texts
+    cost = r.cost_nanos if r.cost_nanos is not None else to_nanos(r.cost_usd)
+    savings = r.savings_nanos if r.savings_nanos is not None else to_nanos(r.cache_savings_usd)
     return (
-        r.request_id, float(r.ts), day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
-        int(bool(r.stream)), int(r.prompt_tokens), int(r.cached_tokens), int(r.completion_tokens),
-        int(r.reasoning_tokens), int(r.tool_calls_billed), to_nanos(r.cost_usd), to_nanos(r.cache_savings_usd),
-        price_version, None if r.ttft_ms is None else float(r.ttft_ms), float(r.latency_ms), int(r.status),
-        outcome, int(bool(r.estimated)), reason, route,
+        r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, r.stream,
+        r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens, r.tool_calls_billed, cost,
+        savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome, r.estimated, reason, route,
     )  # fmt: skip
 
 

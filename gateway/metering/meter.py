@@ -130,10 +130,10 @@ class Meter:
             s.completion.inc(usage.completion_tokens)
         if usage.reasoning_tokens:
             s.reasoning.inc(usage.reasoning_tokens)
-        if cost.usd:
-            s.spend.inc(float(cost.usd))
-        if cost.cache_savings:
-            s.savings.inc(float(cost.cache_savings))
+        if cost.nanos:
+            s.spend.inc(cost.nanos / 1e9)  # the same float as float(cost.usd), without the Decimal
+        if cost.savings_nanos:
+            s.savings.inc(cost.savings_nanos / 1e9)
         if m.tenant.budget is not None:
             self._remaining_soon(m)
         if self.ledger is not None:
@@ -144,7 +144,8 @@ class Meter:
                     m.upstream_model, m.stream, usage.prompt_tokens, usage.cached_tokens,
                     usage.completion_tokens, usage.reasoning_tokens, sum(m.tool_calls.values()) if m.tool_calls else 0,
                     cost.usd, cost.cache_savings, cost.price_version or None, m.ttft_ms, m.latency_ms, m.status,
-                    m.outcome, m.estimate_reason is not None, m.estimate_reason, m.route_reason,
+                    m.outcome, m.estimate_reason is not None, m.estimate_reason, m.route_reason, cost.nanos,
+                    cost.savings_nanos,
                 )
             )  # fmt: skip
 

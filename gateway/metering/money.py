@@ -51,7 +51,7 @@ def to_nanos(d: Decimal | int) -> int:
 
 def from_nanos(n: int) -> Decimal:
     """The USD amount of ``n`` nanodollars, with nine decimal places (``from_nanos(1) == NANO``)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if type(n) is not int and (isinstance(n, bool) or not isinstance(n, int)):
         raise TypeError(f"nanodollars must be an int, not {type(n).__name__}: {n!r}")
     return Decimal(n).scaleb(-9, context=_CTX)
 

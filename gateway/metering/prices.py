@@ -12,11 +12,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.metering.money import NANO
+from gateway.metering.money import _CTX, NANO, to_nanos
 from gateway.yamlfile import ConfigError, load_model
 
 MILLION = Decimal(1_000_000)
@@ -83,6 +83,17 @@ class Price:
     out: Decimal
     tool_fees: dict[str, Decimal] = field(default_factory=dict)
     estimate: bool = False
+    # The same prices in whole femtodollars (1e-15 USD) per token or call, when they are whole there
+    # (any list price with up to nine decimals per 1M tokens): cost_of then adds integers, exact
+    # and a fraction of Decimal arithmetic's cost. None for an amortized GPU price's long fraction.
+    femto: tuple[int, int, int, dict[str, int]] | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parts = [_femto(self.miss), _femto(self.hit), _femto(self.out)]
+        fees = {name: _femto(fee) for name, fee in self.tool_fees.items()}
+        exact = all(p is not None for p in parts) and all(f is not None for f in fees.values())
+        femto = (parts[0], parts[1], parts[2], fees) if exact else None
+        object.__setattr__(self, "femto", femto)
 
     @classmethod
     def from_entry(cls, entry: PriceEntry) -> Price:
@@ -112,11 +123,39 @@ class Price:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
+class Cost(NamedTuple):
+    """What one request cost. A named tuple: one is built per request, and a frozen dataclass's
+    ``__init__`` (an ``object.__setattr__`` per field) took three times as long."""
+
     usd: Decimal
     cache_savings: Decimal
     price_version: str
+    # the same two amounts in whole nanodollars, as the ledger and budget counters store them
+    nanos: int = 0
+    savings_nanos: int = 0
+
+
+FEMTO_PER_USD = 10**15
+FEMTO_PER_NANO = 10**6
+
+
+def _femto(usd: Decimal) -> int | None:
+    """``usd`` in whole femtodollars, or None when it is not a whole number of them."""
+    if not usd.is_finite() or usd.adjusted() > 30:
+        return None
+    num, den = usd.as_integer_ratio()
+    return num * (FEMTO_PER_USD // den) if not FEMTO_PER_USD % den else None
+
+
+_HALF_NANO = FEMTO_PER_NANO // 2
+
+
+def _femto_to_nanos(femto: int) -> int:
+    """Round half-to-even to the nanodollar, as ``Decimal.quantize(NANO)`` does."""
+    q, r = divmod(femto, FEMTO_PER_NANO)  # r in [0, 1e6) whatever the sign
+    if r >= _HALF_NANO and (r > _HALF_NANO or q & 1):
+        q += 1
+    return q
 
 
 class PriceBook:
@@ -155,7 +194,30 @@ def cost_of(
     cached = cached_tokens if cached_tokens > 0 else 0
     if cached > prompt:
         cached = prompt
-    usd = (prompt - cached) * price.miss + (completion_tokens if completion_tokens > 0 else 0) * price.out
+    completion = completion_tokens if completion_tokens > 0 else 0
+    if price.femto is not None:
+        miss, hit, out, fees = price.femto
+        femto = (prompt - cached) * miss + cached * hit + completion * out
+        if tool_calls:
+            for name, count in tool_calls.items():
+                fee = fees.get(name)
+                if fee is not None:
+                    femto += fee * count
+        nanos = _femto_to_nanos(femto)
+        if not cached:
+            return Cost(Decimal(nanos).scaleb(-9, _CTX), NO_SAVINGS, price.version, nanos, 0)
+        saved = _femto_to_nanos(cached * (miss - hit))
+        usd, savings = Decimal(nanos).scaleb(-9, _CTX), Decimal(saved).scaleb(-9, _CTX)  # == from_nanos
+        return Cost(usd, savings, price.version, nanos, saved)
+    return _decimal_cost(price, prompt, cached, completion, tool_calls)
+
+
+def _decimal_cost(
+    price: Price, prompt: int, cached: int, completion: int, tool_calls: dict[str, int] | None = None
+) -> Cost:
+    """:func:`cost_of` in Decimal arithmetic, for prices that are no whole number of femtodollars
+    (and the reference the integer path is tested against)."""
+    usd = (prompt - cached) * price.miss + completion * price.out
     savings = NO_SAVINGS
     if cached:  # (each Decimal operation skipped counts: this runs for every request)
         usd += cached * price.hit
@@ -165,7 +227,8 @@ def cost_of(
             fee = price.tool_fees.get(name)
             if fee is not None:
                 usd += fee * count
-    return Cost(usd.quantize(NANO), savings, price.version)
+    usd = usd.quantize(NANO)
+    return Cost(usd, savings, price.version, to_nanos(usd), to_nanos(savings))
 
 
 def worst_case(price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:

@@ -33,7 +33,7 @@ from gateway.metering.ledger import (
     plan_batch,
 )
 from gateway.metering.ledger_postgres import PostgresLedger
-from gateway.metering.ledger_sqlite import SqliteLedger
+from gateway.metering.ledger_sqlite import ROW_COLUMNS, SqliteLedger, encode_row
 from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos
 from tests.conftest import ROOT
 
@@ -161,6 +161,14 @@ def test_nanodollars_of_any_amount_match_quantizing_it(amount: Decimal) -> None:
             to_nanos(amount)
         return
     assert to_nanos(amount) == expected
+
+
+def test_a_row_carrying_nanodollars_encodes_as_one_converted_from_its_decimals() -> None:
+    row = make_row(3)
+    carried = make_row(3, cost_nanos=to_nanos(row.cost_usd), savings_nanos=to_nanos(row.cache_savings_usd))
+    assert carried == row  # the carried amounts are a cache, not part of the row's identity
+    assert encode_row(carried) == encode_row(row)
+    assert encode_row(row)[ROW_COLUMNS.index("cost_nanos")] == 123_459
 
 
 def test_money_refuses_floats_and_non_finite_amounts() -> None:

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.metering.budget import Budgets, lines_for, windows
-from gateway.metering.prices import PriceBook, PriceEntry, cost_of, load_prices
+from gateway.metering.money import to_nanos
+from gateway.metering.prices import Price, PriceBook, PriceEntry, _decimal_cost, cost_of, load_prices
 from gateway.metering.stream import StreamTap
 from gateway.metering.usage import parse_usage, usage_of_response
 from gateway.policy.model import Budget
@@ -46,6 +47,44 @@ def test_cost_is_exact_decimal_by_hand() -> None:
     by_hand = (Decimal(186) * Decimal("0.60") + Decimal(1024) * Decimal("0.15") + Decimal(184) * Decimal("2.50")) / M
     assert cost.usd == (by_hand + Decimal("0.010")).quantize(Decimal("1e-9"))
     assert cost.cache_savings == (Decimal(1024) * Decimal("0.45") / M).quantize(Decimal("1e-9"))
+
+
+# a list price per 1M tokens with up to nine decimals (whole femtodollars per token), or a long fraction
+per_million = st.integers(0, 10**11).map(lambda n: Decimal(n).scaleb(-9)) | st.decimals(
+    min_value=0, max_value=100, places=12, allow_nan=False
+)
+
+
+@given(
+    per_million,
+    per_million,
+    per_million,
+    st.integers(-5, 10**7),
+    st.integers(-5, 10**7),
+    st.integers(-5, 10**6),
+    st.dictionaries(st.sampled_from(["$web_search", "$other"]), st.integers(0, 50), max_size=2),
+)
+def test_integer_cost_equals_decimal_cost(
+    miss: Decimal, hit: Decimal, out: Decimal, prompt: int, cached: int, completion: int, calls: dict[str, int]
+) -> None:
+    """Prices that are whole femtodollars per token are added as integers; the result must be the
+    Decimal computation's to the nanodollar, and the nanodollar fields must say the same amounts."""
+    price = Price("u/m", 0.0, "u/m@v", miss / M, hit / M, out / M, {"$web_search": Decimal("0.005")})
+    cost = cost_of(price, prompt, cached, completion, calls)
+    clamp = max(prompt, 0)
+    reference = _decimal_cost(price, clamp, min(max(cached, 0), clamp), max(completion, 0), calls)
+    assert (cost.usd, cost.cache_savings) == (reference.usd, reference.cache_savings)
+    assert str(cost.usd) == str(reference.usd)  # the same exponent too: x-gateway-cost-usd prints it
+    assert (cost.nanos, cost.savings_nanos) == (to_nanos(cost.usd), to_nanos(cost.cache_savings))
+
+
+def test_an_amortized_gpu_price_is_costed_in_decimal() -> None:
+    entry = PriceEntry(target="vllm/k2", effective_from="2025-01-01", gpu={"usd_per_hour": "2.50", "tokens_per_s": 900})
+    price = PriceBook([entry]).at("vllm/k2", 1_763_000_000)
+    assert price is not None and price.femto is None  # 2.50 / 3,240,000 per token is no whole femtodollar
+    cost = cost_of(price, 1000, 0, 1000)
+    assert cost.usd == ((Decimal("2.50") / (Decimal(900) * 3600)) * 2000).quantize(Decimal("1e-9"))
+    assert cost.nanos == to_nanos(cost.usd)
 
 
 def test_price_history_prices_by_request_time() -> None:
