@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 import orjson
@@ -44,6 +44,14 @@ from gateway.metering.ledger import (
 from gateway.metering.money import from_nanos, to_nanos
 
 BUSY_TIMEOUT_MS = 10_000
+
+# sqlite3 binds exact int, float, str and bytes directly; any other parameter, None included, goes
+# through its adaptation protocol, which without a registered adapter looks up ``__adapt__`` and
+# ``__conform__`` and builds and clears an AttributeError for each: ~3,300 instructions per None,
+# a fifth of a ledger row's insert (several of its columns are usually NULL). A registered adapter is
+# one dict lookup and one call; ``{}.get`` returns None for None without a Python frame, and None
+# is then bound as NULL exactly as before. Process-wide, and the same result for every sqlite3 user.
+sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -140,7 +148,7 @@ SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
 
 
 def encode_row(r: LedgerRow) -> tuple[Any, ...]:
-    """The row's column values. Fields go in as typed (sqlite3 binds a bool as 0/1); money is whole
+    """The row's column values: exact ints, floats and str (flags as 0/1), None for NULL; money is whole
     nanodollars, taken from the row when the meter computed them, converted exactly otherwise (a
     float amount is refused here, before the database)."""
     day, month = utc_day_month(r.ts)
@@ -156,9 +164,10 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
     cost = r.cost_nanos if r.cost_nanos is not None else to_nanos(r.cost_usd)
     savings = r.savings_nanos if r.savings_nanos is not None else to_nanos(r.cache_savings_usd)
     return (
-        r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, r.stream,
-        r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens, r.tool_calls_billed, cost,
-        savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome, r.estimated, reason, route,
+        r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
+        1 if r.stream else 0, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens,
+        r.tool_calls_billed, cost, savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome,
+        1 if r.estimated else 0, reason, route,
     )  # fmt: skip
 
 

@@ -171,6 +171,17 @@ def test_a_row_carrying_nanodollars_encodes_as_one_converted_from_its_decimals()
     assert encode_row(row)[ROW_COLUMNS.index("cost_nanos")] == 123_459
 
 
+def test_row_parameters_take_sqlite3s_direct_binding_path() -> None:
+    """sqlite3 binds exact int/float/str at once and sends anything else (bool, None) through its
+    adaptation protocol: a fifth of a row's insert cost when None had no registered adapter."""
+    for row in (make_row(1), make_row(2, app=None, user=None, ttft_ms=None, estimated=True, estimate_reason="x")):
+        values = encode_row(row)
+        assert {type(v) for v in values} <= {int, float, str, type(None)}, values
+    assert (type(None), sqlite3.PrepareProtocol) in sqlite3.adapters
+    conn = sqlite3.connect(":memory:")
+    assert conn.execute("SELECT ? IS NULL, typeof(?)", (None, None)).fetchone() == (1, "null")
+
+
 def test_money_refuses_floats_and_non_finite_amounts() -> None:
     with pytest.raises(TypeError, match="not float"):
         to_nanos(0.1)  # type: ignore[arg-type]
