@@ -258,6 +258,21 @@ def test_single_candidate_is_routed_without_estimates() -> None:
     assert not p.estimated and p.chain is None
 
 
+@pytest.mark.parametrize("strategy", ["pinned", "cost", "latency", "balanced"])
+@pytest.mark.parametrize("fraction", [None, 0.05])
+def test_a_one_candidate_plan_says_what_the_ranking_loop_would(strategy: str, fraction: float | None) -> None:
+    """One candidate is planned without the ranking loop; the plan must read as the loop's did:
+    pinned names its first candidate, the others their only one, a budget step adds its note."""
+    steps = (BudgetStep(remaining_below=0.1, strategy="cost"),)
+    rt = route(strategy, STANDARD, ttft_ms=500)
+    p = asyncio.run(router().plan(tenant(rt, steps), rt, BODY, 4000, budget_fraction=fraction, max_latency_ms=900))
+    effective = "cost" if fraction is not None else strategy
+    base = "pinned: first candidate" if effective == "pinned" else f"{effective}: the only candidate"
+    note = f"; budget 5% left (< 10%): {strategy} -> cost" if effective != strategy else ""
+    assert (p.strategy, labels(p), p.excluded, p.reason) == (effective, [STANDARD.label], [], base + note)
+    assert (p.slo_ttft_ms, p.slo_total_ms, p.estimated, p.chain) == (500, 900, False, None)
+
+
 def test_expected_first_token_includes_prefill_of_uncached_tokens() -> None:
     clock = Clock()
     r = router(clock=clock)
