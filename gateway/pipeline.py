@@ -22,6 +22,7 @@ from gateway.capture.record import capture_exchange
 from gateway.capture.store import CaptureStore
 from gateway.errors import GatewayError
 from gateway.metering.meter import Meter, Metered
+from gateway.metering.money import usd_text
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
@@ -382,7 +383,7 @@ async def _relay_whole(
     m.ttft_ms = (time.perf_counter() - ex.started) * 1000
     cost = await rt.meter.compute(m)
     headers = _response_headers(ex)
-    headers.append((b"x-gateway-cost-usd", f"{cost.usd:f}".encode()))  # already exact to the nanodollar
+    headers.append((b"x-gateway-cost-usd", usd_text(cost.nanos).encode()))  # exact to the nanodollar
     watch.finish()
     await send_bytes(send, 200, payload, headers)
     _observe(ex)

@@ -56,6 +56,14 @@ def from_nanos(n: int) -> Decimal:
     return Decimal(n).scaleb(-9, context=_CTX)
 
 
+def usd_text(nanos: int) -> str:
+    """``f"{from_nanos(nanos):f}"`` from integers alone (``12_345`` -> ``"0.000012345"``): the cost
+    header of every response, where formatting a Decimal was the dearer half."""
+    sign, n = ("-", -nanos) if nanos < 0 else ("", nanos)
+    whole, frac = divmod(n, _NANOS_PER_USD)
+    return f"{sign}{whole}.{frac:09d}"
+
+
 def quantize_usd(d: Decimal | int) -> Decimal:
     """``d`` rounded to the nanodollar the way storage will round it (what a round trip returns)."""
     return from_nanos(to_nanos(d))
@@ -74,4 +82,4 @@ def fmt_usd(d: Decimal | int, places: int = 6) -> str:
     return f"{q:f}"
 
 
-__all__ = ["NANO", "USD", "fmt_usd", "from_nanos", "quantize_usd", "to_nanos"]
+__all__ = ["NANO", "USD", "fmt_usd", "from_nanos", "quantize_usd", "to_nanos", "usd_text"]

@@ -277,7 +277,8 @@ class Router:
     ) -> None:
         """A candidate answered: close its breaker, learn its speed, cache hits and where the prefix lives."""
         c = option.candidate
-        prior = self.traits_of(c.upstream).prior
+        traits = self.traits_of(c.upstream)
+        prior = traits.prior
         stats = self.stats
         stats.success(c.label, prior)
         tokens = usage.completion_tokens if usage is not None else 0
@@ -305,5 +306,5 @@ class Router:
         if option.held_tokens:
             stats.observe_cache(c.label, prior, option.held_tokens, usage.cached_tokens)
         if plan.chain is not None and usage.prompt_tokens:
-            ttl = self.traits_of(c.upstream).cache_ttl_s
+            ttl = traits.cache_ttl_s
             await affinity.remember(self.kv, tenant.name, plan.chain, c.label, usage.prompt_tokens, ttl, self.wall())

@@ -34,7 +34,7 @@ from gateway.metering.ledger import (
 )
 from gateway.metering.ledger_postgres import PostgresLedger
 from gateway.metering.ledger_sqlite import ROW_COLUMNS, SqliteLedger, encode_row
-from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos
+from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos, usd_text
 from tests.conftest import ROOT
 
 
@@ -180,6 +180,11 @@ def test_row_parameters_take_sqlite3s_direct_binding_path() -> None:
     assert (type(None), sqlite3.PrepareProtocol) in sqlite3.adapters
     conn = sqlite3.connect(":memory:")
     assert conn.execute("SELECT ? IS NULL, typeof(?)", (None, None)).fetchone() == (1, "null")
+
+
+@given(st.integers(min_value=-(10**30), max_value=10**30))
+def test_usd_text_prints_nanodollars_as_the_decimal_would(nanos: int) -> None:
+    assert usd_text(nanos) == f"{from_nanos(nanos):f}"
 
 
 def test_money_refuses_floats_and_non_finite_amounts() -> None:
