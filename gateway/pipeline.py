@@ -439,11 +439,14 @@ async def _relay_stream(
             block = relay.feed(chunk)
             if not block:
                 continue
-            head, tail = tap.split(block)  # the head leaves before the tail is looked at
+            head, tail = tap.split(block)
+            if tail:
+                # one write per upstream read: a second send would cost a syscall and a TCP segment,
+                # and only a stream that arrives whole in one read has a head and a tail at once
+                out = tap.finish_tail(tail)
+                head = head + out if head else out
             if head:
                 await emit(head)
-            if tail and (out := tap.finish_tail(tail)):
-                await emit(out)
         tail = tap.process(relay.finish())
         if chain is not None:
             tail = chain.feed(tail) + chain.finish()

@@ -42,6 +42,10 @@ def _events(block: bytes) -> list[bytes]:
 
 def _data(event: bytes) -> bytes:
     """The payload of an event's ``data:`` lines (joined as the SSE spec says)."""
+    if event.startswith(b"data:"):
+        line = event.rstrip(b"\r\n")
+        if b"\n" not in line and b"\r" not in line:  # one data line: nearly every event
+            return line[5:].lstrip(b" ")
     lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines)
 
@@ -109,17 +113,14 @@ class StreamTap:
                 chunk = _object(data)
                 found = usage_of_response(chunk) if chunk is not None else None
                 if found is not None:
-                    assert chunk is not None
-                    self._found = found
-                    self._meta = {k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if k in chunk}
+                    self._found, self._meta = found, chunk  # the chunk's id, created, model: see _usage_chunk
                     break
         return self._found
 
     def split(self, block: bytes) -> tuple[bytes, bytes]:
         """``(head, tail)``: the events that pass as they are, and those from the first one that
-        carries usage (or ``[DONE]``) on, which :meth:`finish_tail` must see. The relay sends the head
-        at once, so a stream that arrives in one read starts reaching the client before the tail is
-        looked at."""
+        carries usage (or ``[DONE]``) on, which :meth:`finish_tail` must see. A block whose only usage
+        is one OpenAI usage chunk (how OpenAI-compatible upstreams end a stream) is finished here."""
         first = _usage_at(block)
         if self._wants_usage:
             # [DONE] ends a stream: look at the block's end first, and through the whole block (a
@@ -129,6 +130,9 @@ class StreamTap:
                 done = block.find(_DONE)
             if done >= 0 and (first < 0 or done < first):
                 first = done
+        if first >= 0 and (whole := self._one_usage_chunk(block, first)) is not None:
+            self.blocks.append(whole)
+            return whole, b""
         if first < 0:
             self.blocks.append(block)
             return block, b""
@@ -138,8 +142,34 @@ class StreamTap:
             self.blocks.append(head)
         return head, block[start:]
 
+    def _one_usage_chunk(self, block: bytes, at: int) -> bytes | None:
+        """The block as the client must see it when its only usage is one OpenAI usage chunk (an
+        LF-framed event at ``at`` with ``choices: []``, nothing after it mentioning usage): what
+        :meth:`finish_tail` would make of it, without taking the tail apart event by event. None
+        when the block is any other shape (the general path handles it)."""
+        start = last_boundary(block, at)
+        end = block.find(b"\n\n", at)
+        if end < 0 or block.find(b'"usage"', end) >= 0 or not block.startswith(b"data:", start):
+            return None
+        end += 2
+        if b"\r" in block[start:end]:
+            return None
+        data = _data(block[start:end])
+        if data == _DONE or not _usage_only(data):
+            return None
+        self._seen.append(data)
+        if self.usage is None:  # unreadable: it passes as it came, as in _event
+            return block
+        if self._wants_usage:
+            self.sent_usage_chunk = True
+            return block
+        return block[:start] + block[end:]  # the client did not ask for OpenAI's usage chunk
+
     def finish_tail(self, tail: bytes) -> bytes:
-        out = b"".join([self._event(ev) for ev in _events(tail)])
+        events = _events(tail)
+        out_events = [self._event(ev) for ev in events]
+        # nearly always every event passes as it came: the tail itself, not a copy of it
+        out = tail if all(o is e for o, e in zip(out_events, events, strict=True)) else b"".join(out_events)
         self.blocks.append(out)
         return out
 

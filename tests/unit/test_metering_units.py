@@ -8,9 +8,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.metering import stream as stream_module
 from gateway.metering.budget import Budgets, lines_for, windows
 from gateway.metering.money import to_nanos
 from gateway.metering.prices import Price, PriceBook, PriceEntry, _decimal_cost, cost_of, load_prices
@@ -329,3 +330,64 @@ def test_usage_of_body_finds_usage_wherever_it_is(body: dict) -> None:
     for raw in (orjson.dumps(body), orjson.dumps(body, option=orjson.OPT_INDENT_2)):
         u = usage_of_body(raw)
         assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (100, 9, 64)
+
+
+def _data_by_the_spec(event: bytes) -> bytes:
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"data: ", b"data:", b"event: x", b": comment", b"id: 7", b"data:  [DONE]"]).flatmap(
+            lambda head: st.binary(max_size=12).map(lambda rest: head + rest.replace(b"\n", b"").replace(b"\r", b""))
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    st.sampled_from([b"", b"\n", b"\n\n", b"\r\n\r\n", b"\n\r\n"]),
+)
+def test_the_one_line_shortcut_reads_an_event_as_the_spec_does(lines: list[bytes], sep: bytes, end: bytes) -> None:
+    event = sep.join(lines) + end
+    assert stream_module._data(event) == _data_by_the_spec(event)
+
+
+NULL_USAGE = sse({"id": "c1", "choices": [{"index": 0, "delta": {"content": "x"}}], "usage": None})
+BROKEN_USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":\n\n'
+
+
+@given(
+    st.lists(
+        st.sampled_from([DELTA, NULL_USAGE, FINISH_MOONSHOT, USAGE_CHUNK, BROKEN_USAGE, DONE, b": keep-alive\n\n"]),
+        max_size=8,
+    ),
+    st.lists(st.integers(min_value=0, max_value=4000), max_size=4),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=400)
+def test_the_usage_chunk_shortcut_changes_nothing_the_client_or_the_ledger_sees(
+    events: list[bytes], cuts: list[int], wants: bool, crlf: bool
+) -> None:
+    """A block whose only usage is one OpenAI usage chunk is finished without taking its tail apart;
+    for any stream, cut anywhere, the client's bytes, the usage and the usage-chunk flag must be the
+    general path's."""
+    from gateway.upstreams.sse import SSERelay
+
+    stream = b"".join(events)
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True) if b > a]
+
+    class General(StreamTap):
+        def _one_usage_chunk(self, block: bytes, at: int) -> bytes | None:
+            return None
+
+    def run(shortcut: bool) -> tuple[bytes, object, bool]:
+        relay, tap = SSERelay(), (StreamTap if shortcut else General)(client_wants_usage=wants)
+        out = b"".join(tap.process(relay.feed(p)) for p in pieces) + tap.process(relay.finish())
+        return out, tap.usage, tap.sent_usage_chunk
+
+    assert run(shortcut=True) == run(shortcut=False)
