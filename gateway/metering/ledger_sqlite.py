@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
@@ -268,6 +270,27 @@ async def _insert_rows(conn: aiosqlite.Connection, sql: str, rows: Sequence[Ledg
             await conn.execute(statement, params)
 
 
+WRITER_NICE = 5
+"""How much lower than the event loop the ledger's SQLite threads run (Linux nice, per thread).
+
+Each aiosqlite connection has a thread, which writes batches while requests are in flight; on a
+busy core the scheduler shared it evenly with the event loop, so a batch written mid-request held
+that request up (p99 at one connection: 1.2 ms against 0.8 ms without ledger writes). At nice 5 a
+runnable event loop gets the core first, and the thread still has about a quarter of it when both
+want it, several times what writing every row at the gateway's full throughput takes. Raising
+one's own nice needs no privilege."""
+
+
+class _BackgroundConnection(sqlite3.Connection):
+    """A sqlite3 connection that lowers its thread's priority when created (aiosqlite creates it in
+    the thread that will run all its statements)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: run as is
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+
+
 class _AlreadyRecorded(Exception):
     """A row of the batch has a request id the ledger holds already (rolls the fast path back)."""
 
@@ -290,7 +313,9 @@ class SqliteLedger(Ledger):
         return f"sqlite:///{self.path}"
 
     async def _open_connection(self, *, reader: bool) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        # we issue BEGIN/COMMIT ourselves; the connection is created in its own thread, which then
+        # yields the CPU to the request path (see _BackgroundConnection)
+        conn = await aiosqlite.connect(self.path, isolation_level=None, factory=_BackgroundConnection)
         try:
             await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if not self.memory:

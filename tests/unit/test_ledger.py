@@ -8,9 +8,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import os
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +35,7 @@ from gateway.metering.ledger import (
     plan_batch,
 )
 from gateway.metering.ledger_postgres import PostgresLedger
-from gateway.metering.ledger_sqlite import ROW_COLUMNS, SqliteLedger, encode_row
+from gateway.metering.ledger_sqlite import ROW_COLUMNS, WRITER_NICE, SqliteLedger, encode_row
 from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos, usd_text
 from tests.conftest import ROOT
 
@@ -846,3 +848,31 @@ async def test_replicas_reconciling_at_once_take_each_reservation_once(make: Fac
     ids = [r.request_id for r in got_a + got_b]
     assert sorted(ids) == [f"req-{i:05d}" for i in range(60)]
     assert await count(writer) == 60 and await writer.open_reservations() == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are read from Linux /proc")
+async def test_sqlite_ledger_threads_yield_the_cpu_to_the_event_loop(tmp_path: Path) -> None:
+    """The writer's thread runs WRITER_NICE below the event loop, so a batch written while requests
+    are in flight does not hold them up; the loop's own priority is untouched."""
+
+    def nice_by_thread() -> dict[str, int]:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(FileNotFoundError):
+                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[tid] = int(fields[16])
+        return out
+
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = nice_by_thread()
+    ledger = SqliteLedger(tmp_path / "nice.db")
+    await ledger.open()
+    try:
+        new = {tid: nice for tid, nice in nice_by_thread().items() if tid not in before}
+        assert new and set(new.values()) == {min(loop_nice + WRITER_NICE, 19)}
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
+        ledger.record(make_row(1))
+        await ledger.flush()
+        assert await ledger.get("req-00001") is not None
+    finally:
+        await ledger.close()
