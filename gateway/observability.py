@@ -13,7 +13,7 @@ import os
 import sys
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -181,19 +181,15 @@ class _PendingHistogram:
 _PENDING: dict[int, _PendingCounter | _PendingHistogram] = {}
 
 
-def _pending_counter(child: Any) -> _PendingCounter:
-    found = _PENDING.get(id(child))
-    if found is None:
-        found = _PENDING[id(child)] = _PendingCounter(child)
-    assert isinstance(found, _PendingCounter)
-    return found
+_P = TypeVar("_P", _PendingCounter, _PendingHistogram)
 
 
-def _pending_histogram(child: Any) -> _PendingHistogram:
+def _pending(kind: type[_P], child: Any) -> _P:
+    """The one ``kind`` wrapper of ``child``, made on first use."""
     found = _PENDING.get(id(child))
     if found is None:
-        found = _PENDING[id(child)] = _PendingHistogram(child)
-    assert isinstance(found, _PendingHistogram)
+        found = _PENDING[id(child)] = kind(child)
+    assert isinstance(found, kind)
     return found
 
 
@@ -231,7 +227,7 @@ class Series:
     def status(self, status: int) -> Any:
         child = self.requests.get(status)
         if child is None:
-            child = self.requests[status] = _pending_counter(REQUESTS.labels(*self.key, str(status)))
+            child = self.requests[status] = _pending(_PendingCounter, REQUESTS.labels(*self.key, str(status)))
         return child
 
 
@@ -241,15 +237,15 @@ def series(tenant: str, model: str, upstream: str, stream: bool) -> Series:
     return Series(
         key=(tenant, model, upstream),
         requests={},
-        duration=_pending_histogram(DURATION.labels(tenant, model, upstream, flag)),
-        ttft=_pending_histogram(TTFT.labels(tenant, model, upstream)),
-        overhead=_pending_histogram(OVERHEAD.labels(flag)),
-        prompt=_pending_counter(TOKENS.labels(tenant, model, upstream, "prompt")),
-        cached=_pending_counter(TOKENS.labels(tenant, model, upstream, "cached")),
-        completion=_pending_counter(TOKENS.labels(tenant, model, upstream, "completion")),
-        reasoning=_pending_counter(TOKENS.labels(tenant, model, upstream, "reasoning")),
-        spend=_pending_counter(SPEND.labels(tenant, model, upstream)),
-        savings=_pending_counter(CACHE_SAVINGS.labels(tenant, model, upstream)),
+        duration=_pending(_PendingHistogram, DURATION.labels(tenant, model, upstream, flag)),
+        ttft=_pending(_PendingHistogram, TTFT.labels(tenant, model, upstream)),
+        overhead=_pending(_PendingHistogram, OVERHEAD.labels(flag)),
+        prompt=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "prompt")),
+        cached=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "cached")),
+        completion=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "completion")),
+        reasoning=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "reasoning")),
+        spend=_pending(_PendingCounter, SPEND.labels(tenant, model, upstream)),
+        savings=_pending(_PendingCounter, CACHE_SAVINGS.labels(tenant, model, upstream)),
     )
 
 
