@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -278,7 +279,7 @@ busy core the scheduler shared it evenly with the event loop, so a batch written
 that request up (p99 at one connection: 1.2 ms against 0.8 ms without ledger writes). At nice 5 a
 runnable event loop gets the core first, and the thread still has about a quarter of it when both
 want it, several times what writing every row at the gateway's full throughput takes. Raising
-one's own nice needs no privilege."""
+one's own nice needs no privilege. Linux only (elsewhere the threads run as they are)."""
 
 
 class _BackgroundConnection(sqlite3.Connection):
@@ -287,8 +288,11 @@ class _BackgroundConnection(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: run as is
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        # Linux only: there the nice value is per thread and PRIO_PROCESS takes a thread id; elsewhere
+        # the same call would name a process whose pid happens to equal this thread's id
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):  # not allowed (a seccomp profile, say): run as is
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
 
 class _AlreadyRecorded(Exception):
