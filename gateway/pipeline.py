@@ -439,14 +439,10 @@ async def _relay_stream(
             block = relay.feed(chunk)
             if not block:
                 continue
-            head, tail = tap.split(block)
-            if tail:
-                # one write per upstream read: a second send would cost a syscall and a TCP segment,
-                # and only a stream that arrives whole in one read has a head and a tail at once
-                out = tap.finish_tail(tail)
-                head = head + out if head else out
-            if head:
-                await emit(head)
+            # one write per upstream read (the tap finishes a usage tail before the block leaves): a
+            # second send would cost a syscall and a TCP segment
+            if out := tap.process(block):
+                await emit(out)
         tail = tap.process(relay.finish())
         if chain is not None:
             tail = chain.feed(tail) + chain.finish()
