@@ -152,18 +152,11 @@ class StreamTap:
         if end < 0 or block.find(b'"usage"', end) >= 0 or not block.startswith(b"data:", start):
             return None
         end += 2
-        if b"\r" in block[start:end]:
+        event = block[start:end]
+        if b"\r" in event or (data := _data(event)) == _DONE or not _usage_only(data):
             return None
-        data = _data(block[start:end])
-        if data == _DONE or not _usage_only(data):
-            return None
-        self._seen.append(data)
-        if self.usage is None:  # unreadable: it passes as it came, as in _event
-            return block
-        if self._wants_usage:
-            self.sent_usage_chunk = True
-            return block
-        return block[:start] + block[end:]  # the client did not ask for OpenAI's usage chunk
+        out = self._event(event)  # the chunk kept or dropped, its usage read: _event decides
+        return block if out is event else block[:start] + out + block[end:]
 
     def finish_tail(self, tail: bytes) -> bytes:
         events = _events(tail)
