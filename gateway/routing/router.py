@@ -170,17 +170,6 @@ class Router:
         if max_latency_ms is not None:
             slo_total = max_latency_ms if slo_total is None else min(slo_total, max_latency_ms)
         strategy, note = budget_strategy(route.strategy, tenant, budget_fraction)
-        if len(route.candidates) == 1 and not explain:
-            # Most routes have one candidate: nothing to rank, so when it is alive and its breaker
-            # closed, the plan is the one the loop below would build, without building it.
-            only = route.candidates[0]
-            if (
-                only.label not in self.dead
-                and self.stats.stat(only.label, self.traits_of(only.upstream).prior).open_until <= now
-            ):
-                # (what strategies.pinned says of a first candidate; the others have nothing to rank)
-                reason = "pinned: first candidate" if strategy == "pinned" else f"{strategy}: the only candidate"
-                return Plan(strategy, [Option(only, 0)], [], reason + note, slo_ttft, slo_total)
         live: list[Option] = []
         excluded: list[Option] = []
         stats = self.stats

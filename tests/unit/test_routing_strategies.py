@@ -260,9 +260,9 @@ def test_single_candidate_is_routed_without_estimates() -> None:
 
 @pytest.mark.parametrize("strategy", ["pinned", "cost", "latency", "balanced"])
 @pytest.mark.parametrize("fraction", [None, 0.05])
-def test_a_one_candidate_plan_says_what_the_ranking_loop_would(strategy: str, fraction: float | None) -> None:
-    """One candidate is planned without the ranking loop; the plan must read as the loop's did:
-    pinned names its first candidate, the others their only one, a budget step adds its note."""
+def test_a_one_candidate_plan_names_its_only_candidate(strategy: str, fraction: float | None) -> None:
+    """A one-candidate plan: pinned names its first candidate, the others their only one, a budget
+    step adds its note, and the SLOs are the route's tightened by the request's."""
     steps = (BudgetStep(remaining_below=0.1, strategy="cost"),)
     rt = route(strategy, STANDARD, ttft_ms=500)
     p = asyncio.run(router().plan(tenant(rt, steps), rt, BODY, 4000, budget_fraction=fraction, max_latency_ms=900))
