@@ -57,19 +57,11 @@ def parse_usage(obj: Any) -> Usage | None:
     if not isinstance(obj, dict):
         return None
     get = obj.get
-    # (type() is int, not isinstance: a bool is an int to isinstance, and never a token count; the
-    # common shape is checked inline, as this runs for every response)
-    prompt = get("prompt_tokens")
-    if type(prompt) is not int or prompt <= 0:
-        prompt = _int(prompt or get("input_tokens"))
-    completion = get("completion_tokens")
-    if type(completion) is not int or completion <= 0:
-        completion = _int(completion or get("output_tokens"))
+    prompt = _int(get("prompt_tokens") or get("input_tokens"))
+    completion = _int(get("completion_tokens") or get("output_tokens"))
     if not (prompt or completion):
         return None
-    cached = get("cached_tokens")
-    if type(cached) is not int or cached <= 0:
-        cached = 0
+    cached = _int(get("cached_tokens"))
     if not cached:
         details = get("prompt_tokens_details")
         if isinstance(details, dict):
@@ -113,16 +105,11 @@ def usage_of_body(raw: bytes) -> Usage | None:
     """Usage of a whole response body, parsing only the usage object when it comes last (it does in
     every provider's answers); the whole body only when that fails."""
     key = raw.rfind(b'"usage"')
-    start = -1
-    if key >= 0:
-        if raw[key + 7 : key + 8] == b":":  # compact JSON, what every upstream sends
-            start = key + 8
-        elif (match := _LAST_USAGE.match(raw, key)) is not None:
-            start = match.end()
-    if start >= 0:
+    match = _LAST_USAGE.match(raw, key) if key >= 0 else None
+    if match is not None:
         # when usage is the last key, it spans from here to the body's closing brace
         try:
-            found = parse_usage(orjson.loads(raw[start : raw.rfind(b"}")]))
+            found = parse_usage(orjson.loads(raw[match.end() : raw.rfind(b"}")]))
         except orjson.JSONDecodeError:
             found = None
         if found is not None:
