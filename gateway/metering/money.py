@@ -33,16 +33,22 @@ _NANOS_PER_USD = 1_000_000_000
 _FAST_DIGITS = 40
 
 
+def whole_units(d: Decimal, per_usd: int) -> int | None:
+    """``d`` USD in whole units of ``1 / per_usd`` USD (nanodollars, femtodollars), or None when it is
+    not a whole number of them. Its exact ratio says so in one C call, a third of quantize + scaleb;
+    bounded magnitudes only (the ratio of 1E-999999 would be a million-digit integer), None beyond."""
+    if not d.is_finite() or not -_FAST_DIGITS < d.adjusted() < _FAST_DIGITS:
+        return None
+    num, den = d.as_integer_ratio()
+    return None if per_usd % den else num * (per_usd // den)
+
+
 def to_nanos(d: Decimal | int) -> int:
     """Whole nanodollars in ``d`` USD, rounded half-to-even (exact for any finite amount)."""
     if type(d) is Decimal and d.is_finite():
-        if -_FAST_DIGITS < d.adjusted() < _FAST_DIGITS:
-            # Every amount settled per request is already a whole number of nanodollars (costs are
-            # quantized once): its exact ratio says so in one C call, a third of quantize + scaleb.
-            # (Bounded magnitudes only: the ratio of 1E-999999 would be a million-digit integer.)
-            num, den = d.as_integer_ratio()
-            if not _NANOS_PER_USD % den:
-                return num * (_NANOS_PER_USD // den)
+        # every amount settled per request is already whole nanodollars (costs are quantized once)
+        if (nanos := whole_units(d, _NANOS_PER_USD)) is not None:
+            return nanos
         q = d.quantize(NANO, context=_CTX)
     else:
         q = _check(d).quantize(NANO, context=_CTX)
@@ -82,4 +88,4 @@ def fmt_usd(d: Decimal | int, places: int = 6) -> str:
     return f"{q:f}"
 
 
-__all__ = ["NANO", "USD", "fmt_usd", "from_nanos", "quantize_usd", "to_nanos", "usd_text"]
+__all__ = ["NANO", "USD", "fmt_usd", "from_nanos", "quantize_usd", "to_nanos", "usd_text", "whole_units"]

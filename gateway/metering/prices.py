@@ -16,11 +16,13 @@ from typing import Annotated, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.metering.money import _CTX, NANO, to_nanos
+from gateway.metering.money import NANO, from_nanos, to_nanos, whole_units
 from gateway.yamlfile import ConfigError, load_model
 
 MILLION = Decimal(1_000_000)
 NO_SAVINGS = Decimal(0).quantize(NANO)
+FEMTO_PER_USD = 10**15
+FEMTO_PER_NANO = 10**6
 Money = Annotated[Decimal, Field(ge=0)]
 
 
@@ -89,8 +91,8 @@ class Price:
     femto: tuple[int, int, int, dict[str, int]] | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        parts = [_femto(self.miss), _femto(self.hit), _femto(self.out)]
-        fees = {name: _femto(fee) for name, fee in self.tool_fees.items()}
+        parts = [whole_units(p, FEMTO_PER_USD) for p in (self.miss, self.hit, self.out)]
+        fees = {name: whole_units(fee, FEMTO_PER_USD) for name, fee in self.tool_fees.items()}
         exact = all(p is not None for p in parts) and all(f is not None for f in fees.values())
         femto = (parts[0], parts[1], parts[2], fees) if exact else None
         object.__setattr__(self, "femto", femto)
@@ -133,18 +135,6 @@ class Cost(NamedTuple):
     # the same two amounts in whole nanodollars, as the ledger and budget counters store them
     nanos: int = 0
     savings_nanos: int = 0
-
-
-FEMTO_PER_USD = 10**15
-FEMTO_PER_NANO = 10**6
-
-
-def _femto(usd: Decimal) -> int | None:
-    """``usd`` in whole femtodollars, or None when it is not a whole number of them."""
-    if not usd.is_finite() or usd.adjusted() > 30:
-        return None
-    num, den = usd.as_integer_ratio()
-    return num * (FEMTO_PER_USD // den) if not FEMTO_PER_USD % den else None
 
 
 _HALF_NANO = FEMTO_PER_NANO // 2
@@ -205,10 +195,9 @@ def cost_of(
                     femto += fee * count
         nanos = _femto_to_nanos(femto)
         if not cached:
-            return Cost(Decimal(nanos).scaleb(-9, _CTX), NO_SAVINGS, price.version, nanos, 0)
+            return Cost(from_nanos(nanos), NO_SAVINGS, price.version, nanos, 0)
         saved = _femto_to_nanos(cached * (miss - hit))
-        usd, savings = Decimal(nanos).scaleb(-9, _CTX), Decimal(saved).scaleb(-9, _CTX)  # == from_nanos
-        return Cost(usd, savings, price.version, nanos, saved)
+        return Cost(from_nanos(nanos), from_nanos(saved), price.version, nanos, saved)
     return _decimal_cost(price, prompt, cached, completion, tool_calls)
 
 
