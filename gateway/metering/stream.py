@@ -155,7 +155,7 @@ class StreamTap:
         event = block[start:end]
         if b"\r" in event or (data := _data(event)) == _DONE or not _usage_only(data):
             return None
-        out = self._event(event)  # the chunk kept or dropped, its usage read: _event decides
+        out = self._usage_event(event, data, usage_only=True)  # kept or dropped, its usage read
         return block if out is event else block[:start] + out + block[end:]
 
     def finish_tail(self, tail: bytes) -> bytes:
@@ -182,8 +182,12 @@ class StreamTap:
             return event
         if _usage_at(data) < 0:
             return event
+        return self._usage_event(event, data, _usage_only(data))
+
+    def _usage_event(self, event: bytes, data: bytes, usage_only: bool) -> bytes:
+        """An event carrying usage, as the client gets it: OpenAI's usage chunk (``usage_only``) is
+        kept for a client that asked for it and dropped otherwise; any other passes as it came."""
         self._seen.append(data)
-        usage_only = _usage_only(data)
         if usage_only and self.usage is not None:
             if self._wants_usage:
                 self.sent_usage_chunk = True
