@@ -60,14 +60,6 @@ def _usage_at(data: bytes) -> int:
     return -1
 
 
-def _done_at_end(block: bytes) -> int:
-    """Where the block's last event starts when it is ``[DONE]`` (read as :meth:`StreamTap._event`
-    reads it), or -1."""
-    body = block.rstrip(b"\r\n")
-    start = last_boundary(body)
-    return start if _data(body[start:]) == _DONE else -1
-
-
 def _object(data: bytes) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(data)
@@ -119,16 +111,16 @@ class StreamTap:
 
     def split(self, block: bytes) -> tuple[bytes, bytes]:
         """``(head, tail)``: the events that pass as they are, and those from the first one that
-        carries usage (or ``[DONE]``) on, which :meth:`finish_tail` must see. A block whose only usage
-        is one OpenAI usage chunk (how OpenAI-compatible upstreams end a stream) is finished here."""
+        carries usage (or a ``[DONE]`` that needs the client's usage chunk) on, which
+        :meth:`finish_tail` must see. A block whose only usage is one OpenAI usage chunk (how
+        OpenAI-compatible upstreams end a stream) is finished here."""
         first = _usage_at(block)
-        if self._wants_usage:
-            # [DONE] ends a stream: look at the block's end first, and through the whole block (a
-            # stream that arrives in one read is kilobytes) only when it is not there
-            done = _done_at_end(block)
-            if done < 0:
-                done = block.find(_DONE)
-            if done >= 0 and (first < 0 or done < first):
+        if self._wants_usage and not self.sent_usage_chunk and self.usage is not None:
+            # usage known, its chunk not sent: it goes before the first [DONE], which may come before
+            # the block's first usage. Otherwise a [DONE] passes as it is, and a stream read in one
+            # block (kilobytes) is not searched for one.
+            done = block.find(_DONE, 0, first if first >= 0 else len(block))
+            if done >= 0:
                 first = done
         if first >= 0 and (whole := self._one_usage_chunk(block, first)) is not None:
             self.blocks.append(whole)

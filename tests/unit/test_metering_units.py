@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.metering import stream as stream_module
@@ -366,13 +366,20 @@ BROKEN_USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":\n\n'
     st.booleans(),
     st.booleans(),
 )
+# usage known from an earlier block and its chunk not sent: the chunk goes before the first [DONE]
+@example(
+    events=[DELTA, FINISH_MOONSHOT, DONE, USAGE_CHUNK], cuts=[len(DELTA + FINISH_MOONSHOT)], wants=True, crlf=False
+)
+@example(events=[FINISH_MOONSHOT, DONE, USAGE_CHUNK, DONE], cuts=[len(FINISH_MOONSHOT)], wants=True, crlf=False)
+@example(events=[FINISH_MOONSHOT, DELTA, DONE, DONE], cuts=[len(FINISH_MOONSHOT)], wants=True, crlf=True)
 @settings(max_examples=400)
 def test_the_usage_chunk_shortcut_changes_nothing_the_client_or_the_ledger_sees(
     events: list[bytes], cuts: list[int], wants: bool, crlf: bool
 ) -> None:
-    """A block whose only usage is one OpenAI usage chunk is finished without taking its tail apart;
-    for any stream, cut anywhere, the client's bytes, the usage and the usage-chunk flag must be the
-    general path's."""
+    """The shortcuts (a block whose only usage is one OpenAI usage chunk finished without taking its
+    tail apart; no search for [DONE] while no usage is known) change nothing: for any stream, cut
+    anywhere, the client's bytes, the usage and the usage-chunk flag must be those of reading every
+    block event by event."""
     from gateway.upstreams.sse import SSERelay
 
     stream = b"".join(events)
@@ -382,8 +389,8 @@ def test_the_usage_chunk_shortcut_changes_nothing_the_client_or_the_ledger_sees(
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True) if b > a]
 
     class General(StreamTap):
-        def _one_usage_chunk(self, block: bytes, at: int) -> bytes | None:
-            return None
+        def split(self, block: bytes) -> tuple[bytes, bytes]:
+            return b"", block  # every event through finish_tail, one by one
 
     def run(shortcut: bool) -> tuple[bytes, object, bool]:
         relay, tap = SSERelay(), (StreamTap if shortcut else General)(client_wants_usage=wants)
