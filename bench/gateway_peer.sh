@@ -6,7 +6,8 @@
 # Writes a throw-away config into a fresh temp dir (printed on stderr): one upstream of kind openai at
 # http://127.0.0.1:UPSTREAM_PORT/v1 serving kimi-k2-thinking and kimi-k2-thinking-turbo, one tenant
 # whose key is sk-bench (stored as sha256:<hex>), both candidates priced at Moonshot's
-# kimi-k2-thinking list prices, a SQLite ledger in the temp dir, log_level warning. Then it execs
+# kimi-k2-thinking list prices, a SQLite ledger in the temp dir (or GATEWAY_PEER_LEDGER_URL), log_level
+# warning. Then it execs
 #   kimi-gateway serve --config CONFIG --port PORT --host 127.0.0.1
 # so the PID the harness pins, measures and signals is the gateway itself.
 #
@@ -15,6 +16,8 @@
 #                      next to the Python that has the package installed; else kimi-gateway on PATH)
 #   GATEWAY_PEER_DIR   directory for the config files (default: mktemp -d under $TMPDIR or /tmp)
 #   GATEWAY_PEER_KEY   tenant key (default sk-bench, what the shared harness sends)
+#   GATEWAY_PEER_LEDGER_URL  ledger URL (default sqlite:///DIR/ledger.db), e.g. postgresql://... to
+#                      measure the gateway with the ledger's inserts in the database server
 #   GATEWAY_SRC        run the gateway package of another checkout (PYTHONPATH=GATEWAY_SRC in front of
 #                      the venv's editable install), e.g. a git worktree of an older commit; a checkout
 #                      from before metering (no LedgerConfig in gateway/config.py) gets a config without
@@ -82,7 +85,7 @@ EOF
 
 METERING="policy_files: [bench.yaml]
 prices: prices.yaml
-ledger: {url: \"sqlite:///$DIR/ledger.db\"}"
+ledger: {url: \"${GATEWAY_PEER_LEDGER_URL:-sqlite:///$DIR/ledger.db}\"}"
 if [ -n "${GATEWAY_SRC:-}" ] && ! grep -q "class LedgerConfig" "$GATEWAY_SRC/gateway/config.py"; then
     METERING="# pre-metering checkout: no policy_files/prices/ledger keys"
 fi
