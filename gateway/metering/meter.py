@@ -117,7 +117,8 @@ class Meter:
             return
         m.settled = True
         cost = m.cost or await self.compute(m)
-        await self.budgets.settle(m.reservation, cost.usd)
+        if m.reservation is not None:  # most requests hold nothing: no coroutine for them
+            await self.budgets.settle(m.reservation, cost.usd)
         usage = m.usage or Usage()
         tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
         s = series(tenant, model, upstream, m.stream)

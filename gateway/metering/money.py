@@ -59,7 +59,9 @@ def from_nanos(n: int) -> Decimal:
     """The USD amount of ``n`` nanodollars, with nine decimal places (``from_nanos(1) == NANO``)."""
     if type(n) is not int and (isinstance(n, bool) or not isinstance(n, int)):
         raise TypeError(f"nanodollars must be an int, not {type(n).__name__}: {n!r}")
-    return Decimal(n).scaleb(-9, context=_CTX)
+    # one exact multiplication (the wide context holds 60 digits) where Decimal(n).scaleb(-9) was two
+    # operations: half the time, the same value and exponent
+    return _CTX.multiply(NANO, n)
 
 
 def usd_text(nanos: int) -> str:

@@ -198,6 +198,14 @@ def test_money_refuses_floats_and_non_finite_amounts() -> None:
         from_nanos(1.0)  # type: ignore[arg-type]
 
 
+@given(st.integers(min_value=-(10**55), max_value=10**55))
+def test_from_nanos_is_the_scaled_integer_digit_for_digit(n: int) -> None:
+    """One multiplication by NANO gives what scaling the integer by 1e-9 gives: value, sign and
+    exponent (so str() and the cost header print the same nine places)."""
+    assert from_nanos(n).as_tuple() == Decimal(n).scaleb(-9, context=_CTX).as_tuple()
+    assert from_nanos(n).as_tuple().exponent == -9
+
+
 @given(st.integers(min_value=-(10**30), max_value=10**30))
 def test_nanos_round_trip_exactly(n: int) -> None:
     assert to_nanos(from_nanos(n)) == n
