@@ -156,9 +156,9 @@ class Budgets:
                     return Reservation(request_id, amount, lines, fit_tokens, downgraded=True)
         raise _refusal_error(tenant, line, refusal.remaining, amount)
 
-    async def settle(self, reservation: Reservation | None, actual_usd: Decimal) -> None:
-        if reservation is not None:
-            await self.state.settle(reservation.request_id, to_nanos(actual_usd))
+    async def settle(self, reservation: Reservation, actual_usd: Decimal) -> None:
+        """Release ``reservation`` and count ``actual_usd`` instead (callers skip requests that hold none)."""
+        await self.state.settle(reservation.request_id, to_nanos(actual_usd))
 
     async def remaining(self, tenant: str, budget: Budget | None, now: float) -> list[dict[str, object]]:
         """Remaining budget per scope and window, for ``GET /v1/budget`` and the gauge."""

@@ -117,7 +117,7 @@ class Meter:
             return
         m.settled = True
         cost = m.cost or await self.compute(m)
-        if m.reservation is not None:  # most requests hold nothing: no coroutine for them
+        if m.reservation is not None:  # most requests hold nothing
             await self.budgets.settle(m.reservation, cost.usd)
         usage = m.usage or Usage()
         tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
