@@ -59,8 +59,8 @@ def from_nanos(n: int) -> Decimal:
     """The USD amount of ``n`` nanodollars, with nine decimal places (``from_nanos(1) == NANO``)."""
     if type(n) is not int and (isinstance(n, bool) or not isinstance(n, int)):
         raise TypeError(f"nanodollars must be an int, not {type(n).__name__}: {n!r}")
-    # one exact multiplication (the wide context holds 60 digits) where Decimal(n).scaleb(-9) was two
-    # operations: half the time, the same value and exponent
+    # one exact multiplication in the 60-digit context instead of Decimal(n).scaleb(-9)'s two
+    # operations: the same value and exponent in half the time
     return _CTX.multiply(NANO, n)
 
 
