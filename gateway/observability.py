@@ -99,9 +99,9 @@ BUDGET_REMAINING = Gauge(
 )
 REASONING_RESTORED = Counter(
     "gateway_reasoning_restored",
-    "Assistant tool-call messages sent upstream by strip/redact tenants, by where their reasoning came "
-    "from: store (kept by the gateway), client (sent back by the client), placeholder (neither: K2 gets "
-    "a blank and loses the thread of that turn).",
+    "Assistant tool-call messages sent upstream, by where their reasoning came from: client (sent back by "
+    "the client), store (kept by the gateway), placeholder (neither: K2 gets a blank and loses the thread "
+    "of that turn), none (neither, on an upstream that does not need it).",
     ("tenant", "source"),
     registry=REGISTRY,
 )

@@ -72,7 +72,9 @@ def build_finance_app(rt: Runtime, admin_key: str | None) -> FastAPI:
     @app.get("/v1/spend")
     async def spend(
         authorization: Annotated[str | None, Header()] = None,
-        group_by: Annotated[str, Query(description="tenant,app,key,model,upstream,day,month")] = "tenant,model",
+        group_by: Annotated[
+            str, Query(description="tenant,app,key,model,upstream,endpoint,day,month")
+        ] = "tenant,model",
         from_: Annotated[str | None, Query(alias="from", description="date, ISO time or unix seconds")] = None,
         to: Annotated[str | None, Query(description="exclusive end; date, ISO time or unix seconds")] = None,
         tenant: Annotated[str | None, Query()] = None,

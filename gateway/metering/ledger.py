@@ -57,6 +57,7 @@ GROUPS: dict[str, str] = {
     "key": "key_id",
     "model": "virtual_model",
     "upstream": "upstream",
+    "endpoint": "endpoint",
     "day": "day",
     "month": "month",
 }
@@ -109,6 +110,8 @@ class LedgerRow:
     # meter's integer cost); stores that keep nanodollars then skip converting the Decimals again
     cost_nanos: int | None = field(default=None, compare=False, repr=False)
     savings_nanos: int | None = field(default=None, compare=False, repr=False)
+    # the wire format the client spoke: chat/completions, messages (Anthropic) or responses
+    endpoint: str = "chat/completions"
 
 
 @dataclass(slots=True)
@@ -126,6 +129,7 @@ class OpenReservation:
     amount_usd: Decimal
     prompt_tokens_estimate: int
     windows: list[str] = field(default_factory=list)
+    endpoint: str = "chat/completions"
 
 
 Entry = LedgerRow | OpenReservation
@@ -349,6 +353,7 @@ def reconciled_row(res: OpenReservation, cost: Decimal, reason: str) -> LedgerRo
         estimated=True,
         estimate_reason=reason,
         route_reason="reconciled from an open reservation",
+        endpoint=res.endpoint,
     )
 
 
@@ -365,6 +370,19 @@ REPORTS_BY_TIME_RANGE = Migration(
     3,
     "reports by time range",
     ("DROP INDEX IF EXISTS ledger_day", "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)"),
+)
+
+
+# Which API the client spoke, as a stored column in both dialects; rows written before it are chat
+# completions (the only endpoint there was). A NOT NULL column with a constant default is added
+# without rewriting the table in SQLite and PostgreSQL alike, and older code still inserts.
+ENDPOINT_COLUMN = Migration(
+    4,
+    "endpoint",
+    (
+        "ALTER TABLE ledger ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat/completions'",
+        "ALTER TABLE open_reservations ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat/completions'",
+    ),
 )
 
 

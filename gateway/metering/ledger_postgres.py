@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from gateway.metering.ledger import (
+    ENDPOINT_COLUMN,
     REPORTS_BY_TIME_RANGE,
     Batch,
     Ledger,
@@ -109,17 +110,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     REPORTS_BY_TIME_RANGE,
+    ENDPOINT_COLUMN,
 )
 
 ROW_COLUMNS = (
     "request_id", "ts", "day", "month", "tenant", "key_id", "app", "end_user", "tags", "virtual_model",
     "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
     "reasoning_tokens", "tool_calls_billed", "cost_usd", "cache_savings_usd", "price_version",
-    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason",
+    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
 )  # fmt: skip
 RES_COLUMNS = (
     "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
-    "amount_usd", "prompt_tokens_estimate", "windows",
+    "amount_usd", "prompt_tokens_estimate", "windows", "endpoint",
 )  # fmt: skip
 
 UPSERT_RES = (
@@ -144,18 +146,18 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
         int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed), quantize_usd(r.cost_usd),
         quantize_usd(r.cache_savings_usd), opt_text(r.price_version), None if r.ttft_ms is None else float(r.ttft_ms),
         float(r.latency_ms), int(r.status), clean_text(r.outcome), bool(r.estimated), opt_text(r.estimate_reason),
-        clean_text(r.route_reason),
+        clean_text(r.route_reason), r.endpoint,
     )  # fmt: skip
 
 
 def decode_row(v: Sequence[Any]) -> LedgerRow:
     (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
      completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route) = v  # fmt: skip
+     reason, route, endpoint) = v  # fmt: skip
     return LedgerRow(
         rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, stream, prompt, cached,
         completion, reasoning, tools, quantize_usd(cost), quantize_usd(savings), price_version, ttft, latency, status,
-        outcome, estimated, reason, route,
+        outcome, estimated, reason, route, endpoint=endpoint,
     )  # fmt: skip
 
 
@@ -163,14 +165,25 @@ def encode_res(r: OpenReservation) -> tuple[Any, ...]:
     return (
         r.request_id, float(r.ts), clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
         clean_text(r.virtual_model), opt_text(r.upstream), opt_text(r.upstream_model), quantize_usd(r.amount_usd),
-        int(r.prompt_tokens_estimate), dump_json(list(r.windows)),
+        int(r.prompt_tokens_estimate), dump_json(list(r.windows)), clean_text(r.endpoint),
     )  # fmt: skip
 
 
 def decode_res(v: Sequence[Any]) -> OpenReservation:
-    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows = v
+    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows, endpoint = v
     return OpenReservation(
-        rid, ts, tenant, key_id, app, vmodel, upstream, umodel, quantize_usd(amount), prompt, orjson.loads(windows)
+        rid,
+        ts,
+        tenant,
+        key_id,
+        app,
+        vmodel,
+        upstream,
+        umodel,
+        quantize_usd(amount),
+        prompt,
+        orjson.loads(windows),
+        endpoint,
     )
 
 

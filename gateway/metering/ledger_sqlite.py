@@ -28,6 +28,7 @@ import aiosqlite
 import orjson
 
 from gateway.metering.ledger import (
+    ENDPOINT_COLUMN,
     GROUPS,
     REPORTS_BY_TIME_RANGE,
     Batch,
@@ -127,17 +128,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     REPORTS_BY_TIME_RANGE,
+    ENDPOINT_COLUMN,
 )
 
 ROW_COLUMNS = (
     "request_id", "ts", "day", "month", "tenant", "key_id", "app", "end_user", "tags", "virtual_model",
     "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
     "reasoning_tokens", "tool_calls_billed", "cost_nanos", "cache_savings_nanos", "price_version",
-    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason",
+    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
 )  # fmt: skip
 RES_COLUMNS = (
     "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
-    "amount_nanos", "prompt_tokens_estimate", "windows",
+    "amount_nanos", "prompt_tokens_estimate", "windows", "endpoint",
 )  # fmt: skip
 
 INSERT_ROW = f"INSERT INTO ledger ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
@@ -170,18 +172,18 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
         r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
         1 if r.stream else 0, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens,
         r.tool_calls_billed, cost, savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome,
-        1 if r.estimated else 0, reason, route,
+        1 if r.estimated else 0, reason, route, r.endpoint,
     )  # fmt: skip
 
 
 def decode_row(v: Sequence[Any]) -> LedgerRow:
     (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
      completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route) = v  # fmt: skip
+     reason, route, endpoint) = v  # fmt: skip
     return LedgerRow(
         rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, bool(stream), prompt,
         cached, completion, reasoning, tools, from_nanos(cost), from_nanos(savings), price_version, ttft, latency,
-        status, outcome, bool(estimated), reason, route,
+        status, outcome, bool(estimated), reason, route, endpoint=endpoint,
     )  # fmt: skip
 
 
@@ -189,14 +191,25 @@ def encode_res(r: OpenReservation) -> tuple[Any, ...]:
     return (
         r.request_id, float(r.ts), clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
         clean_text(r.virtual_model), opt_text(r.upstream), opt_text(r.upstream_model), to_nanos(r.amount_usd),
-        int(r.prompt_tokens_estimate), clean_text(dump_json(list(r.windows))),
+        int(r.prompt_tokens_estimate), clean_text(dump_json(list(r.windows))), clean_text(r.endpoint),
     )  # fmt: skip
 
 
 def decode_res(v: Sequence[Any]) -> OpenReservation:
-    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows = v
+    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows, endpoint = v
     return OpenReservation(
-        rid, ts, tenant, key_id, app, vmodel, upstream, umodel, from_nanos(amount), prompt, orjson.loads(windows)
+        rid,
+        ts,
+        tenant,
+        key_id,
+        app,
+        vmodel,
+        upstream,
+        umodel,
+        from_nanos(amount),
+        prompt,
+        orjson.loads(windows),
+        endpoint,
     )
 
 

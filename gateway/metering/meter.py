@@ -42,6 +42,8 @@ class Metered:
     app: str | None = None
     user: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # the wire format the client spoke: chat/completions, messages (Anthropic) or responses
+    endpoint: str = "chat/completions"
     upstream: str | None = None
     upstream_model: str | None = None
     label: str | None = None
@@ -93,6 +95,7 @@ class Meter:
                 amount_usd=from_nanos(held.amount) if held is not None else ZERO,
                 prompt_tokens_estimate=prompt_bound,
                 windows=[line.limit.key for line in held.lines] if held is not None else [],
+                endpoint=m.endpoint,
             )
         )
 
@@ -138,7 +141,7 @@ class Meter:
         if m.tenant.budget is not None:
             self._remaining_soon(m)
         if self.ledger is not None:
-            # positional: a 26-field row built by keyword costs twice as much, once per request
+            # positional: a 29-field row built by keyword costs twice as much, once per request
             self.ledger.record(
                 LedgerRow(
                     m.request_id, m.ts, tenant, m.key_id, m.app, m.user, m.tags, model, m.upstream,
@@ -146,7 +149,7 @@ class Meter:
                     usage.completion_tokens, usage.reasoning_tokens, sum(m.tool_calls.values()) if m.tool_calls else 0,
                     cost.usd, cost.cache_savings, cost.price_version or None, m.ttft_ms, m.latency_ms, m.status,
                     m.outcome, m.estimate_reason is not None, m.estimate_reason, m.route_reason, cost.nanos,
-                    cost.savings_nanos,
+                    cost.savings_nanos, m.endpoint,
                 )
             )  # fmt: skip
 

@@ -17,6 +17,7 @@ from gateway.metering.ledger import ledger_from_url
 from gateway.policy.model import Redaction
 from tests.unit.conftest import PG_URL
 from tests.unit.test_ledger import make_row
+from tests.unit.test_ledger_endpoint import insert_row_before_endpoint_column
 
 
 @pytest.fixture
@@ -105,14 +106,15 @@ async def _tables(url: str) -> set[str]:
 
 
 async def _previous_release_ledger(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ledger database as the release before the capture migration left it: migration 1 only."""
+    """A ledger database as the release before the capture migration left it: migration 1 only,
+    with one row written in that release's columns (no ``endpoint``, which migration 4 adds)."""
     module = _ledger_module(url)
     monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
     old = ledger_from_url(url)
     await old.open()
-    old.record(make_row(1))
     await old.close()
     monkeypatch.undo()
+    await insert_row_before_endpoint_column(url, module.encode_row(make_row(1))[:-1])
 
 
 async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
@@ -123,7 +125,7 @@ async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
     upgraded = ledger_from_url(capture_url)
     await upgraded.open()
     try:
-        assert await upgraded.applied_migrations() == [1, 2, 3]
+        assert await upgraded.applied_migrations() == [1, 2, 3, 4]
         assert await upgraded.get("req-00001") == make_row(1)  # the ledger's rows are untouched
     finally:
         await upgraded.close()
@@ -169,6 +171,6 @@ async def test_a_capture_table_made_before_the_migration_existed_is_kept_with_it
     ledger = ledger_from_url(capture_url)
     await ledger.open()
     try:
-        assert await ledger.applied_migrations() == [1, 2, 3]
+        assert await ledger.applied_migrations() == [1, 2, 3, 4]
     finally:
         await ledger.close()

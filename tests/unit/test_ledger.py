@@ -351,6 +351,7 @@ def dataset() -> list[LedgerRow]:
                 completion_tokens=i * 3,
                 reasoning_tokens=i * 2,
                 estimated=i % 7 == 0,
+                endpoint=["chat/completions", "messages", "responses"][(i // 4) % 3],
             )
         )
     return rows
@@ -549,7 +550,7 @@ async def test_rows_survive_a_restart_and_writing_continues(make: Factory) -> No
     second.record(make_row(2))
     await second.flush()
     assert await count(second) == 2
-    assert await second.applied_migrations() == [1, 2, 3]
+    assert await second.applied_migrations() == [1, 2, 3, 4]
 
 
 async def test_entries_recorded_before_open_are_kept(make: Factory) -> None:
@@ -773,12 +774,12 @@ async def test_migrations_are_idempotent_and_safe_to_race(make: Factory) -> None
     racers = [make() for _ in range(3)]
     await asyncio.gather(*(r.open() for r in racers))
     for r in racers:
-        assert await r.applied_migrations() == [1, 2, 3]
+        assert await r.applied_migrations() == [1, 2, 3, 4]
     for r in racers:
         await r.close()
     again = make()
     await again.open()
-    assert await again.applied_migrations() == [1, 2, 3]
+    assert await again.applied_migrations() == [1, 2, 3, 4]
 
 
 async def test_two_ledgers_write_to_one_database_without_loss(make: Factory) -> None:
