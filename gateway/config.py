@@ -100,6 +100,10 @@ class UpstreamConfig(_Strict):
     # idle pooled connections live this long; a connection the upstream closed first is retried once
     keepalive_s: Annotated[float, Field(gt=0)] = 15.0
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # what an assistant tool-call message must carry when neither the client nor the gateway has its
+    # reasoning: required (Moonshot's K2 Thinking: a placeholder, or a 400 for when_missing: reject
+    # tenants) or optional (vLLM: sent without); unset: optional for a vLLM-shaped upstream
+    tool_reasoning: Literal["required", "optional"] | None = None
     # the upstream returns reasoning inside content, ended by </think> (vLLM without --reasoning-parser):
     # tenants that strip or redact reasoning have it split out of the content
     think_in_content: bool = False
@@ -109,6 +113,7 @@ class UpstreamConfig(_Strict):
     profile: str | None = None
     ttft_ms: Annotated[float, Field(ge=0)] | None = None
     tokens_per_s: Annotated[float, Field(ge=0)] | None = None
+    tool_rounds: Annotated[int, Field(ge=1, le=1000)] | None = None  # tool-call rounds before a text answer
     # routing: speeds assumed before live traffic (simulated: the profile's), the provider's prompt
     # cache lifetime (prefix affinity lasts this long), per-model request shaping
     prior: Prior | None = None
@@ -147,15 +152,20 @@ class UpstreamConfig(_Strict):
                 raise ValueError(f"header '{name}' carries a secret; use api_key_env or api_key_file")
         return v
 
+    def _simulator_keys(self) -> bool:
+        return bool(
+            self.profile or self.ttft_ms is not None or self.tokens_per_s is not None or self.tool_rounds is not None
+        )
+
     @model_validator(mode="after")
     def _kind_fields(self) -> UpstreamConfig:
         if self.kind == "openai":
             if not self.base_url:
                 raise ValueError("an upstream of kind 'openai' needs base_url")
-            if self.profile or self.ttft_ms is not None or self.tokens_per_s is not None:
-                raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
-        if self.kind == "litellm" and (self.profile or self.ttft_ms is not None or self.tokens_per_s is not None):
-            raise ValueError("profile, ttft_ms and tokens_per_s are for kind 'simulated' only")
+            if self._simulator_keys():
+                raise ValueError("profile, ttft_ms, tokens_per_s and tool_rounds are for kind 'simulated' only")
+        if self.kind == "litellm" and self._simulator_keys():
+            raise ValueError("profile, ttft_ms, tokens_per_s and tool_rounds are for kind 'simulated' only")
         if self.kind == "simulated" and (self.base_url or self.api_key_env or self.api_key_file):
             raise ValueError("an upstream of kind 'simulated' runs in-process: no base_url or key")
         if self.api_key_env and self.api_key_file:
@@ -244,6 +254,14 @@ class StateConfig(_Strict):
         return self
 
 
+class ResponsesConfig(_Strict):
+    """The Responses API: the environment variable whose value (a long random secret) derives the key
+    that seals reasoning into ``encrypted_content``; unset or empty, a random key is kept in the
+    shared state instead (gateway/responses/seal.py)."""
+
+    seal_key_env: str = "KIMI_GATEWAY_SEAL_KEY"
+
+
 class GatewayConfig(_Strict):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     workers: Annotated[int, Field(ge=1, le=256)] = 1
@@ -258,6 +276,7 @@ class GatewayConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     # the environment variable holding the admin key (finance: every tenant's spend); unset = no admin
     admin_key_env: str = "KIMI_GATEWAY_ADMIN_KEY"
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]
 
     @field_validator("upstreams")

@@ -152,16 +152,19 @@ class ReasoningPolicy(_Strict):
     """What the tenant's clients see of the model's reasoning.
 
     ``pass`` relays it; ``strip`` removes it (fields and ``<think>`` text in content); ``redact``
-    replaces secrets and personal data in it. ``field`` is the name the clients read it under. With
-    ``strip``/``redact`` the original reasoning of tool-call turns is kept server-side for
-    ``store_ttl_s`` and put back before the next turn goes upstream (K2 needs it, protocols.md §2.1).
+    replaces secrets and personal data in it. ``field`` is the name the clients read it under. In
+    every mode the original reasoning of tool-call turns is kept server-side for ``store_ttl_s`` and
+    put back into a tool-call message that comes back without it, before the next turn goes upstream
+    (K2 needs it, protocols.md §2.1). ``when_missing`` says what happens when the gateway has none
+    for an upstream that needs it: a placeholder, or a 400 before any upstream call.
     """
 
     mode: Literal["pass", "strip", "redact"] = "pass"
     field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     redact: Redaction = Field(default_factory=Redaction)
-    # false: nothing is kept server-side; tool loops then send K2 a placeholder (and lose continuity)
+    # false: nothing is kept server-side; tool loops then fall back to when_missing (and lose continuity)
     keep_for_tool_loops: bool = True
+    when_missing: Literal["placeholder", "reject"] = "placeholder"
     store_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
     # reasoning longer than this (UTF-8 bytes) is not kept; the next turn falls back to a placeholder
     store_max_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
@@ -194,6 +197,21 @@ class RateLimits(Rates):
     keys: dict[str, Rates] = Field(default_factory=dict)
 
 
+class ResponsesPolicy(_Strict):
+    """The Responses API (``POST /v1/responses``) for this tenant.
+
+    ``hosted_tools``: hosted tools no upstream can run (web_search, file_search, computer use, code
+    interpreter, MCP, shells, custom tools...) are left out of the upstream request and named in
+    ``x-gateway-omitted-tools`` (``omit``, so clients such as Codex CLI work unchanged), or refused
+    with a 400 naming the tool (``reject``). ``store_ttl_s``: how long ``store: true`` responses are
+    kept for ``previous_response_id`` and ``GET /v1/responses/{id}`` (the shared state keeps
+    entries for at most 7 days).
+    """
+
+    hosted_tools: Literal["omit", "reject"] = "omit"
+    store_ttl_s: Annotated[int, Field(ge=60, le=7 * 86400)] = 86400
+
+
 class TenantPolicy(_Strict):
     tenant: str
     description: str = ""
@@ -209,6 +227,10 @@ class TenantPolicy(_Strict):
     reasoning: ReasoningPolicy = Field(default_factory=ReasoningPolicy)
     capture: CapturePolicy = Field(default_factory=CapturePolicy)
     rate_limits: RateLimits | None = None
+    responses: ResponsesPolicy = Field(default_factory=ResponsesPolicy)
+    # normalized: every answer says the virtual model name, OpenAI's usage shape, no empty placeholders
+    # (gateway/transforms/envelope.py); raw: the upstream's bytes, for clients that want them
+    envelope: Literal["normalized", "raw"] = "normalized"
 
     @model_validator(mode="after")
     def _rate_limit_keys(self) -> TenantPolicy:

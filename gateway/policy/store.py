@@ -17,6 +17,7 @@ from gateway.policy.model import (
     PolicyDefaults,
     RateLimits,
     ReasoningPolicy,
+    ResponsesPolicy,
     Slo,
     TenantPolicy,
 )
@@ -52,6 +53,7 @@ class Route:
 
 DEFAULT_REASONING = ReasoningPolicy()
 DEFAULT_CAPTURE = CapturePolicy()
+DEFAULT_RESPONSES = ResponsesPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,8 @@ class Tenant:
     reasoning: ReasoningPolicy = DEFAULT_REASONING
     capture: CapturePolicy = DEFAULT_CAPTURE
     rate_limits: RateLimits | None = None
+    responses: ResponsesPolicy = DEFAULT_RESPONSES
+    envelope: str = "normalized"  # the client-facing envelope: normalized | raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +237,8 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             policy.reasoning,
             policy.capture,
             policy.rate_limits,
+            responses=policy.responses,
+            envelope=policy.envelope,
         )
         tenants[policy.tenant] = tenant
         for key in policy.keys:
