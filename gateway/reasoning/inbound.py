@@ -3,12 +3,15 @@ reasoning field) and before the budget reservation (restored reasoning is prompt
 
 * Reasoning a client sends back goes upstream in the field that upstream reads (Moonshot
   ``reasoning_content``, vLLM >= 0.16 ``reasoning``), for every tenant.
-* For strip/redact tenants, each assistant tool-call message gets its original reasoning back from
-  the store (a client of a redact tenant only holds the redacted copy); only when the store has
-  none and the client sent none does it get the placeholder K2 accepts, counted in
-  ``gateway_reasoning_restored{source="placeholder"}``.
+* For every tenant (pass included, unless ``keep_for_tool_loops: false``), each assistant
+  tool-call message that arrives without reasoning gets back the reasoning the gateway served with
+  those tool calls (``restore.py``; which source wins is decided there), and what it cannot give
+  back is decided per upstream (``fallback.py``): the placeholder, nothing, or a 400 for a tenant
+  with ``when_missing: reject``, raised here, before any reservation or upstream call.
 * The response transforms for the tenant's mode are set on the exchange; a pass tenant whose clients
-  read the upstream's own field name (and without full capture) gets none: its bytes are relayed.
+  read the upstream's own field name (and without full capture) gets none for requests without
+  tools: their bytes are relayed. A request with tools has the tool step's transforms already, and
+  gets the recorder that keeps the reasoning of the tool calls it answers with.
   On an upstream with ``think_in_content`` (a vLLM without a reasoning parser) a pass tenant gets
   the reasoning moved out of the content into its field, as strip/redact tenants get it removed:
   what it echoes back then reaches the upstream in the reasoning field, not inside the content.
@@ -29,77 +32,64 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.observability import REASONING_RESTORED
-from gateway.reasoning.modes import FIELDS, ReasoningTransform, Turn
+from gateway.reasoning.fallback import missing_reasoning, requires_reasoning
+from gateway.reasoning.modes import ReasoningTransform, Turn
 from gateway.reasoning.record import TurnRecorder
 from gateway.reasoning.redact import redactor_for
-from gateway.reasoning.store import ReasoningStore, prefix_digests, turn_key
+from gateway.reasoning.restore import Restoration, client_reasoning, put_reasoning, restore_history, tool_turns
+from gateway.reasoning.store import ReasoningStore
 from gateway.tools.aliases import alias_history
 from gateway.transforms.order import add_transform
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange, Runtime
 
-PLACEHOLDER = " "  # the minimum Moonshot accepts (protocols.md §2.1); "" is not known to pass
+__all__ = ["prepare_reasoning", "put_reasoning", "recorder_of"]
 
-
-def _client_reasoning(msg: dict[str, Any]) -> str | None:
-    for name in FIELDS:
-        value = msg.get(name)
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def put_reasoning(msg: dict[str, Any], name: str, text: str) -> bool:
-    """Set ``msg[name]`` keeping key order: a reasoning field under the other name is renamed in
-    place, a duplicate under the other name removed. Returns whether the message changed."""
-    other = FIELDS[1] if name == FIELDS[0] else FIELDS[0]
-    if other not in msg:
-        if msg.get(name) == text:
-            return False
-        msg[name] = text
-        return True
-    items = [(name if key == other else key, text if key in (name, other) else value) for key, value in msg.items()]
-    msg.clear()
-    for key, value in items:
-        msg.setdefault(key, value)
-    return True
+OTHER_FIELD = {"reasoning_content": b'"reasoning"', "reasoning": b'"reasoning_content"'}
 
 
 def _rename_sent(messages: list[Any], name: str) -> bool:
     changed = False
     for msg in messages:
         if isinstance(msg, dict) and msg.get("role") == "assistant":
-            text = _client_reasoning(msg)
+            text = client_reasoning(msg)
             if text is not None:
                 changed = put_reasoning(msg, name, text) or changed
     return changed
 
 
-async def _restore(
-    store: ReasoningStore | None, tenant: str, messages: list[Any], name: str, prefixes: list[bytes]
-) -> bool:
-    wanted: list[tuple[dict[str, Any], str]] = []
-    for i, msg in enumerate(messages):
-        if isinstance(msg, dict) and msg.get("role") == "assistant" and msg.get("tool_calls"):
-            wanted.append((msg, turn_key(tenant, prefixes[i], msg["tool_calls"]) if store is not None else ""))
-    found = await store.recall([key for _, key in wanted]) if store is not None else [None] * len(wanted)
-    changed = False
-    for (msg, _), kept in zip(wanted, found, strict=True):
-        sent = _client_reasoning(msg)
-        if kept is not None:
-            source, text = "store", kept
-        elif sent is not None:
-            source, text = "client", sent
-        else:
-            source, text = "placeholder", PLACEHOLDER
-        REASONING_RESTORED.labels(tenant, source).inc()
-        changed = put_reasoning(msg, name, text) or changed
-    return changed
-
-
-OTHER_FIELD = {"reasoning_content": b'"reasoning"', "reasoning": b'"reasoning_content"'}
+async def _restore(rt: Runtime, ex: Exchange, messages: list[Any], store: ReasoningStore | None) -> Restoration:
+    """Reasoning into the tool-call turns of the history (or the reject 400)."""
+    assert ex.candidate is not None
+    turns = tool_turns(messages)  # a walk over the messages: cheaper than a search of the bytes
+    if not turns:
+        return Restoration()  # the common first turn: no tool-call history
+    tenant = ex.tenant
+    policy = tenant.reasoning
+    upstream = rt.upstreams[ex.candidate.upstream]
+    # a turn without tools skipped the tool step: its history still names tools the way they went
+    # upstream (and were kept) in the turns that declared them; a pass tenant's history that carries
+    # all its reasoning is left as the client sent it
+    sent = {i: client_reasoning(messages[i]) for i in turns}
+    looks_up = policy.mode != "pass" or None in sent.values()
+    aliased = looks_up and "tools" not in ex.body and alias_history(messages, {})
+    result = await restore_history(
+        store,
+        tenant.name,
+        policy.mode,
+        messages,
+        upstream.reasoning_field,
+        required=requires_reasoning(upstream),
+        reject=policy.when_missing == "reject",
+        turns=turns,
+        sent=sent,
+    )
+    if result.missing is not None:
+        shown = None if policy.mode == "strip" else policy.field
+        raise missing_reasoning(result.missing, ex.model, ex.candidate.label, shown)
+    result.changed = result.changed or aliased
+    return result
 
 
 async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
@@ -115,17 +105,31 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
     full_capture = tenant.capture.mode == "full"
     config = getattr(upstream, "config", None)
     think_in_content = bool(config is not None and config.think_in_content)
+    store = ReasoningStore(rt.kv) if policy.keep_for_tool_loops else None
+    # the common case costs one substring search over the request bytes
+    other = OTHER_FIELD.get(up_field)
+    renamed = other is not None and other in ex.raw and _rename_sent(messages, up_field)
+    restored = await _restore(rt, ex, messages, store)
+    if renamed or restored.changed:
+        _reencode(ex)
+
+    def recorder(turn: Turn, collect_reasoning: bool = False) -> TurnRecorder:
+        return TurnRecorder(
+            turn,
+            collect_reasoning=collect_reasoning,
+            store=store,
+            tenant=tenant.name,
+            prefix=restored.prefix,
+            skeleton=restored.skeleton,
+            history=list(messages),  # as it goes upstream, before shaping may append to it
+            ttl_s=policy.store_ttl_s,
+            max_bytes=policy.store_max_bytes,
+        )
+
+    turn = Turn()
     if policy.mode == "pass":
-        # the common case costs one substring search over the request bytes
-        other = OTHER_FIELD.get(up_field)
-        changed = other is not None and other in ex.raw and _rename_sent(messages, up_field)
-        if changed:
-            _reencode(ex)
         # a parserless vLLM's reasoning moves out of the content into the tenant's field
         shows = policy.field != up_field or think_in_content
-        if not shows and not full_capture:
-            return
-        turn = Turn()
         if shows:
             add_transform(
                 ex.transforms,
@@ -138,16 +142,10 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
                     starts_thinking=think_in_content,
                 ),
             )
-        add_transform(ex.transforms, TurnRecorder(turn, collect_reasoning=not shows))
+        # without tools (and so without the tool step's transforms) the answer calls none: relay it
+        if shows or full_capture or (store is not None and ex.transforms):
+            add_transform(ex.transforms, recorder(turn, collect_reasoning=not shows))
         return
-    store = ReasoningStore(rt.kv) if policy.keep_for_tool_loops else None
-    # a turn without tools skipped the tool step: its history still names tools the way they went
-    # upstream (and were kept) in the turns that declared them
-    aliased = "tools" not in ex.body and alias_history(messages, {})
-    prefixes = prefix_digests(messages) if store is not None else [b""]
-    if await _restore(store, tenant.name, messages, up_field, prefixes) or aliased:
-        _reencode(ex)
-    turn = Turn()
     add_transform(
         ex.transforms,
         ReasoningTransform(
@@ -160,22 +158,14 @@ async def prepare_reasoning(rt: Runtime, ex: Exchange) -> None:
             starts_thinking=think_in_content,
         ),
     )
-    add_transform(
-        ex.transforms,
-        TurnRecorder(
-            turn,
-            store=store,
-            tenant=tenant.name,
-            prefix=prefixes[-1],
-            ttl_s=policy.store_ttl_s,
-            max_bytes=policy.store_max_bytes,
-        ),
-    )
+    add_transform(ex.transforms, recorder(turn))
 
 
 def _reencode(ex: Exchange) -> None:
-    ex.raw = orjson.dumps(ex.body)  # the reservation bounds the prompt from these bytes
-    ex.dirty = True
+    """The body's bytes again: the reservation bounds the prompt from them, and they are what goes
+    upstream unless a later step changes the body again (which sets ``dirty`` once more)."""
+    ex.raw = orjson.dumps(ex.body)
+    ex.dirty = False
 
 
 def recorder_of(ex: Exchange) -> TurnRecorder | None:

@@ -1,6 +1,8 @@
-"""The last response transform of a strip/redact (or fully captured) request: it assembles the answer
-as the client receives it (content, tool calls per index, finish reasons) and, once the answer is
-complete, keeps the original reasoning of every choice that called tools (see ``store.py``)."""
+"""The record stage of a request's response transforms: it assembles the answer as the client
+receives it (content, tool calls per index, finish reasons) and, once the answer is complete, keeps
+the original reasoning of every choice that called tools (see ``store.py``), in every reasoning
+mode. The conversation's fingerprints are computed only then, and only when a choice called tools:
+most answers need none, so most requests hash nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import logging
 from typing import Any, ClassVar
 
 from gateway.reasoning.modes import FIELDS, Turn
-from gateway.reasoning.store import ReasoningStore, remember_soon, turn_key
+from gateway.reasoning.store import ReasoningStore, calls_bytes, calls_key, remember_soon, tail_digests, turn_key
 from gateway.transforms.base import Chunk
 from gateway.transforms.order import RECORD
 
@@ -25,7 +27,9 @@ class TurnRecorder:
         collect_reasoning: bool = False,
         store: ReasoningStore | None = None,
         tenant: str = "",
-        prefix: bytes = b"",
+        prefix: bytes | None = None,
+        skeleton: bytes | None = None,
+        history: list[Any] | None = None,
         ttl_s: float = 0,
         max_bytes: int = 0,
     ) -> None:
@@ -33,7 +37,11 @@ class TurnRecorder:
         self.collect_reasoning = collect_reasoning  # no reasoning transform runs before this one
         self.store = store
         self.tenant = tenant
+        # the fingerprints of the request's conversation (see store.py), or the conversation (as the
+        # upstream got it, before shaping appended anything) to compute them from when needed
         self.prefix = prefix
+        self.skeleton = skeleton
+        self.history = history if history is not None else []
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.complete = False
@@ -103,13 +111,20 @@ class TurnRecorder:
                 self.skipped += 1
                 log.warning(
                     "tenant %s: reasoning of a tool-call turn is %d bytes, over store_max_bytes (%d); not kept, "
-                    "the next turn gets the placeholder",
+                    "the next turn falls back to when_missing",
                     self.tenant,
                     size,
                     self.max_bytes,
                 )
                 continue
-            entries.append((turn_key(self.tenant, self.prefix, calls), reasoning))
+            if self.prefix is None or self.skeleton is None:
+                prefix, skeleton = tail_digests(self.history)
+                self.prefix = prefix if self.prefix is None else self.prefix
+                self.skeleton = skeleton if self.skeleton is None else self.skeleton
+            encoded = calls_bytes(calls)
+            key = turn_key(self.tenant, self.prefix, encoded)
+            entries.append((key, reasoning))
+            entries.append((calls_key(self.tenant, self.skeleton, encoded), key))
         if entries:
             remember_soon(self.store, entries, self.ttl_s)
 

@@ -219,7 +219,8 @@ def _check_moonshot_history(messages: list[dict[str, Any]], thinking: bool) -> N
             continue
         if not isinstance(calls, list):
             raise _bad(f"Invalid request: messages[{i}].tool_calls must be an array")
-        if thinking and not isinstance(msg.get("reasoning_content"), str):
+        reasoning = msg.get("reasoning_content")
+        if thinking and (not isinstance(reasoning, str) or not reasoning):  # "" is refused too, " " passes
             raise _bad(
                 f"thinking is enabled but reasoning_content is missing in assistant tool call message at index {i}"
             )

@@ -95,6 +95,17 @@ class KeyValueState(ABC):
     async def delete(self, key: str) -> None:
         """Forget a key (no-op when absent)."""
 
+    async def put_if_absent(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        """Store ``value`` unless the key holds one; the value the key holds afterwards, so that
+        every process agrees on the first one written (None when the state did not answer). In one
+        event loop this default is atomic (memory never suspends between the two calls); shared
+        backends override it."""
+        old = await self.get(key)
+        if old is not None:
+            return old
+        await self.put(key, value, ttl_s)
+        return value
+
     async def close(self) -> None:  # noqa: B027 - memory has nothing to close
         """Release connections."""
 

@@ -364,3 +364,9 @@ class RedisKeyValueState(KeyValueState):
 
     async def delete(self, key: str) -> None:
         await self._call("DEL", self._prefix + key)
+
+    async def put_if_absent(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        ms = min(self._max_ttl_ms, max(1, int(ttl_s * 1000)))
+        await self._call("SET", self._prefix + key, value, "NX", "PX", ms)
+        current = await self._call("GET", self._prefix + key)  # ours, or the one another process set first
+        return current if isinstance(current, bytes) else None

@@ -12,8 +12,11 @@ rather than by which step happens to run first:
    must see the final calls (ids minted by the repair) under the names the upstream saw, because the
    next request's history is keyed after its names have been aliased again.
 5. ``CLIENT_NAMES``: tool-name aliases back to the client's names.
-6. ``LEGACY``: ``tool_calls`` → ``function_call`` for clients that sent ``functions``. Last: the
+6. ``LEGACY``: ``tool_calls`` → ``function_call`` for clients that sent ``functions``: the
    client's shape, after everything else has read the calls.
+7. ``ENVELOPE``: the client-facing envelope (the virtual model name, OpenAI's usage shape, no empty
+   placeholders; ``gateway/transforms/envelope.py``). Last, so it also sees what the others emitted
+   and the chunks they synthesized.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from bisect import insort
 from typing import Any
 
-MARKERS, REPAIR, REASONING, RECORD, CLIENT_NAMES, LEGACY = 10, 20, 30, 40, 50, 60
+MARKERS, REPAIR, REASONING, RECORD, CLIENT_NAMES, LEGACY, ENVELOPE = 10, 20, 30, 40, 50, 60, 70
 
 
 def stage_of(transform: Any) -> int:

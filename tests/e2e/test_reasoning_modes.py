@@ -194,18 +194,24 @@ def test_strip_tool_loop_on_vllm_restores_reasoning_in_its_field(
     run_tool_loop(gateway, vllm_sims["vllm"], KEY_STRIP, "k2-vllm", stream, "reasoning", turns=5)
 
 
-def test_moonshot_profile_rejects_a_tool_loop_without_reasoning(gateway: Process, sim: Process) -> None:
-    """What the store prevents: a pass tenant whose client drops the reasoning gets K2's 400."""
-    c = client(gateway, KEY_PASS)
-    messages: list[Any] = [
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "get_weather:0", "content": "sunny"},
-    ]  # fmt: skip
-    with pytest.raises(openai.BadRequestError) as info:
-        c.chat.completions.create(model="k2", messages=messages, tools=TOOLS)
-    assert "reasoning_content is missing in assistant tool call message at index 1" in str(info.value)
+def test_moonshot_profile_rejects_a_tool_loop_without_reasoning(sim: Process) -> None:
+    """What the gateway's restore prevents (tests/e2e/test_agent_frameworks.py): straight to the
+    simulator, a tool-call turn without reasoning, or with an empty one, gets K2's 400; the
+    placeholder " " passes."""
+    c = OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    for reasoning in (None, ""):
+        extra = {} if reasoning is None else {"reasoning_content": reasoning}
+        messages: list[Any] = [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", **extra, "tool_calls": [
+                {"id": "get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "get_weather:0", "content": "sunny"},
+        ]  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=TOOLS)
+        assert "reasoning_content is missing in assistant tool call message at index 1" in str(info.value)
+    messages[1]["reasoning_content"] = " "
+    assert c.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=TOOLS).choices
 
 
 def test_strip_unknown_turn_falls_back_to_the_placeholder_and_counts_it(gateway: Process, sim: Process) -> None:

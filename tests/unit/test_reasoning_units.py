@@ -418,7 +418,9 @@ TOOL_LOOP = [
 def test_pass_tenant_reading_the_upstream_field_gets_no_transform_and_untouched_bytes() -> None:
     from gateway.reasoning.inbound import prepare_reasoning
 
-    ex = exchange({}, {"model": "m", "messages": [dict(m) for m in TOOL_LOOP]})
+    echoed = [dict(m) for m in TOOL_LOOP]
+    echoed[1]["reasoning_content"] = "its own"  # a client that sends it back is never overridden
+    ex = exchange({}, {"model": "m", "messages": echoed})
     raw = ex.raw
     asyncio.run(prepare_reasoning(runtime(), ex))
     assert ex.transforms == [] and ex.raw is raw and not ex.dirty
@@ -434,7 +436,7 @@ def test_strip_without_keeping_sends_the_placeholder_and_stores_nothing() -> Non
 
     async def go() -> None:
         await prepare_reasoning(rt, ex)
-        assert ex.body["messages"][1]["reasoning_content"] == " " and ex.dirty
+        assert ex.body["messages"][1]["reasoning_content"] == " " and ex.raw == orjson.dumps(ex.body)
         calls = TOOL_LOOP[1]["tool_calls"]
         message = {"role": "assistant", "reasoning_content": "plan", "content": "", "tool_calls": calls}
         answer = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]}
