@@ -39,6 +39,7 @@ from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
 from gateway.tools.inbound import prepare_tools
 from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
+from gateway.transforms.envelope import add_envelope, body_envelope, stream_envelope
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
 from gateway.upstreams.shaping import shape
@@ -269,6 +270,7 @@ async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first:
     m.outcome, m.reached_upstream, m.estimate_reason = "ok", False, None
     prepare_tools(ex, rt.upstreams[candidate.upstream])  # dialects in; tool-call repair out
     await prepare_reasoning(rt, ex)  # reasoning back into tool-call turns, in this upstream's field
+    add_envelope(ex.transforms, ex.model, ex.tenant.envelope)  # last: the client-facing envelope
     rules = rt.router.traits_of(candidate.upstream).shaping.get(candidate.model)
     if rules is not None and shape(ex.body, rules, ex.tenant.default_max_tokens):
         ex.dirty = True
@@ -349,9 +351,18 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
         await rt.meter.settle(m)
         capture_exchange(rt, ex)
-        if ex.rate is not None:
-            used = m.usage.prompt_tokens + m.usage.completion_tokens if m.usage is not None else 0
-            await rt.limits.correct(ex.rate, used)
+        await _correct_rate(rt, ex)
+
+
+async def _correct_rate(rt: Runtime, ex: Exchange) -> None:
+    """Replace the admitted token bound by the tokens used, once. The relays call it before the
+    answer's last bytes, so that a client's next request (sent the moment this one ends) is admitted
+    against the corrected count; the pipeline's ``finally`` calls it for requests that ended otherwise."""
+    if ex.rate is None:
+        return
+    admission, ex.rate = ex.rate, None
+    usage = ex.metered.usage
+    await rt.limits.correct(admission, usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
 
 
 async def _relay_whole(
@@ -379,12 +390,15 @@ async def _relay_whole(
         m.estimate_reason = "the upstream reported no usage"
     if ex.transforms:
         payload = apply_whole(ex.transforms, payload)
+    elif (envelope := body_envelope(ex.model, ex.tenant.envelope)) is not None:
+        payload = envelope.whole(payload)
     ex.status = m.status = 200
     m.ttft_ms = (time.perf_counter() - ex.started) * 1000
     cost = await rt.meter.compute(m)
     headers = _response_headers(ex)
     headers.append((b"x-gateway-cost-usd", usd_text(cost.nanos).encode()))  # exact to the nanodollar
     watch.finish()
+    await _correct_rate(rt, ex)
     await send_bytes(send, 200, payload, headers)
     _observe(ex)
 
@@ -423,12 +437,16 @@ async def _relay_stream(
     relay = SSERelay()
     tap = m.tap = StreamTap(client_wants_usage)
     chain = StreamChain(ex.transforms) if ex.transforms else None
+    # relayed as bytes: the envelope edits only the bytes that need it
+    envelope = stream_envelope(ex.model, ex.body, ex.tenant.envelope) if chain is None else None
     first_byte_at: float | None = None
 
     async def emit(out: bytes) -> None:
         nonlocal first_byte_at
         if chain is not None and not (out := chain.feed(out)):
             return
+        if envelope is not None:
+            out = envelope.feed(out)
         if first_byte_at is None:
             first_byte_at = time.perf_counter()
             m.ttft_ms = (first_byte_at - ex.started) * 1000
@@ -446,6 +464,8 @@ async def _relay_stream(
         tail = tap.process(relay.finish())
         if chain is not None:
             tail = chain.feed(tail) + chain.finish()
+        elif envelope is not None:
+            tail = envelope.feed(tail)
         if not relay.saw_done:
             m.outcome = "cut"
     except UpstreamFailure as failure:
@@ -466,5 +486,6 @@ async def _relay_stream(
         )
     ex.upstream_time = time.perf_counter() - sent_at
     watch.finish()
+    await _correct_rate(rt, ex)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     _observe(ex, first_byte_at)
