@@ -5,7 +5,10 @@ The Messages request is translated into a chat/completions body and served by th
 upstreams stay chat/completions. A ``send`` wrapper turns the pipeline's answer into Anthropic's
 message or SSE event sequence, and every error into Anthropic's shape
 ``{"type": "error", "error": {"type", "message"}}`` with the same status. Keys come as
-``x-api-key`` (Anthropic's SDK) or ``Authorization: Bearer``.
+``x-api-key`` (Anthropic's SDK) or ``Authorization: Bearer`` (Claude Code's
+``ANTHROPIC_AUTH_TOKEN``). The ``?beta=true`` query and the ``anthropic-beta`` and
+``anthropic-version`` headers are accepted and need nothing: the translation reads the body, and
+what it left out of the upstream request is named in ``x-gateway-ignored`` on the answer.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from gateway.errors import GatewayError
 from gateway.metering.tokens import count_prompt
 from gateway.observability import REQUESTS, UNKNOWN, log
 from gateway.pipeline import Runtime
-from gateway.translate.anthropic_request import to_chat_body
+from gateway.translate.anthropic_request import Translation, translate
 from gateway.translate.anthropic_response import AnthropicStream, error_body, to_message
 
 
@@ -54,13 +57,33 @@ async def send_anthropic_error(send: Send, error: GatewayError, headers: list[tu
 class AnthropicSend:
     """Wraps the ASGI ``send`` the pipeline writes chat/completions to; writes Anthropic instead."""
 
-    __slots__ = ("_body", "_headers", "_message_id", "_send", "_status", "_stream", "model", "stream")
+    __slots__ = (
+        "_body",
+        "_context",
+        "_display",
+        "_extra",
+        "_headers",
+        "_message_id",
+        "_send",
+        "_status",
+        "_stream",
+        "model",
+        "stream",
+    )
 
-    def __init__(self, send: Send, model: str, message_id: str, stream: bool) -> None:
+    def __init__(
+        self, send: Send, model: str, message_id: str, stream: bool, request: Translation | None = None
+    ) -> None:
         self._send = send
         self.model = model
         self.stream = stream
-        self._stream = AnthropicStream(model, message_id) if stream else None
+        self._display = request.display if request is not None else "summarized"
+        self._context = (
+            {"applied_edits": request.applied_edits} if request is not None and request.context_management else None
+        )
+        found = request.notes.header() if request is not None else None
+        self._extra = [found] if found is not None else []
+        self._stream = AnthropicStream(model, message_id, self._display, self._context) if stream else None
         self._status = 200
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
@@ -70,8 +93,9 @@ class AnthropicSend:
         if message["type"] == "http.response.start":
             self._status = message["status"]
             self._headers = [h for h in message.get("headers", []) if h[0] not in (b"content-length", b"content-type")]
+            self._headers += self._extra
             if self._stream is not None:
-                await self._send(message)
+                await self._send({**message, "headers": [*message.get("headers", []), *self._extra]})
             return
         if message["type"] != "http.response.body":
             await self._send(message)
@@ -106,7 +130,7 @@ class AnthropicSend:
         if self._status >= 400 or not isinstance(parsed, dict):
             message = parsed.get("error", {}).get("message") if isinstance(parsed, dict) else None
             return orjson.dumps(error_body(self._status, str(message or payload[:500].decode("utf-8", "replace"))))
-        return orjson.dumps(to_message(parsed, self.model, self._message_id))
+        return orjson.dumps(to_message(parsed, self.model, self._message_id, self._display, self._context))
 
 
 def api_key(headers: dict[bytes, bytes]) -> str | None:
@@ -116,7 +140,7 @@ def api_key(headers: dict[bytes, bytes]) -> str | None:
     return bearer_token(headers.get(b"authorization"))
 
 
-def parse_messages_body(raw: bytes, *, counting: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def parse_messages_body(raw: bytes, *, counting: bool = False) -> tuple[dict[str, Any], Translation]:
     """(the Anthropic request, its chat/completions translation), or a 400."""
     if not raw:
         raise errors.invalid_request("The request body is empty; send a JSON object.", code="invalid_json")
@@ -124,7 +148,7 @@ def parse_messages_body(raw: bytes, *, counting: bool = False) -> tuple[dict[str
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise errors.invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
-    return body, to_chat_body(body, counting=counting)
+    return body, translate(body, counting=counting)
 
 
 async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,10 +162,11 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
         tenant_name = entry.tenant.name
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
-        original, body = parse_messages_body(raw)
-        ex = open_exchange(request_id, entry, body, orjson.dumps(body), headers, started)
+        original, request = parse_messages_body(raw)
+        body = request.body
+        ex = open_exchange(request_id, entry, body, orjson.dumps(body), headers, started, endpoint="messages")
         model = ex.model
-        out = AnthropicSend(send, original["model"], "msg_" + request_id, ex.stream)
+        out = AnthropicSend(send, original["model"], "msg_" + request_id, ex.stream, request)
         await run_until_disconnect(rt, ex, out, receive)
     except GatewayError as error:
         REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
@@ -164,7 +189,8 @@ async def count_tokens(rt: Runtime, limit: int, scope: Scope, receive: Receive, 
         entry = authenticate(rt.policies, api_key(headers))
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
-        _, body = parse_messages_body(raw, counting=True)
+        _, request = parse_messages_body(raw, counting=True)
+        body = request.body
         if body["model"] not in entry.tenant.routes:
             raise errors.model_not_found(body["model"])
         tokens = await asyncio.to_thread(count_prompt, body)

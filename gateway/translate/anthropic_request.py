@@ -1,200 +1,137 @@
 """An Anthropic Messages request → a chat/completions body (protocols.md §6.4).
 
-``system`` becomes the first message; ``tool_use`` blocks become ``tool_calls`` (input serialized),
-``tool_result`` blocks become ``role: tool`` messages in order; assistant ``thinking`` blocks go out
-as ``reasoning_content``, because K2 refuses a tool-call turn whose reasoning is missing (§2.1);
-``tool_choice`` maps to OpenAI's; tools keep Anthropic's ``{name, description, input_schema}``,
-which the tool step (``gateway/tools/schemas.py``) validates and turns into OpenAI tools. Mistakes
-are 400s (the front end gives them Anthropic's error shape).
+``system`` becomes the first message (with any leading ``role: "system"`` messages), without the
+``x-anthropic-billing-header:`` text block Claude Code puts first: it is attribution for Anthropic's
+billing, not instructions, and it names the previous message id, so sent upstream it would change
+the first bytes of every turn's prompt and no turn would hit the provider's prefix cache. The messages,
+tools and controls are translated by ``anthropic_blocks``, ``anthropic_tools`` and
+``anthropic_controls``. ``tool_choice`` maps to OpenAI's, ``metadata.user_id`` to ``user`` (see
+:func:`end_user`),
+``output_config.format`` (a JSON schema) to ``response_format``.
+
+The rule for the rest of the body: a field the gateway translates is translated; hints that mean
+nothing to a chat/completions upstream (``cache_control``, ``service_tier``, ``inference_geo``,
+``speed``, ``context_hint``, the rest of ``metadata``) are accepted silently; any other field —
+one of a later API version, ``top_k``, ``mcp_servers``, ``container`` — is accepted, not sent
+upstream, and named in the ``x-gateway-ignored`` response header. Mistakes in what the gateway
+translates are 400s (the front end gives them Anthropic's error shape).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from gateway.errors import invalid_request
+from gateway.translate.anthropic_blocks import Conversation
+from gateway.translate.anthropic_controls import context_edits, effort_of, thinking_controls
+from gateway.translate.anthropic_tools import ToolSet, tool_choice
+from gateway.translate.anthropic_util import Notes, kind_of
 
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
+TRANSLATED = frozenset(
+    (
+        "model",
+        "messages",
+        "system",
+        "max_tokens",
+        "stream",
+        "temperature",
+        "top_p",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "thinking",
+        "output_config",
+        "context_management",
     )
+)
+HINTS = frozenset(("cache_control", "service_tier", "inference_geo", "speed", "context_hint"))
+OUTPUT_CONFIG_KEYS = frozenset(("effort", "format"))
+BILLING = "x-anthropic-billing-header:"
 
 
-def _text_of(blocks: Any, where: str) -> str:
-    """A string, or the text of a list of text blocks (what system prompts and tool results carry)."""
-    if isinstance(blocks, str):
-        return blocks
-    if not isinstance(blocks, list):
-        raise invalid_request(f"{where} must be a string or an array of content blocks, got {_kind(blocks)}.")
-    parts = []
-    for j, block in enumerate(blocks):
-        if not isinstance(block, dict):
-            raise invalid_request(f"{where}.{j} must be an object, got {_kind(block)}.")
-        if block.get("type") == "text":
-            text = block.get("text")
-            if not isinstance(text, str):
-                raise invalid_request(f"{where}.{j}.text must be a string.")
-            parts.append(text)
-        elif block.get("type") != "image":  # images in tool results: text-only upstreams cannot take them
-            raise invalid_request(f"{where}.{j}.type {block.get('type')!r} is not supported here; expected 'text'.")
-    return "\n".join(parts)
+@dataclass(slots=True)
+class Translation:
+    """The chat/completions body and what the answer needs to know about the request."""
+
+    body: dict[str, Any]
+    notes: Notes
+    display: str = "summarized"  # thinking blocks: summarized (K2's text), omitted (empty) or hidden
+    applied_edits: list[dict[str, Any]] = field(default_factory=list)
+    context_management: bool = False  # the request asked for edits: the answer reports them
 
 
-def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
-    source = block.get("source")
-    if isinstance(source, dict) and source.get("type") == "base64":
-        url = f"data:{source.get('media_type')};base64,{source.get('data')}"
-    elif isinstance(source, dict) and source.get("type") == "url" and isinstance(source.get("url"), str):
-        url = source["url"]
-    else:
-        raise invalid_request(f"{where}.source must be a base64 or url image source.")
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def _user(content: list[Any], where: str, out: list[dict[str, Any]]) -> None:
-    parts: list[dict[str, Any]] = []
-    for j, block in enumerate(content):
-        at = f"{where}.content.{j}"
-        if not isinstance(block, dict):
-            raise invalid_request(f"{at} must be an object, got {_kind(block)}.")
-        kind = block.get("type")
-        if kind == "tool_result":
-            call_id = block.get("tool_use_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise invalid_request(f"{at}.tool_use_id: Field required.")
-            out.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(block.get("content", ""), at)})
-        elif kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise invalid_request(f"{at}.text must be a string.")
-            parts.append({"type": "text", "text": block["text"]})
-        elif kind == "image":
-            parts.append(_image_part(block, at))
-        else:
-            raise invalid_request(f"{at}.type {kind!r} is not supported in a user message.")
-    if not parts:
-        return
-    if all(p["type"] == "text" for p in parts):
-        out.append({"role": "user", "content": "\n".join(p["text"] for p in parts)})
-    else:
-        out.append({"role": "user", "content": parts})
-
-
-def _assistant(content: list[Any], where: str) -> dict[str, Any]:
-    texts: list[str] = []
-    thinking: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for j, block in enumerate(content):
-        at = f"{where}.content.{j}"
-        if not isinstance(block, dict):
-            raise invalid_request(f"{at} must be an object, got {_kind(block)}.")
-        kind = block.get("type")
-        if kind == "text":
-            texts.append(str(block.get("text", "")))
-        elif kind == "thinking":
-            thinking.append(str(block.get("thinking", "")))
-        elif kind == "redacted_thinking":
-            continue
-        elif kind == "tool_use":
-            call_id, name = block.get("id"), block.get("name")
-            if not isinstance(call_id, str) or not isinstance(name, str):
-                raise invalid_request(f"{at}: a tool_use block needs a string id and name.")
-            arguments = orjson.dumps(block.get("input") or {}).decode()
-            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
-        else:
-            raise invalid_request(f"{at}.type {kind!r} is not supported in an assistant message.")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
-def _messages(messages: Any) -> list[dict[str, Any]]:
-    if messages is None:
-        raise invalid_request("messages: Field required.", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid_request("messages: must be a non-empty array.", param="messages")
-    out: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        where = f"messages.{i}"
-        if not isinstance(message, dict):
-            raise invalid_request(f"{where} must be an object, got {_kind(message)}.")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("user", "assistant"):
-            raise invalid_request(f"{where}.role must be 'user' or 'assistant', got {role!r}.")
-        if isinstance(content, str):
-            out.append({"role": role, "content": content})
-            continue
-        if not isinstance(content, list):
-            raise invalid_request(f"{where}.content must be a string or an array, got {_kind(content)}.")
-        if role == "user":
-            _user(content, where, out)
-        else:
-            out.append(_assistant(content, where))
-    return out
-
-
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise invalid_request(f"tools must be an array, got {_kind(tools)}.", param="tools")
-    out = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise invalid_request(f"tools.{i} must be an object, got {_kind(tool)}.")
-        if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
+def _output_config(config: Any, notes: Notes, out: dict[str, Any]) -> str | None:
+    """The effort it asks for; ``format`` becomes ``response_format``."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise invalid_request(f"output_config must be an object, got {kind_of(config)}.", param="output_config")
+    for key in config:
+        if key not in OUTPUT_CONFIG_KEYS and config[key] is not None:
+            notes.ignore(f"output_config.{key}")
+    fmt = config.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
             raise invalid_request(
-                f"tools.{i}: only custom tools ({{name, description, input_schema}}) are supported, "
-                f"not {tool.get('type') or 'a tool without input_schema'!r}.",
-                param=f"tools.{i}",
+                'output_config.format must be {"type": "json_schema", "schema": {...}}.', param="output_config.format"
             )
-        # kept in Anthropic's form: the tool step validates it and names input_schema in its errors
-        out.append({k: tool[k] for k in ("name", "description", "input_schema") if k in tool})
-    return out
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    effort = config.get("effort")
+    return None if effort is None else effort_of(effort, "output_config.effort")
 
 
-def _tool_choice(choice: Any) -> tuple[Any, bool]:
-    """OpenAI's tool_choice and whether parallel calls were disabled."""
-    if not isinstance(choice, dict):
-        raise invalid_request('tool_choice must be an object such as {"type": "auto"}.', param="tool_choice")
-    kind = choice.get("type")
-    serial = bool(choice.get("disable_parallel_tool_use"))
-    if kind == "auto":
-        return "auto", serial
-    if kind == "any":
-        return "required", serial
-    if kind == "none":
-        return "none", serial
-    if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}, serial
-    raise invalid_request(
-        "tool_choice.type must be 'auto', 'any', 'tool' (with a name) or 'none'.", param="tool_choice"
-    )
+def end_user(user_id: str) -> str:
+    """``metadata.user_id`` as the ledger's user. Claude Code 2.1 sends a JSON object with its
+    ``device_id``, ``account_uuid`` and ``session_id``: the account (else the device) is the user,
+    so one person's sessions add up in spend reports instead of each being a user of its own."""
+    if not user_id.startswith("{"):
+        return user_id
+    try:
+        found = orjson.loads(user_id)
+    except orjson.JSONDecodeError:
+        return user_id
+    if isinstance(found, dict):
+        for key in ("account_uuid", "device_id"):
+            if isinstance(found.get(key), str) and found[key]:
+                return str(found[key])
+    return user_id
 
 
-def to_chat_body(body: Any, *, counting: bool = False) -> dict[str, Any]:
-    """The chat/completions body for an Anthropic Messages request; raises 400s for bad input.
-
-    ``counting``: a ``count_tokens`` request, which carries no ``max_tokens``."""
-    if not isinstance(body, dict):
-        raise invalid_request(f"The request body must be a JSON object, got {_kind(body)}.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid_request("model: Field required (a non-empty string).", param="model")
+def _max_tokens(body: dict[str, Any], counting: bool) -> int:
     max_tokens = body.get("max_tokens", 1 if counting else None)
     if max_tokens is None:
         raise invalid_request("max_tokens: Field required.", param="max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise invalid_request("max_tokens: must be an integer >= 1.", param="max_tokens")
-    messages = _messages(body.get("messages"))
+    return max_tokens
+
+
+def translate(body: Any, *, counting: bool = False) -> Translation:
+    """The chat/completions translation of an Anthropic Messages request; raises 400s for bad input.
+
+    ``counting``: a ``count_tokens`` request, which carries no ``max_tokens``."""
+    if not isinstance(body, dict):
+        raise invalid_request(f"The request body must be a JSON object, got {kind_of(body)}.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid_request("model: Field required (a non-empty string).", param="model")
+    max_tokens = _max_tokens(body, counting)
+    notes = Notes()
+    tools = ToolSet(body.get("tools"), notes)
+    talk = Conversation(tools, notes)
+    talk.add(body.get("messages"))
+    messages = talk.out
     system = body.get("system")
-    if system is not None:
-        text = _text_of(system, "system")
-        if text:
-            messages.insert(0, {"role": "system", "content": text})
+    if isinstance(system, list):  # Claude Code's attribution line changes every turn: not prompt
+        system = [b for b in system if not (isinstance(b, dict) and str(b.get("text")).startswith(BILLING))]
+    texts = [talk.text_of(system, "system")] if system is not None else []
+    text = "\n\n".join(t for t in [*texts, *talk.system] if t)
+    if text:
+        messages.insert(0, {"role": "system", "content": text})
     out: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -210,13 +147,30 @@ def to_chat_body(body: Any, *, counting: bool = False) -> dict[str, Any]:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise invalid_request("stop_sequences: must be an array of strings.", param="stop_sequences")
         out["stop"] = stop
-    if body.get("tools"):
-        out["tools"] = _tools(body["tools"])
+    upstream_tools = tools.upstream()
+    if upstream_tools:
+        out["tools"] = upstream_tools
     if body.get("tool_choice") is not None:
-        out["tool_choice"], serial = _tool_choice(body["tool_choice"])
-        if serial:
-            out["parallel_tool_calls"] = False
+        choice, serial = tool_choice(body["tool_choice"])
+        if upstream_tools:  # a choice without tools (all deferred, say) is refused upstream
+            out["tool_choice"] = choice
+            if serial:
+                out["parallel_tool_calls"] = False
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        out["user"] = metadata["user_id"]
-    return out
+        out["user"] = end_user(metadata["user_id"])
+    effort = _output_config(body.get("output_config"), notes, out)
+    if talk.effort is not None:
+        effort = effort_of(talk.effort, "output_config.effort")
+    display = thinking_controls(body.get("thinking"), effort, out)
+    config = body.get("context_management")
+    applied = context_edits(config, messages, notes)
+    for key in body:
+        if key not in TRANSLATED and key not in HINTS:
+            notes.ignore(key)
+    return Translation(out, notes, display, applied, config is not None)
+
+
+def to_chat_body(body: Any, *, counting: bool = False) -> dict[str, Any]:
+    """Just the chat/completions body of :func:`translate`."""
+    return translate(body, counting=counting).body

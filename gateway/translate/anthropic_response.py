@@ -1,11 +1,15 @@
 """chat/completions answers → Anthropic Messages answers (protocols.md §6.4).
 
 Reasoning (``reasoning_content``, or vLLM's ``reasoning``) becomes a ``thinking`` block with an
-empty signature, text a ``text`` block, tool calls ``tool_use`` blocks with parsed input. Usage:
+empty signature: with an empty text too for ``display: "omitted"``, and none at all when the
+request turned thinking off (``display`` is what ``anthropic_controls.thinking_controls``
+decided). Text becomes a ``text`` block, tool calls ``tool_use`` blocks with parsed input. Usage:
 ``input_tokens`` = prompt - cached, ``cache_read_input_tokens`` = cached, ``output_tokens`` =
 completion. :class:`AnthropicStream` turns the chat/completions SSE the pipeline relays into
 Anthropic's event sequence (message_start, ping, content_block_start/delta/stop, message_delta with
-usage and stop_reason, message_stop); an error event stays an error event.
+usage and stop_reason, message_stop); an error event stays an error event. A request with
+``context_management`` gets the edits the gateway applied as ``context_management.applied_edits``
+(on the message, or on the stream's ``message_delta``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,13 @@ def tool_input(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def to_message(response: dict[str, Any], model: str, message_id: str) -> dict[str, Any]:
+def to_message(
+    response: dict[str, Any],
+    model: str,
+    message_id: str,
+    display: str = "summarized",
+    context_management: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A whole chat.completion → an Anthropic ``message``."""
     content: list[dict[str, Any]] = []
     finish = None
@@ -70,8 +80,9 @@ def to_message(response: dict[str, Any], model: str, message_id: str) -> dict[st
     found = choice.get("message")
     message: dict[str, Any] = found if isinstance(found, dict) else {}
     thinking = _reasoning(message)
-    if thinking:
-        content.append({"type": "thinking", "thinking": thinking, "signature": ""})
+    if thinking and display != "hidden":
+        shown = "" if display == "omitted" else thinking
+        content.append({"type": "thinking", "thinking": shown, "signature": ""})
     text = message.get("content")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
@@ -86,7 +97,7 @@ def to_message(response: dict[str, Any], model: str, message_id: str) -> dict[st
             }
         )
     finish = choice.get("finish_reason")
-    return {
+    out: dict[str, Any] = {
         "id": message_id,
         "type": "message",
         "role": "assistant",
@@ -96,6 +107,9 @@ def to_message(response: dict[str, Any], model: str, message_id: str) -> dict[st
         "stop_sequence": None,
         "usage": anthropic_usage(usage_of_response(response)),
     }
+    if context_management is not None:
+        out["context_management"] = context_management
+    return out
 
 
 def event(name: str, payload: dict[str, Any]) -> bytes:
@@ -127,9 +141,30 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 class AnthropicStream:
     """chat/completions SSE blocks in, Anthropic SSE bytes out (choice 0; Anthropic has no ``n``)."""
 
-    __slots__ = ("_block", "_done", "_id", "_index", "_model", "_rest", "_started", "_stop", "_tools", "_usage")
+    __slots__ = (
+        "_block",
+        "_context",
+        "_display",
+        "_done",
+        "_id",
+        "_index",
+        "_model",
+        "_rest",
+        "_started",
+        "_stop",
+        "_tools",
+        "_usage",
+    )
 
-    def __init__(self, model: str, message_id: str) -> None:
+    def __init__(
+        self,
+        model: str,
+        message_id: str,
+        display: str = "summarized",
+        context_management: dict[str, Any] | None = None,
+    ) -> None:
+        self._display = display
+        self._context = context_management
         self._model = model
         self._id = message_id
         self._started = False
@@ -227,10 +262,11 @@ class AnthropicStream:
         delta = choice.get("delta")
         if isinstance(delta, dict):
             thinking = _reasoning(delta)
-            if thinking:
+            if thinking and self._display != "hidden":
                 if self._block != "thinking":
                     self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
-                self._delta(self._index, {"type": "thinking_delta", "thinking": thinking}, out)
+                if self._display != "omitted":
+                    self._delta(self._index, {"type": "thinking_delta", "thinking": thinking}, out)
             text = delta.get("content")
             if isinstance(text, str) and text:
                 if self._block != "text":
@@ -267,7 +303,8 @@ class AnthropicStream:
         self._close_block(out)
         self._done = True
         delta = {"stop_reason": self._stop or "end_turn", "stop_sequence": None}
-        out.append(
-            event("message_delta", {"type": "message_delta", "delta": delta, "usage": anthropic_usage(self._usage)})
-        )
+        payload: dict[str, Any] = {"type": "message_delta", "delta": delta, "usage": anthropic_usage(self._usage)}
+        if self._context is not None:
+            payload["context_management"] = self._context
+        out.append(event("message_delta", payload))
         out.append(event("message_stop", {"type": "message_stop"}))
