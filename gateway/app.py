@@ -21,6 +21,8 @@ from gateway import errors
 from gateway.api import anthropic as anthropic_api
 from gateway.api import explain as explain_api
 from gateway.api import openai as openai_api
+from gateway.api import responses as responses_api
+from gateway.api import responses_items
 from gateway.api.http import Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.capture.store import capture_store_from_url
 from gateway.metering.budget import Budgets, seed_from_ledger
@@ -85,6 +87,12 @@ class GatewayApp:
         async def anthropic_count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
             await anthropic_api.count_tokens(rt, limit, scope, receive, send)
 
+        seal_secret = os.environ.get(config.settings.responses.seal_key_env) or None
+        self.responses = responses = responses_api.ResponsesService(rt, seal_secret)
+
+        async def responses_create(scope: Scope, receive: Receive, send: Send) -> None:
+            await responses_api.create(responses, limit, scope, receive, send)
+
         async def models(scope: Scope, receive: Receive, send: Send) -> None:
             await openai_api.list_models(rt, scope, send)
 
@@ -101,6 +109,7 @@ class GatewayApp:
             "/chat/completions": {"POST": chat},
             "/v1/messages": {"POST": anthropic_messages},
             "/v1/messages/count_tokens": {"POST": anthropic_count_tokens},
+            "/v1/responses": {"POST": responses_create},
             "/v1/route/explain": {"POST": explain},
             "/v1/models": {"GET": models},
             "/models": {"GET": models},
@@ -117,6 +126,10 @@ class GatewayApp:
             if methods is None and path.endswith("/") and len(path) > 1:
                 methods = self.routes.get(path.rstrip("/"))
             if methods is None:
+                stored = responses_items.split_path(path)  # /v1/responses/{id}...: looked at only on a miss
+                if stored is not None:
+                    await responses_items.handle(self.responses, scope, receive, send, *stored)
+                    return
                 await send_error(send, errors.not_found(path))
                 return
             handler = methods.get(scope["method"])

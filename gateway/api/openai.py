@@ -121,10 +121,16 @@ def parse_chat_body(raw: bytes) -> dict[str, Any]:
 
 
 def open_exchange(
-    request_id: str, entry: KeyEntry, body: dict[str, Any], raw: bytes, headers: dict[bytes, bytes], started: float
+    request_id: str,
+    entry: KeyEntry,
+    body: dict[str, Any],
+    raw: bytes,
+    headers: dict[bytes, bytes],
+    started: float,
+    endpoint: str = "chat/completions",
 ) -> Exchange:
-    """The exchange of one parsed request (either front end), metered under its tags and user; 404
-    when its tenant may not use the model."""
+    """The exchange of one parsed request (any front end; ``endpoint`` names the wire format the
+    client spoke), metered under its tags and user; 404 when its tenant may not use the model."""
     tags = parse_tags(headers.get(b"x-gateway-tags"))
     user = body.get("user")
     stream = bool(body.get("stream"))
@@ -139,6 +145,7 @@ def open_exchange(
         app=tags.get("app"),
         user=user if isinstance(user, str) else None,
         tags=tags,
+        endpoint=endpoint,
     )
     ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
     ex.stream = stream
