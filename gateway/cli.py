@@ -125,16 +125,21 @@ def simulate(
     profile: Annotated[str, typer.Option(help="Simulator profile.")] = "moonshot-standard",
     ttft_ms: Annotated[float | None, typer.Option(help="Override time to first token (ms).")] = None,
     tokens_per_s: Annotated[float | None, typer.Option(help="Override generation speed (0 = instant).")] = None,
+    tool_rounds: Annotated[
+        int | None, typer.Option(help="Tool-call rounds the model makes before answering in text.")
+    ] = None,
 ) -> None:
     """Run the upstream simulator as a real HTTP server (Moonshot or vLLM wire format)."""
     from gateway.simulator import profile_from
     from gateway.simulator import serve as serve_simulator
 
-    overrides: dict[str, float] = {}
+    overrides: dict[str, float | int] = {}
     if ttft_ms is not None:
         overrides["ttft_s"] = ttft_ms / 1000
     if tokens_per_s is not None:
         overrides["tokens_per_s"] = tokens_per_s
+    if tool_rounds is not None:
+        overrides["tool_rounds"] = tool_rounds
     try:
         chosen = profile_from(profile, **overrides)
     except ValueError as exc:
@@ -213,7 +218,7 @@ def spend_report(
     from_: Annotated[str | None, typer.Option("--from", help="Start: date, ISO time or unix seconds.")] = None,
     to: Annotated[str | None, typer.Option("--to", help="End (exclusive): date, ISO time or unix seconds.")] = None,
     group_by: Annotated[
-        str, typer.Option("--group-by", help="tenant,app,key,model,upstream,day,month")
+        str, typer.Option("--group-by", "--by", help="tenant,app,key,model,upstream,endpoint,day,month")
     ] = "tenant,model",
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
@@ -258,7 +263,8 @@ def spend_report(
     else:
         from rich.console import Console
 
-        Console().print(report.render_table(rows, groups, title="kimi-gateway spend"))
+        console = Console()
+        console.print(report.render_report(rows, groups, console=console, title="kimi-gateway spend"))
 
 
 @capture_app.command("show")

@@ -21,6 +21,10 @@ from gateway.routing.expected import Option
 from gateway.routing.router import remaining_fraction, slo_text
 
 
+def _usd(o: Option) -> str:
+    return f"${o.cost:.6f}" if o.cost is not None else "unpriced"
+
+
 def _option(o: Option, rank: int | None, reason: str) -> dict[str, Any]:
     return {
         "rank": rank,
@@ -33,14 +37,20 @@ def _option(o: Option, rank: int | None, reason: str) -> dict[str, Any]:
         "expected_cached_tokens": o.cached_tokens,
         "expected_prompt_tokens": o.prompt_tokens,
         "expected_output_tokens": o.output_tokens,
+        "held_prefix_tokens": o.held_tokens,
         "meets_slo": o.meets_slo,
         "reason": reason,
     }
 
 
-def _why(strategy: str, o: Option, first: Option) -> str:
+def _why(strategy: str, o: Option, first: Option, kept: bool) -> str:
     if o is first:
         return ""
+    if kept and o.held_tokens < first.held_tokens:
+        return (
+            f"{strategy}: holds less of this conversation's prefix ({o.held_tokens} tokens, expected "
+            f"{_usd(o)} this turn); the loop stays on {first.label}, which holds {first.held_tokens}"
+        )
     if strategy == "pinned":
         return f"pinned: position {o.index + 1} in the policy"
     if strategy == "cost":
@@ -78,7 +88,7 @@ async def route_explain(rt: Runtime, limit: int, scope: Scope, receive: Receive,
         await send_error(send, error)
         return
     ranked = [
-        _option(o, i + 1, plan.reason if i == 0 else _why(plan.strategy, o, plan.options[0]))
+        _option(o, i + 1, plan.reason if i == 0 else _why(plan.strategy, o, plan.options[0], plan.kept))
         for i, o in enumerate(plan.options)
     ]
     await send_json(
@@ -96,6 +106,8 @@ async def route_explain(rt: Runtime, limit: int, scope: Scope, receive: Receive,
             },
             "budget_remaining_fraction": fraction,
             "reason": plan.reason if plan.options else "no candidate can be tried",
+            "prefix_holder": plan.holder,
+            "kept_on_prefix_holder": plan.kept,
             "plan": ranked,
             "excluded": [_option(o, None, o.excluded) for o in plan.excluded],
         },

@@ -4,6 +4,10 @@ admin API share so both refuse bad input with the same precise message.
 Exports (CSV, JSON) carry money as full-precision strings (nine decimals, never a float and never an
 exponent) so a spreadsheet or a finance system sums exactly what the ledger holds; the rich table is
 for people and rounds to micro-dollars. Every report shows cache savings and ends with a totals row.
+
+The table is for a terminal, often 80 columns: :func:`render_report` prints the wide table when it
+fits and otherwise a narrower one (tokens stacked in one cell), then one block per group. Money
+columns never shrink: a cut-off amount is worse than no report.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from gateway.metering.ledger import GROUPS, METRICS
 from gateway.metering.money import fmt_usd, quantize_usd
@@ -99,7 +106,7 @@ def render_table(
     for g in groups:
         table.add_column(g)
     for m in METRICS:
-        table.add_column(HEADERS[m], justify="right")
+        table.add_column(HEADERS[m], justify="right", no_wrap=m in MONEY)
 
     def cells(row: dict[str, Any]) -> list[str]:
         return [f"{row[m]:,}" if m in COUNTS else fmt_usd(row[m], places) for m in METRICS]
@@ -110,6 +117,94 @@ def render_table(
     total_cells = [TOTAL_LABEL, *[""] * (len(groups) - 1)] if groups else []
     table.add_row(*total_cells, *cells(totals(rows)), style="bold")
     return table
+
+
+def _group_text(row: dict[str, Any], groups: Sequence[str]) -> str:
+    return " / ".join("(none)" if row[g] is None else str(row[g]) for g in groups)
+
+
+def render_narrow(
+    rows: Sequence[dict[str, Any]],
+    group_by: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    places: int = 6,
+    group_width: int | None = None,
+) -> Table:
+    """Five columns: the groups joined, requests, the token figures stacked in one cell, cost, savings.
+
+    ``group_width`` caps the first column (names wrap between names); by default it is as narrow as
+    the longest single name."""
+    groups = group_columns(rows, group_by)
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+    names = [_group_text(row, groups) for row in rows]
+    # wrapped between names, never inside one (unless a single name is wider than the terminal)
+    longest = max((len(word) for name in names for word in name.split(" ")), default=0)
+    narrowest = max(longest, len(TOTAL_LABEL))
+    width = max(group_width, narrowest) if group_width is not None else narrowest
+    table.add_column(" / ".join(groups) or "total", overflow="fold", min_width=narrowest, max_width=width)
+    table.add_column("requests", justify="right")
+    table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("cost (USD)", justify="right", no_wrap=True)
+    table.add_column("saved (USD)", justify="right", no_wrap=True)
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        requests = f"{row['requests']:,}"
+        if row["estimated_requests"]:
+            requests += f"\n{row['estimated_requests']:,} est."
+        tokens = (
+            f"{row['prompt_tokens']:,} in\n{row['cached_tokens']:,} cached\n"
+            f"{row['completion_tokens']:,} out\n{row['reasoning_tokens']:,} reasoning"
+        )
+        return [requests, tokens, fmt_usd(row["cost_usd"], places), fmt_usd(row["cache_savings_usd"], places)]
+
+    for row, name in zip(rows, names, strict=True):
+        table.add_row(name, *cells(row), end_section=True)
+    table.add_row(TOTAL_LABEL, *cells(totals(rows)), style="bold")
+    return table
+
+
+def render_blocks(
+    rows: Sequence[dict[str, Any]], group_by: Sequence[str] | None = None, *, title: str | None = None, places: int = 6
+) -> Group:
+    """One block of short lines per group, for the narrowest terminals (lines wrap between figures)."""
+    groups = group_columns(rows, group_by)
+    parts: list[RenderableType] = [Text(title, style="bold")] if title else []
+    for row, name in [*((r, _group_text(r, groups)) for r in rows), (totals(rows), TOTAL_LABEL)]:
+        estimated = f", {row['estimated_requests']:,} estimated" if row["estimated_requests"] else ""
+        parts.append(Text(name, style="bold", overflow="fold"))
+        parts.append(Text(f"  cost ${fmt_usd(row['cost_usd'], places)}"))
+        parts.append(Text(f"  saved ${fmt_usd(row['cache_savings_usd'], places)}"))
+        parts.append(Text(f"  {row['requests']:,} requests{estimated}"))
+        parts.append(Text(f"  {row['prompt_tokens']:,} prompt, {row['cached_tokens']:,} cached"))
+        parts.append(Text(f"  {row['completion_tokens']:,} completion, {row['reasoning_tokens']:,} reasoning"))
+    return Group(*parts)
+
+
+def _width(console: Console, renderable: RenderableType) -> int:
+    """Columns ``renderable`` needs to print without wrapping or cutting anything."""
+    options = console.options.update(width=10_000, max_width=10_000)
+    return console.measure(renderable, options=options).maximum
+
+
+def render_report(
+    rows: Sequence[dict[str, Any]],
+    group_by: Sequence[str] | None = None,
+    *,
+    console: Console,
+    title: str | None = None,
+    places: int = 6,
+) -> RenderableType:
+    """The widest layout that fits ``console``: the full table, the narrow table, or blocks."""
+    wide = render_table(rows, group_by, title=title, places=places)
+    if _width(console, wide) <= console.width:
+        return wide
+    narrowest = render_narrow(rows, group_by, title=title, places=places)
+    slack = console.width - _width(console, narrowest)
+    if slack >= 0:  # the group column takes what the figures leave
+        group_width = narrowest.columns[0].max_width or 0
+        return render_narrow(rows, group_by, title=title, places=places, group_width=group_width + slack)
+    return render_blocks(rows, group_by, title=title, places=places)
 
 
 def parse_group_by(text: str) -> list[str]:
@@ -176,4 +271,16 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-__all__ = ["group_columns", "parse_group_by", "parse_time", "render_table", "to_csv", "to_json", "totals", "usd_text"]
+__all__ = [
+    "group_columns",
+    "parse_group_by",
+    "parse_time",
+    "render_blocks",
+    "render_narrow",
+    "render_report",
+    "render_table",
+    "to_csv",
+    "to_json",
+    "totals",
+    "usd_text",
+]

@@ -8,6 +8,11 @@ lifetime. The next turn of a tool loop repeats that prompt and appends to it, so
 over its chain finds the longest prefix each upstream holds.
 
 Hashing is for routing only: the bytes forwarded upstream are never re-serialized for it.
+
+A request that names its conversation with ``prompt_cache_key`` (the Responses API's and OpenAI's
+field; Codex CLI sends its session id) is also remembered under ``affinity:<tenant>:key:<hash>``:
+that entry counts as the shortest prefix, so a conversation whose history changed (compacted,
+edited) still finds the upstream that served it last.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ BYTES_PER_TOKEN = 4
 class PrefixChain:
     hashes: tuple[str, ...]  # hex digests, one per element
     sizes: tuple[int, ...]  # cumulative canonical bytes up to each element
+    hint: str | None = None  # digest of the request's prompt_cache_key
 
 
 def prefix_chain(body: dict[str, Any]) -> PrefixChain:
@@ -47,11 +53,17 @@ def prefix_chain(body: dict[str, Any]) -> PrefixChain:
         digest = hashlib.blake2b(digest + data, digest_size=16).digest()
         hashes.append(digest.hex())
         sizes.append(total)
-    return PrefixChain(tuple(hashes), tuple(sizes))
+    key = body.get("prompt_cache_key")
+    hint = hashlib.blake2b(key.encode(), digest_size=16).hexdigest() if isinstance(key, str) and key else None
+    return PrefixChain(tuple(hashes), tuple(sizes), hint)
 
 
 def _key(tenant: str, digest: str) -> str:
     return f"affinity:{tenant}:{digest}"
+
+
+def _hint_key(tenant: str, digest: str) -> str:
+    return f"affinity:{tenant}:key:{digest}"
 
 
 async def held_prefixes(kv: KeyValueState, tenant: str, chain: PrefixChain, now: float) -> dict[str, int]:
@@ -59,9 +71,10 @@ async def held_prefixes(kv: KeyValueState, tenant: str, chain: PrefixChain, now:
     recently (still inside that provider's cache lifetime)."""
     if not chain.hashes:
         return {}
-    values = await kv.get_many([_key(tenant, h) for h in chain.hashes])
+    keys = [_key(tenant, h) for h in chain.hashes]
+    values = await kv.get_many(keys if chain.hint is None else [_hint_key(tenant, chain.hint), *keys])
     held: dict[str, int] = {}
-    for value in reversed(values):  # longest prefix first
+    for value in reversed(values):  # longest prefix first, the prompt_cache_key entry last
         if value is None:
             continue
         for label, (tokens, expires) in orjson.loads(value).items():
@@ -76,10 +89,13 @@ async def remember(
     """Record that ``label`` served this whole prompt (``prompt_tokens`` as it reported them)."""
     if not chain.hashes:
         return
-    key = _key(tenant, chain.hashes[-1])
-    old = await kv.get(key)
-    entries: dict[str, list[float]] = orjson.loads(old) if old else {}
-    entries = {k: v for k, v in entries.items() if v[1] > now}
-    entries[label] = [prompt_tokens, now + ttl_s]
-    longest = max(v[1] for v in entries.values()) - now
-    await kv.put(key, orjson.dumps(entries), longest)
+    keys = [_key(tenant, chain.hashes[-1])]
+    if chain.hint is not None:
+        keys.append(_hint_key(tenant, chain.hint))
+    for key in keys:
+        old = await kv.get(key)
+        entries: dict[str, list[float]] = orjson.loads(old) if old else {}
+        entries = {k: v for k, v in entries.items() if v[1] > now}
+        entries[label] = [prompt_tokens, now + ttl_s]
+        longest = max(v[1] for v in entries.values()) - now
+        await kv.put(key, orjson.dumps(entries), longest)

@@ -25,7 +25,7 @@ from gateway.routing.expected import Option, estimate
 from gateway.routing.metrics import BREAKER_OPENED
 from gateway.routing.priors import Speed, prior_of
 from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, RouteStats
-from gateway.routing.strategies import CHEAPNESS, STRATEGIES
+from gateway.routing.strategies import CHEAPNESS, STRATEGIES, prefix_holder, stay_with_prefix
 from gateway.state.base import KeyValueState
 from gateway.state.stats_exchange import StatsExchange
 
@@ -35,6 +35,8 @@ _WHY = {RETIRED: "404 for the model: retired"}
 
 # strategies that expect cache hits (cheaper input, shorter prefill), so need the prompt's prefix hashes
 _CACHE_AWARE = frozenset(("cost", "balanced", "latency"))
+# strategies that keep a tool loop on the candidate holding its prefix (strategies.stay_with_prefix)
+_STICKY = frozenset(("cost", "balanced"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,9 @@ class Plan:
     chain: affinity.PrefixChain | None = None
     estimated: bool = False
     failed: dict[str, str] = field(default_factory=dict)  # label -> failure kind, filled while trying
+    held: dict[str, int] = field(default_factory=dict)  # label -> prompt tokens of this prefix it served
+    holder: str | None = None  # the live candidate holding the conversation's longest prefix
+    kept: bool = False  # the holder was moved first, against the strategy's own order (affinity)
 
     def reason_for(self, option: Option) -> str:
         """The route reason of the option actually used (a failover names what failed before it, and how)."""
@@ -201,22 +206,45 @@ class Router:
             )
         if needs_estimates or strategy == "pinned":
             ranked, reason = STRATEGIES[strategy](live, lambda: slo_text(slo_ttft, slo_total))
+            if plan.held:
+                ranked, reason, note = self._affinity(plan, ranked, reason, note)
         else:  # one live candidate: nothing to compare
             ranked, reason = live, f"{strategy}: the only {'live ' if excluded else ''}candidate"
         plan.options = ranked
         skipped = f"; skipped {', '.join(o.label for o in excluded)}" if excluded else ""
         if excluded and any(o.excluded.startswith("dead") for o in excluded):
             skipped += " (404 for the model: retired)"
+        lost = [f"{o.label} ({plan.held[o.label]} tokens)" for o in excluded if o.label in plan.held]
+        if lost:
+            skipped += f"; the conversation's cached prefix at {', '.join(lost)} is lost"
         plan.reason = reason + note + skipped
         if last_resort:
             plan.reason += "; every candidate's circuit breaker is open: trying anyway"
         return plan
 
+    def _affinity(self, plan: Plan, ranked: list[Option], reason: str, note: str) -> tuple[list[Option], str, str]:
+        """Keep the loop on the candidate holding its prefix, unless a budget step (``note``) routes by
+        cost; returns the order, the reason and the budget note."""
+        holder = prefix_holder(ranked)
+        if holder is None:
+            return ranked, reason, note
+        plan.holder = holder.label
+        if plan.strategy not in _STICKY or holder is ranked[0]:
+            return ranked, reason, note
+        if note:
+            return ranked, reason, note + f"; moved off {holder.label}, which holds this conversation's prefix"
+
+        def slo() -> str:
+            return slo_text(plan.slo_ttft_ms, plan.slo_total_ms)
+
+        ranked, reason, plan.kept = stay_with_prefix(ranked, reason, plan.strategy, slo)
+        return ranked, reason, note
+
     async def _estimate(self, plan: Plan, tenant: Tenant, body: dict[str, Any], raw_len: int, cache: bool) -> None:
         held: dict[str, int] = {}
         if cache:
             plan.chain = affinity.prefix_chain(body)
-            held = await affinity.held_prefixes(self.kv, tenant.name, plan.chain, self.wall())
+            held = plan.held = await affinity.held_prefixes(self.kv, tenant.name, plan.chain, self.wall())
             prompt = max(plan.chain.sizes[-1] // affinity.BYTES_PER_TOKEN if plan.chain.sizes else 0, 1)
         else:
             prompt = max(raw_len // affinity.BYTES_PER_TOKEN, 1)

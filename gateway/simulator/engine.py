@@ -425,12 +425,14 @@ class Simulator:
             count = sim.tool_calls
         elif chat.forced_tool is not None:  # "required" or a named tool: at least one call
             count = 1 if chat.forced_tool else min(DEFAULT_TOOL_CALLS, len(tools))
-        elif chat.tool_choice == "none" or chat.messages[-1].get("role") != "user":
+        elif chat.tool_choice == "none" or not self._wants_tools(chat.messages):
             count = 0
         else:
             count = min(DEFAULT_TOOL_CALLS, len(tools))
         chosen = [t for t in tools if t["function"].get("name") == chat.forced_tool] if chat.forced_tool else tools
         prefix = "functions." if self._vllm else ""
+        # K2 numbers its calls across the conversation (functions.NAME:IDX), so ids stay unique per loop
+        start = sum(len(m.get("tool_calls") or ()) for m in chat.messages if m.get("role") == "assistant")
         calls = []
         for i in range(count):
             tool = chosen[i % len(chosen)]
@@ -447,7 +449,7 @@ class Simulator:
             arguments = orjson.dumps(args).decode()
             calls.append(
                 ToolCall(
-                    id=f"{prefix}{name}:{i}",
+                    id=f"{prefix}{name}:{start + i}",
                     name=name,
                     arguments=arguments,
                     type=kind,
@@ -455,6 +457,23 @@ class Simulator:
                 )
             )
         return calls
+
+    def _wants_tools(self, messages: list[dict[str, Any]]) -> bool:
+        """A user message last starts a round of tool calls; tool results last continue the loop
+        while fewer than the profile's ``tool_rounds`` rounds came back since the last user message."""
+        last = messages[-1].get("role")
+        if last == "user":
+            return True
+        if last != "tool":
+            return False
+        rounds = 0
+        for msg in reversed(messages):
+            role = msg.get("role")
+            if role == "user":
+                break
+            if role == "assistant" and msg.get("tool_calls"):
+                rounds += 1
+        return rounds < self.profile.tool_rounds
 
 
 def _fit(pieces: list[str], tokens: list[int], remaining: int) -> tuple[int, bool]:

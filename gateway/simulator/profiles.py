@@ -58,6 +58,10 @@ class Profile:
     api_keys: tuple[str, ...] = ()
     # KV-cache capacity used to derive vllm:kv_cache_usage_perc from the tokens of running requests
     kv_cache_tokens: int = 2_000_000
+    # how many tool-call rounds the model makes before it answers in text: 1 = call tools after a user
+    # message, answer after the tool results; 3 = keep calling tools until three rounds came back
+    # (agent loops of several steps, driven by frameworks that cannot send the per-request "sim" field)
+    tool_rounds: int = 1
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:  # accept lists from YAML/JSON configs, keep the dataclass hashable
@@ -75,7 +79,7 @@ class Profile:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"profile {self.name!r}: {name} must be an integer >= 0, got {value!r}")
-        for name in ("context_tokens", "cache_block_tokens", "kv_cache_tokens"):
+        for name in ("context_tokens", "cache_block_tokens", "kv_cache_tokens", "tool_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"profile {self.name!r}: {name} must be an integer >= 1, got {value!r}")
@@ -108,7 +112,9 @@ PROFILES: dict[str, Profile] = {
             tokens_per_s=50.0,
             models=VLLM_MODELS,
             max_concurrency=32,
+            # automatic prefix caching keeps every full KV block: no minimum beyond one block
             cache_block_tokens=16,
+            cache_min_tokens=16,
         ),
         # zero delays: the upstream of proxy benchmarks and of most tests
         Profile("instant", default_max_tokens=1024),

@@ -8,7 +8,10 @@ upstream uses:
   ``choices: []`` chunk follows, with top-level usage (both ``cached_tokens`` and
   ``prompt_tokens_details.cached_tokens``).
 * vLLM with parsers (§4.4, §4.6): ``reasoning``; usage only in the ``choices: []`` chunk and only when
-  asked for; cached tokens under ``prompt_tokens_details``.
+  asked for; cached tokens under ``prompt_tokens_details``; the reasoning parser's count of reasoning
+  tokens under ``completion_tokens_details.reasoning_tokens`` (current vLLM reports it when a
+  reasoning parser runs). Moonshot has no reasoning-token field: its reasoning is inside
+  ``completion_tokens`` and nowhere else.
 * vLLM without parsers (§4.3): everything in ``content``: reasoning, ``</think>``, then the answer or
   the raw K2 tool-call markers; finish_reason ``stop``; no ``tool_calls``.
 
@@ -57,6 +60,11 @@ class ChoicePlan:
     finish_reason: str = "stop"
     completion_tokens: int = 0
 
+    @property
+    def reasoning_count(self) -> int:
+        """Reasoning tokens generated (part of ``completion_tokens``)."""
+        return sum(self.reasoning_tokens)
+
 
 @dataclass(slots=True)
 class Plan:
@@ -74,17 +82,26 @@ class Plan:
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(c.reasoning_count for c in self.choices)
 
-def usage(plan: Plan, dialect: str, completion: int, *, both_cached_fields: bool = False) -> dict[str, Any]:
+
+def usage(
+    plan: Plan, dialect: str, completion: int, *, both_cached_fields: bool = False, parsers: bool = True
+) -> dict[str, Any]:
     """The usage object as the dialect reports it (prompt_tokens includes cached tokens in both)."""
     prompt, cached = plan.prompt_tokens, plan.cached_tokens
     if dialect == "vllm":
-        return {
+        reported: dict[str, Any] = {
             "prompt_tokens": prompt,
             "total_tokens": prompt + completion,
             "completion_tokens": completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        if parsers:  # counted by the reasoning parser; a server without one cannot tell
+            reported["completion_tokens_details"] = {"reasoning_tokens": plan.reasoning_tokens}
+        return reported
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -162,7 +179,7 @@ def render_body(plan: Plan, dialect: str, parsers: bool = True) -> bytes:
             "created": plan.created,
             "model": plan.model,
             "choices": choices,
-            "usage": usage(plan, dialect, plan.completion_tokens),
+            "usage": usage(plan, dialect, plan.completion_tokens, parsers=parsers),
         }
     )
 
@@ -253,7 +270,7 @@ def render_stream(plan: Plan, dialect: str, parsers: bool = True) -> tuple[list[
             )
         tokens.append(0)
     if plan.include_usage:
-        total = orjson.dumps(usage(plan, dialect, plan.completion_tokens, both_cached_fields=True))
+        total = orjson.dumps(usage(plan, dialect, plan.completion_tokens, both_cached_fields=True, parsers=parsers))
         events.append(head + b'],"usage":' + total + b"}\n\n")
         tokens.append(0)
     events.append(DONE_EVENT)

@@ -69,7 +69,9 @@ class SimulatedUpstream(Upstream):
         self.config = config
         self.reasoning_field = config.reasoning_field
         self.tool_call_markers = config.tool_call_markers
-        overrides: dict[str, float] = {}
+        overrides: dict[str, float | int] = {}
+        if config.tool_rounds is not None:
+            overrides["tool_rounds"] = config.tool_rounds
         if config.ttft_ms is not None:
             overrides["ttft_s"] = config.ttft_ms / 1000
         if config.tokens_per_s is not None:

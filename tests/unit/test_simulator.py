@@ -219,6 +219,24 @@ async def test_after_tool_results_the_model_answers_in_text() -> None:
 
 
 @pytest.mark.asyncio
+async def test_tool_rounds_keep_the_loop_going_with_ids_unique_across_rounds() -> None:
+    sim = Simulator(profile_from("instant", tool_rounds=3))
+    messages: list[dict[str, Any]] = [USER]
+    ids: list[str] = []
+    for _ in range(3):
+        answer = await body_of(sim.handle(req(tools=[WEATHER], messages=messages)))
+        message = answer["choices"][0]["message"]
+        assert answer["choices"][0]["finish_reason"] == "tool_calls"
+        messages.append(message)
+        for call in message["tool_calls"]:
+            ids.append(call["id"])
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": "ok"})
+    assert ids == ["get_weather:0", "get_weather:1", "get_weather:2"]
+    final = await body_of(sim.handle(req(tools=[WEATHER], messages=messages)))
+    assert final["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.asyncio
 async def test_sim_overrides_counts() -> None:
     sim = Simulator(INSTANT)
     none = await body_of(sim.handle(req(tools=[WEATHER, TIME], sim={"tool_calls": 0})))
