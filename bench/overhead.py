@@ -309,8 +309,16 @@ class Gateway:
 
 
 # ------------------------------------------------------------------------------------------- load tools
-def wrk(args: argparse.Namespace, port: int, mode: str, conc: int, duration: float) -> dict | None:
-    env = clean_env(WRK_BODY=str(args.bodies / f"{mode}.json"), WRK_KEY=KEY)
+def wrk(
+    args: argparse.Namespace,
+    port: int,
+    mode: str,
+    conc: int,
+    duration: float,
+    path: str = "/v1/chat/completions",
+    body: Path | None = None,
+) -> dict | None:
+    env = clean_env(WRK_BODY=str(body or args.bodies / f"{mode}.json"), WRK_KEY=KEY)
     duration = max(1, round(duration))  # wrk takes whole seconds
     argv = taskset(
         args.client_cpu,
@@ -324,7 +332,7 @@ def wrk(args: argparse.Namespace, port: int, mode: str, conc: int, duration: flo
             "--latency",
             "-s",
             str(HERE / "wrk_post.lua"),
-            f"http://127.0.0.1:{port}/v1/chat/completions",
+            f"http://127.0.0.1:{port}{path}",
         ],
     )
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
