@@ -10,96 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from gateway import errors
-from gateway.api.http import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
+from gateway.asgi import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
 from gateway.capture.record import capture_exchange
-from gateway.capture.store import CaptureStore
 from gateway.errors import GatewayError
-from gateway.metering.meter import Meter, Metered
+from gateway.exchange import Exchange, Runtime
 from gateway.metering.money import usd_text
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
 from gateway.metering.usage import usage_of_body, usage_of_response
-from gateway.observability import UNKNOWN, UPSTREAM_FAILURES, log, series
-from gateway.policy.store import Candidate, PolicySet, Tenant
-from gateway.ratelimit import Admission, RateLimiter
+from gateway.observability import UPSTREAM_FAILURES, log, series
+from gateway.policy.store import Candidate
 from gateway.reasoning.inbound import prepare_reasoning
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
-from gateway.routing.router import RETIRED, Plan, Router, remaining_fraction
-from gateway.state.base import KeyValueState
-from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
+from gateway.routing.router import RETIRED, Plan, remaining_fraction
 from gateway.tools.inbound import prepare_tools
-from gateway.transforms.base import ResponseTransform
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.transforms.envelope import add_envelope, body_envelope, stream_envelope
-from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
+from gateway.upstreams.base import UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
 from gateway.upstreams.shaping import shape
 from gateway.upstreams.sse import SSERelay
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What the pipeline knows about one request as it moves through the steps."""
-
-    request_id: str
-    tenant: Tenant
-    key_id: str
-    body: dict[str, Any]
-    raw: bytes
-    started: float
-    metered: Metered
-    stream: bool = False
-    model: str = UNKNOWN
-    candidate: Candidate | None = None
-    route_reason: str = ""
-    max_latency_ms: float | None = None  # x-gateway-max-latency-ms: tightens the route's SLO
-    status: int = 0
-    upstream_time: float = 0.0
-    dirty: bool = False  # the body was changed: serialize it again before sending
-    builtin_tools: bool = False  # the request declares provider builtins ($web_search): per-call fees
-    # response transforms for this request (reasoning modes, tool-call repair...); empty = byte relay
-    transforms: list[ResponseTransform] = field(default_factory=list)
-    rate: Admission | None = None  # the rate limits that admitted it (headers, token correction)
-    open_row: bool = False  # the ledger holds an open-reservation row for it (crash reconciliation)
-
-    @property
-    def upstream_label(self) -> str:
-        return self.candidate.label if self.candidate else UNKNOWN
-
-
-class Runtime:
-    """What the pipeline reads per request: policies (swapped whole on reload), upstreams, the meter."""
-
-    def __init__(
-        self,
-        policies: PolicySet,
-        upstreams: dict[str, Upstream],
-        meter: Meter,
-        kv: KeyValueState | None = None,
-        router: Router | None = None,
-        limits: RateLimiter | None = None,
-    ) -> None:
-        self.policies = policies
-        self.upstreams = upstreams
-        self.meter = meter
-        # shared small entries (prefix affinity, reasoning store, upstream stats): memory or Redis
-        self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
-        self.limits = limits if limits is not None else RateLimiter(MemoryRateLimitState())
-        # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
-        self.dead: set[str] = set()
-        self.capture: CaptureStore | None = None  # diagnostic capture rows, for tenants that turn it on
-        # ranks candidates per request; learns speeds, cache hits and health from every answer
-        self.router = router if router is not None else Router({}, meter.prices, self.kv, dead=self.dead)
-        self.router.dead = self.dead
 
 
 async def choose_candidate(rt: Runtime, ex: Exchange) -> Plan:

@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 
 from gateway import errors
-from gateway.api.http import (
+from gateway.api.openai import open_exchange, run_until_disconnect
+from gateway.asgi import (
     CT_JSON,
     Message,
     Receive,
@@ -32,12 +33,11 @@ from gateway.api.http import (
     read_body,
     send_json,
 )
-from gateway.api.openai import open_exchange, run_until_disconnect
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
+from gateway.exchange import Runtime
 from gateway.metering.tokens import count_prompt
 from gateway.observability import REQUESTS, UNKNOWN, log
-from gateway.pipeline import Runtime
 from gateway.translate.anthropic_request import Translation, translate
 from gateway.translate.anthropic_response import AnthropicStream, error_body, to_message
 

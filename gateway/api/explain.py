@@ -11,12 +11,12 @@ import time
 from typing import Any
 
 from gateway import errors
-from gateway.api.http import Receive, Scope, Send, check_json_content_type, header_map, read_body, send_error, send_json
 from gateway.api.openai import parse_chat_body, parse_tags
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
+from gateway.asgi import Receive, Scope, Send, check_json_content_type, header_map, read_body, send_error, send_json
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
-from gateway.pipeline import Runtime
+from gateway.exchange import Runtime
 from gateway.routing.expected import Option
 from gateway.routing.router import remaining_fraction, slo_text
 

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
+from gateway.exchange import Runtime
 from gateway.metering import report
-from gateway.pipeline import Runtime
 
 
 def _error_response(error: GatewayError) -> JSONResponse:

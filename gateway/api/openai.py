@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 from gateway import errors
-from gateway.api.http import (
+from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
+from gateway.asgi import (
     DisconnectWatch,
     Receive,
     Scope,
@@ -26,12 +27,12 @@ from gateway.api.http import (
     send_error,
     send_json,
 )
-from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
+from gateway.exchange import Exchange, Runtime
 from gateway.metering.meter import Metered
 from gateway.observability import REQUESTS, UNKNOWN, log
-from gateway.pipeline import Exchange, Runtime, chat
+from gateway.pipeline import chat
 from gateway.policy.store import KeyEntry
 
 ROLES = frozenset(("system", "user", "assistant", "tool", "function", "developer"))

@@ -19,7 +19,9 @@ from typing import Any
 import orjson
 
 from gateway import errors
-from gateway.api.http import (
+from gateway.api.openai import open_exchange, run_until_disconnect
+from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
+from gateway.asgi import (
     CT_JSON,
     Message,
     Receive,
@@ -31,12 +33,10 @@ from gateway.api.http import (
     read_body,
     send_error,
 )
-from gateway.api.openai import open_exchange, run_until_disconnect
-from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
+from gateway.exchange import Exchange, Runtime
 from gateway.observability import REQUESTS, UNKNOWN, log
-from gateway.pipeline import Exchange, Runtime
 from gateway.policy.store import Tenant
 from gateway.reasoning.inbound import recorder_of
 from gateway.responses.seal import Sealer, SealKeys

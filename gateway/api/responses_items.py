@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from gateway import errors
-from gateway.api.http import Receive, Scope, Send, header_map, new_request_id, send_error, send_json
 from gateway.api.responses import ResponsesService
+from gateway.asgi import Receive, Scope, Send, header_map, new_request_id, send_error, send_json
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
 from gateway.responses.store import not_found

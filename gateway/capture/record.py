@@ -9,17 +9,15 @@ bearer tokens), so a capture never holds a credential; request headers are never
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.capture.store import DAY_S, CaptureRow
+from gateway.exchange import Exchange, Runtime
 from gateway.metering.ledger import clean_text
 from gateway.observability import log
 from gateway.policy.model import Redaction
 from gateway.reasoning.inbound import recorder_of
 from gateway.reasoning.redact import Redactor, redactor_for
-
-if TYPE_CHECKING:
-    from gateway.pipeline import Exchange, Runtime
 
 KEY_DETECTORS = ("api_key", "aws_key", "bearer_token")
 PLAIN_KEYS = frozenset(("role", "type", "id", "tool_call_id", "name", "model", "finish_reason"))

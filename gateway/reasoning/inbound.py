@@ -28,10 +28,11 @@ gateway sends the history as the conversation had it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
+from gateway.exchange import Exchange, Runtime
 from gateway.reasoning.fallback import missing_reasoning, requires_reasoning
 from gateway.reasoning.modes import ReasoningTransform, Turn
 from gateway.reasoning.record import TurnRecorder
@@ -40,9 +41,6 @@ from gateway.reasoning.restore import Restoration, client_reasoning, put_reasoni
 from gateway.reasoning.store import ReasoningStore
 from gateway.tools.aliases import alias_history
 from gateway.transforms.order import add_transform
-
-if TYPE_CHECKING:
-    from gateway.pipeline import Exchange, Runtime
 
 __all__ = ["prepare_reasoning", "put_reasoning", "recorder_of"]
 

@@ -9,18 +9,14 @@ upstream accepts gets no alias mapping. Transforms are placed at their stage
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from gateway.exchange import Exchange
 from gateway.tools.aliases import ClientToolNames
 from gateway.tools.calls import ToolCallRepair
 from gateway.tools.k2_markers import K2MarkerTransform
 from gateway.tools.legacy import LegacyFunctionCall
 from gateway.tools.schemas import normalize_tools
 from gateway.transforms.order import add_transform
-
-if TYPE_CHECKING:
-    from gateway.pipeline import Exchange
-    from gateway.upstreams.base import Upstream
+from gateway.upstreams.base import Upstream
 
 
 def prepare_tools(ex: Exchange, upstream: Upstream) -> None:

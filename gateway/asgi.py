@@ -1,7 +1,9 @@
-"""Small raw-ASGI helpers shared by the front ends.
+"""Small raw-ASGI helpers: the ASGI types, request reading and response writing the front ends and
+the pipeline share.
 
-The chat endpoints are plain ASGI rather than framework routes because the framework layer measured
-several times slower per request (bench/RESULTS.md); these helpers keep that code short.
+They sit below ``api/`` and ``pipeline.py`` so that the pipeline can write to the client without
+importing a front end. The front ends are plain ASGI rather than framework routes; what that saves
+per request is measured in bench/RESULTS.md ("Front end").
 """
 
 from __future__ import annotations
