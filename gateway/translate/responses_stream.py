@@ -13,7 +13,11 @@ far: the lifecycle event Codex, the openai SDK and openai-agents all end a strea
 needs a separate ``error`` event).
 
 Items are written one at a time, as OpenAI writes them: a new kind of output closes the open item.
-Each chunk is parsed once; delta events are byte templates made when their item opens.
+Each chunk is parsed once; delta events are byte templates made when their item opens. Nearly every
+chunk of an answer is one text or reasoning delta and nothing else: for those only the delta's
+JSON string is decoded (its bytes, valid JSON, go out again as they came), which more than halves
+the cost of the translation (bench/RESULTS.md, "Responses API"). A chunk the byte test is not sure
+of takes the general path, which parses it whole, so the two paths give the same events.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ from gateway.translate.responses_types import ResponseContext
 from gateway.upstreams.sse import last_boundary
 
 _DONE = b"[DONE]"
+# a delta-only chunk of choice 0: ``{...,"choices":[{"index":0,"delta":{"<field>":"..."}`` + one of
+# the endings Moonshot / the aggregators and vLLM write while the answer is still going
+_CHOICE0 = b'"choices":[{"index":0,"delta":{"'
+_ENDINGS = (b'"},"finish_reason":null}]}', b'"},"logprobs":null,"finish_reason":null}]}')
+# field name (as it follows the opening quote) -> length of ``name":``, and whether it is reasoning
+_FIELDS = ((b'content":', 9, False), (b'reasoning_content":', 19, True), (b'reasoning":', 11, True))
 _CUT = "the upstream ended the stream before the answer was complete"
 
 
@@ -107,14 +117,53 @@ class ResponsesStream:
         if not self._started:
             self._start(out)
         data = self._rest + block if self._rest else block
-        cut = len(data) if data.endswith(b"\n\n") else last_boundary(data)
+        if b"\r" not in data:  # LF-only SSE, as every upstream here writes it
+            events = data.split(b"\n\n")
+            self._rest = events.pop()  # what follows the last blank line: b"" or an unfinished event
+            for event in events:
+                if not self._delta_only(event, out):
+                    self._event(_data(event), out)
+            return b"".join(out)
+        cut = last_boundary(data)
         self._rest = data[cut:]
-        if cut == len(data) and data.find(b"\n\n") == cut - 2:  # the usual block: one whole event
-            self._event(_data(data), out)
-        elif cut:
-            for event in _events(data[:cut]):
-                self._event(_data(event), out)
+        for event in _events(data[:cut]):
+            self._event(_data(event), out)
         return b"".join(out)
+
+    def _delta_only(self, event: bytes, out: list[bytes]) -> bool:
+        """Translate ``event`` if it is a chunk with nothing but choice 0's text or reasoning delta
+        (what the general path would find in it, without parsing the chunk); else False. A ``data:``
+        line split in several (which no upstream here writes) reads the same: the other lines hold
+        the head, which is not read, or break the string, which then fails to decode."""
+        at = event.find(_CHOICE0)
+        if at < 0 or self._done or not event.startswith(b"data: {"):
+            return False
+        if event.endswith(_ENDINGS[0]):
+            end = len(_ENDINGS[0])
+        elif event.endswith(_ENDINGS[1]):
+            end = len(_ENDINGS[1])
+        else:
+            return False
+        # the fields before ``choices`` are ignored, as the general path does, unless they are these
+        if event.find(b'"usage"', 0, at) >= 0 or event.find(b'"error"', 0, at) >= 0:
+            return False
+        at += len(_CHOICE0)
+        for name, skip, reasoning in _FIELDS:
+            if event.startswith(name, at):
+                literal = event[at + skip : 1 - end]
+                try:
+                    text = orjson.loads(literal)
+                except orjson.JSONDecodeError:
+                    return False  # more than one string: more than one field
+                if type(text) is not str:
+                    return False
+                if text:
+                    if reasoning:
+                        self._reasoning(text, out, literal)
+                    else:
+                        self._text(text, out, literal)
+                return True
+        return False
 
     def close(self) -> bytes:
         """The end of the relayed stream: finish the response if nothing else did."""
@@ -186,16 +235,23 @@ class ResponsesStream:
         self._seq += 1
         out.append(b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n")
 
-    def _delta(self, item: _Item, text: str, out: list[bytes]) -> None:
+    def _delta(self, item: _Item, text: str, out: list[bytes], literal: bytes | None = None) -> None:
+        """One delta event; ``literal`` is ``text`` as the upstream encoded it (valid JSON), reused."""
         item.parts.append(text)
-        out.append(item.prefix + orjson.dumps(text) + item.suffix + str(self._seq).encode() + b"}\n\n")
+        encoded = orjson.dumps(text) if literal is None else literal
+        out.append(item.prefix + encoded + item.suffix + str(self._seq).encode() + b"}\n\n")
         self._seq += 1
 
     def _start(self, out: list[bytes]) -> None:
+        """``response.created`` and ``response.in_progress``: the same object, encoded once."""
         self._started = True
-        for kind in ("response.created", "response.in_progress"):
-            response = envelope(self._ctx, self._echo, "in_progress", [], None)
-            self._emit({"type": kind, "response": response}, out)
+        response = orjson.dumps(envelope(self._ctx, self._echo, "in_progress", [], None))
+        for kind in (b"response.created", b"response.in_progress"):
+            out.append(
+                b"event: " + kind + b'\ndata: {"type":"' + kind + b'","response":' + response
+                + b',"sequence_number":' + str(self._seq).encode() + b"}\n\n"
+            )  # fmt: skip
+            self._seq += 1
 
     def _added(self, item: dict[str, Any], out: list[bytes]) -> int:
         at = len(self._output)
@@ -209,7 +265,7 @@ class ResponsesStream:
 
     # -- items
 
-    def _reasoning(self, text: str, out: list[bytes]) -> None:
+    def _reasoning(self, text: str, out: list[bytes], literal: bytes | None = None) -> None:
         item = self._open
         if item is None or item.kind != "reasoning":
             self._close(out)
@@ -221,7 +277,7 @@ class ResponsesStream:
             self._emit({"type": "response.reasoning_summary_part.added", **where, "part": part}, out)
             prefix = _delta_prefix("response.reasoning_summary_text.delta", where)
             item = self._open = _Item("reasoning", at, rid, prefix, b',"sequence_number":')
-        self._delta(item, text, out)
+        self._delta(item, text, out, literal)
 
     def _before_answer(self, out: list[bytes]) -> None:
         """A turn whose reasoning the client does not see still carries it sealed, first."""
@@ -235,13 +291,13 @@ class ResponsesStream:
             self._added(item, out)
             self._item_done(at, item, out)
 
-    def _text(self, text: str, out: list[bytes]) -> None:
+    def _text(self, text: str, out: list[bytes], literal: bytes | None = None) -> None:
         item = self._open
         if item is None or item.kind != "message":
             self._close(out)
             self._before_answer(out)
             item = self._open_message(out)
-        self._delta(item, text, out)
+        self._delta(item, text, out, literal)
 
     def _open_message(self, out: list[bytes]) -> _Item:
         at = len(self._output)
