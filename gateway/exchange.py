@@ -46,6 +46,10 @@ class Exchange:
     transforms: list[ResponseTransform] = field(default_factory=list)
     rate: Admission | None = None  # the rate limits that admitted it (headers, token correction)
     open_row: bool = False  # the ledger holds an open-reservation row for it (crash reconciliation)
+    # whether the pipeline gives the answer the client-facing envelope (virtual model name, OpenAI
+    # usage): the tenant's choice, except for a front end that renders the whole answer itself
+    # from the chat one (Responses), where it would be work nobody reads
+    envelope: str = "normalized"
 
     @property
     def upstream_label(self) -> str:

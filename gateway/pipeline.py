@@ -208,7 +208,7 @@ async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first:
     m.outcome, m.reached_upstream, m.estimate_reason = "ok", False, None
     prepare_tools(ex, rt.upstreams[candidate.upstream])  # dialects in; tool-call repair out
     await prepare_reasoning(rt, ex)  # reasoning back into tool-call turns, in this upstream's field
-    add_envelope(ex.transforms, ex.model, ex.tenant.envelope)  # last: the client-facing envelope
+    add_envelope(ex.transforms, ex.model, ex.envelope)  # last: the client-facing envelope
     rules = rt.router.traits_of(candidate.upstream).shaping.get(candidate.model)
     if rules is not None and shape(ex.body, rules, ex.tenant.default_max_tokens):
         ex.dirty = True
@@ -328,7 +328,7 @@ async def _relay_whole(
         m.estimate_reason = "the upstream reported no usage"
     if ex.transforms:
         payload = apply_whole(ex.transforms, payload)
-    elif (envelope := body_envelope(ex.model, ex.tenant.envelope)) is not None:
+    elif (envelope := body_envelope(ex.model, ex.envelope)) is not None:
         payload = envelope.whole(payload)
     ex.status = m.status = 200
     m.ttft_ms = (time.perf_counter() - ex.started) * 1000
@@ -376,7 +376,7 @@ async def _relay_stream(
     tap = m.tap = StreamTap(client_wants_usage)
     chain = StreamChain(ex.transforms) if ex.transforms else None
     # relayed as bytes: the envelope edits only the bytes that need it
-    envelope = stream_envelope(ex.model, ex.body, ex.tenant.envelope) if chain is None else None
+    envelope = stream_envelope(ex.model, ex.body, ex.envelope) if chain is None else None
     first_byte_at: float | None = None
 
     async def emit(out: bytes) -> None:

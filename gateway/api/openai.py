@@ -149,6 +149,7 @@ def open_exchange(
         endpoint=endpoint,
     )
     ex = Exchange(request_id, entry.tenant, entry.key_id, body, raw, started, metered)
+    ex.envelope = entry.tenant.envelope
     ex.stream = stream
     ex.builtin_tools = b'"builtin_function"' in raw
     if body["model"] not in entry.tenant.routes:

@@ -88,6 +88,17 @@ class ResponsesSend:
             await self._save(final)
 
     async def __call__(self, message: Message) -> None:
+        stream = self._stream
+        if stream is not None and message["type"] == "http.response.body":  # the hot path: per block
+            more = bool(message.get("more_body"))
+            out = stream.feed(message.get("body", b""))
+            if not more:
+                out += stream.close()
+            if self._final is not None:
+                await self._keep()
+            if out or not more:  # a block that ended inside an event has nothing to send yet
+                await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            return
         if message["type"] == "http.response.start":
             self._status = message["status"]
             headers = [h for h in message.get("headers", []) if h[0] != b"content-length"]
@@ -101,13 +112,6 @@ class ResponsesSend:
             return
         body: bytes = message.get("body", b"")
         more = bool(message.get("more_body"))
-        if self._stream is not None:
-            out = self._stream.feed(body)
-            if not more:
-                out += self._stream.close()
-            await self._keep()
-            await self._send({"type": "http.response.body", "body": out, "more_body": more})
-            return
         self._body.append(body)
         if more:
             return
@@ -247,6 +251,7 @@ async def create(svc: ResponsesService, limit: int, scope: Scope, receive: Recei
         chat = translation.chat
         ex = open_exchange(request_id, entry, chat, orjson.dumps(chat), headers, started, endpoint="responses")
         ex.max_latency_ms = max_latency_ms
+        ex.envelope = "raw"  # the Responses object and events are rendered whole from the chat answer
         model = ex.model
         ctx = ResponseContext(new_id("resp_"), req.model, int(time.time()), translation.echo, translation.names)
         if req.include_encrypted and sealer is not None:

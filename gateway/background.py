@@ -1,4 +1,7 @@
-"""The server's routing background tasks: policy hot reload, vLLM load scrapes, stats sync."""
+"""The tasks the server runs beside requests: policy hot reload, vLLM load scrapes, route-stats sync.
+
+Process-wide services, started and stopped by the app; they sit with the entry points because they
+reach every layer (the policy loader, the router, the runtime)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import asyncio
 import contextlib
 
 from gateway.config import LoadedConfig
-from gateway.policy.reload import PolicyWatcher
+from gateway.reload import PolicyWatcher
 from gateway.routing.load import VllmScraper
 
 
