@@ -31,6 +31,7 @@ from gateway.asgi import (
     header_map,
     new_request_id,
     read_body,
+    send_bytes,
     send_json,
 )
 from gateway.auth import authenticate, bearer_token
@@ -113,14 +114,7 @@ class AnthropicSend:
             return
         payload = b"".join(self._body)
         out = self._convert(payload)
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": self._status,
-                "headers": [CT_JSON, (b"content-length", str(len(out)).encode()), *self._headers],
-            }
-        )
-        await self._send({"type": "http.response.body", "body": out, "more_body": False})
+        await send_bytes(self._send, self._status, out, self._headers)
 
     def _convert(self, payload: bytes) -> bytes:
         try:

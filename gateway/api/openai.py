@@ -158,6 +158,33 @@ def open_exchange(
     return ex
 
 
+async def send_failure(
+    send: Send,
+    exc: Exception,
+    request_id: str,
+    tenant: str,
+    model: str,
+    ex: Exchange | None,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """The OpenAI-shaped error (which the Responses API shares) for a request that failed before its
+    answer started: the error's own status and message, or a 500 that names the request id (the
+    traceback goes to the log). A routed request also says where it went and why."""
+    if isinstance(exc, GatewayError):
+        error = exc
+        if ex is not None and ex.candidate is not None:
+            headers = [
+                *headers,
+                (b"x-gateway-upstream", ex.upstream_label.encode()),
+                (b"x-gateway-route-reason", ex.route_reason.encode()),
+            ]
+    else:
+        log.error("request %s failed inside the gateway", request_id, exc_info=exc)
+        error = errors.internal_error(request_id)
+    REQUESTS.labels(tenant, model, UNKNOWN, str(error.status)).inc()
+    await send_error(send, error, headers)
+
+
 async def run_until_disconnect(rt: Runtime, ex: Exchange, send: Send, receive: Receive) -> None:
     """Run the pipeline for ``ex``. A client that goes away cancels it, and with it the upstream call,
     at once; the request then counts as status 499."""
@@ -194,20 +221,8 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         ex.max_latency_ms = max_latency_ms
         model = ex.model
         await run_until_disconnect(rt, ex, send, receive)
-    except GatewayError as error:
-        REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
-        if ex is not None and ex.candidate is not None:  # routed: say where it went and why
-            rid_header += [
-                (b"x-gateway-upstream", ex.upstream_label.encode()),
-                (b"x-gateway-route-reason", ex.route_reason.encode()),
-            ]
-        await send_error(send, error, rid_header)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("request %s failed inside the gateway", request_id)
-        REQUESTS.labels(tenant_name, model, UNKNOWN, "500").inc()
-        await send_error(send, errors.internal_error(request_id), rid_header)
+    except Exception as exc:
+        await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header)
 
 
 async def list_models(rt: Runtime, scope: Scope, send: Send) -> None:

@@ -12,17 +12,15 @@ any upstream call and before any spend. ``GET``/``DELETE`` of stored responses: 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import orjson
 
 from gateway import errors
-from gateway.api.openai import open_exchange, run_until_disconnect
+from gateway.api.openai import open_exchange, run_until_disconnect, send_failure
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
-    CT_JSON,
     Message,
     Receive,
     Scope,
@@ -31,12 +29,11 @@ from gateway.asgi import (
     header_map,
     new_request_id,
     read_body,
-    send_error,
+    send_bytes,
 )
 from gateway.auth import authenticate, bearer_token
-from gateway.errors import GatewayError
 from gateway.exchange import Exchange, Runtime
-from gateway.observability import REQUESTS, UNKNOWN, log
+from gateway.observability import UNKNOWN
 from gateway.policy.store import Tenant
 from gateway.reasoning.inbound import recorder_of
 from gateway.responses.seal import Sealer, SealKeys
@@ -117,14 +114,7 @@ class ResponsesSend:
             return
         out = self._convert(b"".join(self._body))
         await self._keep()
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": self._status,
-                "headers": [CT_JSON, (b"content-length", str(len(out)).encode()), *self._extra],
-            }
-        )
-        await self._send({"type": "http.response.body", "body": out, "more_body": False})
+        await send_bytes(self._send, self._status, out, self._extra)
 
     def _convert(self, payload: bytes) -> bytes:
         from gateway.translate.responses_response import to_response
@@ -265,17 +255,5 @@ async def create(svc: ResponsesService, limit: int, scope: Scope, receive: Recei
         save = _saver(svc, ex, req, ancestors) if req.store else None
         out = ResponsesSend(send, ctx, ex.stream, extra, save)
         await run_until_disconnect(rt, ex, out, receive)
-    except GatewayError as error:
-        REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
-        if ex is not None and ex.candidate is not None:  # routed: say where it went and why
-            rid_header += [
-                (b"x-gateway-upstream", ex.upstream_label.encode()),
-                (b"x-gateway-route-reason", ex.route_reason.encode()),
-            ]
-        await send_error(send, error, rid_header)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("request %s failed inside the gateway", request_id)
-        REQUESTS.labels(tenant_name, model, UNKNOWN, "500").inc()
-        await send_error(send, errors.internal_error(request_id), rid_header)
+    except Exception as exc:
+        await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header)

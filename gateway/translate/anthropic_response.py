@@ -20,6 +20,7 @@ import orjson
 
 from gateway.metering.stream import _data, _events
 from gateway.metering.usage import Usage, parse_usage, usage_of_response
+from gateway.upstreams.sse import chunk_of
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -237,11 +238,8 @@ class AnthropicStream:
         if data == b"[DONE]":
             self._finish(out)
             return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
+        chunk = chunk_of(data)
+        if chunk is None:
             return
         error = chunk.get("error")
         if error is not None:

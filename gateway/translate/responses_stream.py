@@ -45,7 +45,7 @@ from gateway.translate.responses_output import (
     status_of,
 )
 from gateway.translate.responses_types import ResponseContext
-from gateway.upstreams.sse import last_boundary
+from gateway.upstreams.sse import chunk_of, last_boundary
 
 _DONE = b"[DONE]"
 # a delta-only chunk of choice 0: ``{...,"choices":[{"index":0,"delta":{"<field>":"..."}`` + one of
@@ -188,11 +188,8 @@ class ResponsesStream:
         if data == _DONE:  # the upstream's own end: whatever it said is the answer
             self._complete(out)
             return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
+        chunk = chunk_of(data)
+        if chunk is None:
             return
         error = chunk.get("error")
         if error is not None:

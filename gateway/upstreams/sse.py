@@ -7,6 +7,8 @@ appended cleanly when the upstream breaks. No event is parsed or re-encoded here
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 DONE = b"data: [DONE]"
@@ -19,6 +21,16 @@ def last_boundary(data: bytes, end: int | None = None) -> int:
     # whole block again (an LF-only stream would be scanned twice to the start for nothing)
     crlf = data.rfind(b"\r\n\r\n", max(lf - 2, 0), end)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def chunk_of(data: bytes) -> dict[str, Any] | None:
+    """The JSON object an SSE ``data:`` payload holds, or None: not JSON, or not an object (a
+    translator drops such an event, as the client's SDK would)."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
 
 
 def error_event(message: str, kind: str) -> bytes:
