@@ -23,7 +23,6 @@ from gateway.exchange import Exchange, Runtime
 from gateway.metering.money import usd_text
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
-from gateway.metering.usage import usage_of_body, usage_of_response
 from gateway.observability import UPSTREAM_FAILURES, log, series
 from gateway.policy.store import Candidate
 from gateway.reasoning.inbound import prepare_reasoning
@@ -38,6 +37,7 @@ from gateway.upstreams.base import UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
 from gateway.upstreams.shaping import shape
 from gateway.upstreams.sse import SSERelay
+from gateway.upstreams.usage import usage_of_body, usage_of_response
 
 
 async def choose_candidate(rt: Runtime, ex: Exchange) -> Plan:

@@ -20,9 +20,9 @@ from gateway.metering.money import from_nanos
 from gateway.metering.prices import Cost, Price, PriceBook, cost_of
 from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import count_prompt
-from gateway.metering.usage import Usage
 from gateway.observability import BUDGET_REMAINING, UNKNOWN, log, series
 from gateway.policy.store import Tenant
+from gateway.upstreams.usage import Usage
 
 ZERO = Decimal(0)
 GAUGE_EVERY_S = 1.0  # the remaining-budget gauge is refreshed this often per tenant, not per request

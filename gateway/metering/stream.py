@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 
 from gateway.metering.tokens import count_text
-from gateway.metering.usage import USAGE_RE, Usage, usage_of_response
 from gateway.upstreams.sse import last_boundary
+from gateway.upstreams.usage import USAGE_RE, Usage, usage_of_response
 
 _DONE = b"[DONE]"
 

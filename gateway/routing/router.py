@@ -17,7 +17,6 @@ from gateway.config import LoadedConfig, ModelShaping
 from gateway.metering.budget import Budgets, lines_for
 from gateway.metering.prices import PriceBook
 from gateway.metering.tokens import requested_max_tokens
-from gateway.metering.usage import Usage
 from gateway.observability import log
 from gateway.policy.store import Route, Tenant
 from gateway.routing import affinity
@@ -28,6 +27,7 @@ from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, Rout
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES, prefix_holder, stay_with_prefix
 from gateway.state.base import KeyValueState
 from gateway.state.stats_exchange import StatsExchange
+from gateway.upstreams.usage import Usage
 
 # the failure kind of a 404 for the model: the candidate is dead (a retired id), the request moves on
 RETIRED = "404"

@@ -47,10 +47,10 @@ from typing import Any, ClassVar
 import orjson
 
 from gateway.metering.stream import _data, _events
-from gateway.metering.usage import parse_usage
 from gateway.transforms.base import Chunk
 from gateway.transforms.order import ENVELOPE, add_transform
 from gateway.upstreams.sse import last_boundary
+from gateway.upstreams.usage import parse_usage
 
 Mode = str  # "normalized" | "raw" (TenantPolicy.envelope)
 

@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from gateway.metering.stream import _data, _events
-from gateway.metering.usage import Usage, parse_usage, usage_of_response
 from gateway.upstreams.sse import chunk_of
+from gateway.upstreams.usage import Usage, parse_usage, usage_of_response
 
 STOP_REASONS = {
     "stop": "end_turn",

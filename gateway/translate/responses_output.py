@@ -8,7 +8,7 @@ the stream (``responses_stream.py``) so that both give a client the same object 
   reasoning, so the next stateless turn gives K2 back its own text;
 * ``function_call`` names go back through :attr:`ResponseContext.names` (a flattened ``namespace``
   member becomes ``{name, namespace}``);
-* ``usage`` in the Responses shape from any upstream's dialect (``metering/usage.py``): integers
+* ``usage`` in the Responses shape from any upstream's dialect (``upstreams/usage.py``): integers
   only, never null (Codex refuses a null count);
 * the request's fields echoed from :attr:`ResponseContext.echo`, the API's defaults for the rest.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from gateway.metering.usage import Usage
 from gateway.translate.responses_types import ResponseContext
+from gateway.upstreams.usage import Usage
 
 # what a chat finish_reason makes of the response: (status, incomplete_details.reason)
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}

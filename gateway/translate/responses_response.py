@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.metering.usage import usage_of_response
 from gateway.translate.responses_output import (
     arguments_text,
     call_item,
@@ -30,6 +29,7 @@ from gateway.translate.responses_output import (
 )
 from gateway.translate.responses_stream import ResponsesStream
 from gateway.translate.responses_types import ResponseContext
+from gateway.upstreams.usage import usage_of_response
 
 __all__ = ["ResponsesStream", "error_body", "to_response"]
 

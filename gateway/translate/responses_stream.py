@@ -27,7 +27,6 @@ from typing import Any
 import orjson
 
 from gateway.metering.stream import _data, _events
-from gateway.metering.usage import Usage, parse_usage
 from gateway.translate.responses_output import (
     arguments_text,
     call_item,
@@ -46,6 +45,7 @@ from gateway.translate.responses_output import (
 )
 from gateway.translate.responses_types import ResponseContext
 from gateway.upstreams.sse import chunk_of, last_boundary
+from gateway.upstreams.usage import Usage, parse_usage
 
 _DONE = b"[DONE]"
 # a delta-only chunk of choice 0: ``{...,"choices":[{"index":0,"delta":{"<field>":"..."}`` + one of

@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from gateway.config import UpstreamConfig
-from gateway.metering.usage import parse_usage
 from gateway.upstreams.base import FailureKind, Upstream, UpstreamFailure, UpstreamReply
+from gateway.upstreams.usage import parse_usage
 
 # chat/completions fields forwarded to litellm; the rest (vendor extras meant for other upstreams)
 # would otherwise reach the provider's request body

@@ -16,8 +16,8 @@ from gateway.metering.budget import Budgets, lines_for, windows
 from gateway.metering.money import to_nanos
 from gateway.metering.prices import Price, PriceBook, PriceEntry, _decimal_cost, cost_of, load_prices
 from gateway.metering.stream import StreamTap
-from gateway.metering.usage import parse_usage, usage_of_response
 from gateway.policy.model import Budget
+from gateway.upstreams.usage import parse_usage, usage_of_response
 from gateway.yamlfile import ConfigError
 from tests.unit.conftest import Backend
 
@@ -325,7 +325,7 @@ def test_tap_output_does_not_depend_on_how_tcp_cut_the_stream(cuts: list[int], w
     ],
 )
 def test_usage_of_body_finds_usage_wherever_it_is(body: dict) -> None:
-    from gateway.metering.usage import usage_of_body
+    from gateway.upstreams.usage import usage_of_body
 
     for raw in (orjson.dumps(body), orjson.dumps(body, option=orjson.OPT_INDENT_2)):
         u = usage_of_body(raw)
