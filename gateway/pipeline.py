@@ -11,33 +11,28 @@ from __future__ import annotations
 import asyncio
 import time
 from decimal import Decimal
-from typing import Any
 
 import orjson
 
 from gateway import errors
-from gateway.asgi import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
+from gateway.asgi import DisconnectWatch, Send
 from gateway.capture.record import capture_exchange
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, Runtime
-from gateway.metering.money import usd_text
-from gateway.metering.stream import StreamTap
 from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
-from gateway.observability import UPSTREAM_FAILURES, log, series
+from gateway.observability import UPSTREAM_FAILURES, log
 from gateway.policy.store import Candidate
 from gateway.reasoning.inbound import prepare_reasoning
+from gateway.relay import correct_rate, relay_stream, relay_whole
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
 from gateway.routing.router import RETIRED, Plan, remaining_fraction
 from gateway.tools.inbound import prepare_tools
-from gateway.transforms.chain import StreamChain, apply_whole
-from gateway.transforms.envelope import add_envelope, body_envelope, stream_envelope
+from gateway.transforms.envelope import add_envelope
 from gateway.upstreams.base import UpstreamFailure, UpstreamReply
 from gateway.upstreams.errors import upstream_error
 from gateway.upstreams.shaping import shape
-from gateway.upstreams.sse import SSERelay
-from gateway.upstreams.usage import usage_of_body, usage_of_response
 
 
 async def choose_candidate(rt: Runtime, ex: Exchange) -> Plan:
@@ -86,26 +81,6 @@ def shape_request(ex: Exchange, candidate: Candidate) -> bytes:
         ex.body["model"] = candidate.upstream_model
         ex.dirty = True
     return orjson.dumps(ex.body) if ex.dirty else ex.raw
-
-
-def _response_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (b"x-request-id", ex.request_id.encode()),
-        (b"x-gateway-upstream", ex.upstream_label.encode()),
-        (b"x-gateway-route-reason", ex.route_reason.encode()),
-    ]
-    return headers + ex.rate.headers if ex.rate is not None else headers
-
-
-def _observe(ex: Exchange, first_byte_at: float | None = None) -> None:
-    now = time.perf_counter()
-    s = series(ex.tenant.name, ex.model, ex.upstream_label, ex.stream)
-    s.status(ex.status).inc()
-    s.duration.observe(now - ex.started)
-    if first_byte_at is not None:
-        s.ttft.observe(first_byte_at - ex.started)
-    if ex.status < 500 and ex.upstream_time:
-        s.overhead.observe(max(0.0, now - ex.started - ex.upstream_time))
 
 
 async def _reserve(rt: Runtime, ex: Exchange) -> None:
@@ -264,9 +239,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             first_at = time.perf_counter()
             try:
                 if ex.stream:
-                    await _relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
+                    await relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
                 else:
-                    await _relay_whole(rt, ex, reply, send, watch, sent_at)
+                    await relay_whole(rt, ex, reply, send, watch, sent_at)
             finally:
                 await reply.aclose(abort=watch.disconnected)
             if m.outcome == "ok":
@@ -289,141 +264,4 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
         await rt.meter.settle(m)
         capture_exchange(rt, ex)
-        await _correct_rate(rt, ex)
-
-
-async def _correct_rate(rt: Runtime, ex: Exchange) -> None:
-    """Replace the admitted token bound by the tokens used, once. The relays call it before the
-    answer's last bytes, so that a client's next request (sent the moment this one ends) is admitted
-    against the corrected count; the pipeline's ``finally`` calls it for requests that ended otherwise."""
-    if ex.rate is None:
-        return
-    admission, ex.rate = ex.rate, None
-    usage = ex.metered.usage
-    await rt.limits.correct(admission, usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
-
-
-async def _relay_whole(
-    rt: Runtime, ex: Exchange, reply: UpstreamReply, send: Send, watch: DisconnectWatch, sent_at: float
-) -> None:
-    m = ex.metered
-    try:
-        payload = await reply.read()
-    except UpstreamFailure as failure:
-        m.estimate_reason = f"{failure.message}; the upstream may have billed the prompt"
-        if failure.is_timeout:
-            m.outcome = "timeout"
-            raise errors.gateway_timeout(failure.message) from None
-        m.outcome = "cut"
-        raise errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}") from None
-    ex.upstream_time = time.perf_counter() - sent_at
-    if ex.builtin_tools:
-        parsed = _loads(payload)
-        if isinstance(parsed, dict):
-            m.usage = usage_of_response(parsed)
-            _count_builtin_calls(parsed, m.tool_calls)
-    else:
-        m.usage = usage_of_body(payload)
-    if m.usage is None:
-        m.estimate_reason = "the upstream reported no usage"
-    if ex.transforms:
-        payload = apply_whole(ex.transforms, payload)
-    elif (envelope := body_envelope(ex.model, ex.envelope)) is not None:
-        payload = envelope.whole(payload)
-    ex.status = m.status = 200
-    m.ttft_ms = (time.perf_counter() - ex.started) * 1000
-    cost = await rt.meter.compute(m)
-    headers = _response_headers(ex)
-    headers.append((b"x-gateway-cost-usd", usd_text(cost.nanos).encode()))  # exact to the nanodollar
-    watch.finish()
-    await _correct_rate(rt, ex)
-    await send_bytes(send, 200, payload, headers)
-    _observe(ex)
-
-
-def _loads(payload: bytes) -> Any:
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _count_builtin_calls(parsed: dict[str, Any], into: dict[str, int]) -> None:
-    """Per-call tool fees (Moonshot's ``$web_search``) are billed for builtin calls in the answer."""
-    for choice in parsed.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
-        for call in calls or ():
-            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
-            if isinstance(name, str) and name.startswith("$"):
-                into[name] = into.get(name, 0) + 1
-
-
-async def _relay_stream(
-    rt: Runtime,
-    ex: Exchange,
-    reply: UpstreamReply,
-    send: Send,
-    watch: DisconnectWatch,
-    sent_at: float,
-    client_wants_usage: bool,
-) -> None:
-    """Relay SSE events as they arrive; a broken upstream ends the stream with an error event."""
-    m = ex.metered
-    ex.status = m.status = 200
-    await send({"type": "http.response.start", "status": 200, "headers": [CT_SSE, NO_CACHE, *_response_headers(ex)]})
-    relay = SSERelay()
-    tap = m.tap = StreamTap(client_wants_usage)
-    chain = StreamChain(ex.transforms) if ex.transforms else None
-    # relayed as bytes: the envelope edits only the bytes that need it
-    envelope = stream_envelope(ex.model, ex.body, ex.envelope) if chain is None else None
-    first_byte_at: float | None = None
-
-    async def emit(out: bytes) -> None:
-        nonlocal first_byte_at
-        if chain is not None and not (out := chain.feed(out)):
-            return
-        if envelope is not None:
-            out = envelope.feed(out)
-        if first_byte_at is None:
-            first_byte_at = time.perf_counter()
-            m.ttft_ms = (first_byte_at - ex.started) * 1000
-        await send({"type": "http.response.body", "body": out, "more_body": True})
-
-    try:
-        async for chunk in reply.chunks():
-            block = relay.feed(chunk)
-            if not block:
-                continue
-            # one write per upstream read (the tap finishes a usage tail before the block leaves): a
-            # second send would cost a syscall and a TCP segment
-            if out := tap.process(block):
-                await emit(out)
-        tail = tap.process(relay.finish())
-        if chain is not None:
-            tail = chain.feed(tail) + chain.finish()
-        elif envelope is not None:
-            tail = envelope.feed(tail)
-        if not relay.saw_done:
-            m.outcome = "cut"
-    except UpstreamFailure as failure:
-        assert ex.candidate is not None  # a reply exists only once a candidate was called
-        UPSTREAM_FAILURES.labels(ex.candidate.upstream, failure.kind).inc()
-        log.warning("request %s: %s", ex.request_id, failure.message)
-        ex.status = 504 if failure.is_timeout else 502
-        m.outcome = "timeout" if failure.is_timeout else "cut"
-        tail = relay.abort(failure.message, "timeout_error" if failure.is_timeout else "upstream_error")
-        if chain is not None:
-            tail = chain.finish() + tail
-    m.usage = tap.usage
-    if m.usage is None:
-        m.estimate_reason = (
-            "the upstream stream broke before it reported usage"
-            if m.outcome != "ok"
-            else "the upstream reported no usage"
-        )
-    ex.upstream_time = time.perf_counter() - sent_at
-    watch.finish()
-    await _correct_rate(rt, ex)
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
-    _observe(ex, first_byte_at)
+        await correct_rate(rt, ex)

@@ -11,8 +11,9 @@ Layers, from the top (a module may import its own layer and the ones below, neve
    reload), ``background`` (the tasks the server runs beside requests)
 5. front ends: ``api/``
 4. ``pipeline``: orders the steps
-3. stages and the request-scoped types: ``exchange``, ``routing/``, ``metering/``, ``reasoning/``,
-   ``tools/``, ``transforms/``, ``translate/``, ``capture/``, ``responses/``, ``auth``, ``ratelimit``
+3. stages and the request-scoped types: ``exchange``, ``relay`` (the answer back to the client),
+   ``routing/``, ``metering/``, ``reasoning/``, ``tools/``, ``transforms/``, ``translate/``, ``capture/``,
+   ``responses/``, ``auth``, ``ratelimit``
 2. what the stages stand on: ``upstreams/``, ``state/``, ``policy/``, ``storage/``
 1. foundation: ``config``, ``yamlfile``, ``errors``, ``observability``, ``asgi``, ``data/``
 
@@ -40,6 +41,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         (
             "gateway.exchange",
+            "gateway.relay",
             "gateway.routing",
             "gateway.metering",
             "gateway.reasoning",
