@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import Process, hashed, start_gateway, write_gateway
+from tests.waiting import wait_until
 
 KEY_A, KEY_B, ADMIN = "sk-meter-a", "sk-meter-b", "sk-finance-admin"
 MISS, HIT, OUT = Decimal("0.60"), Decimal("0.15"), Decimal("2.50")  # kimi-k2-thinking, USD per 1M tokens
@@ -277,6 +278,14 @@ def test_downgrade_lowers_max_tokens_to_what_fits(tmp_path: Path, simulator: Pro
 # ---------------------------------------------------------------- durability
 
 
+def open_reservations_on_disk(db: Path) -> int:
+    """Open reservations the ledger has written to its SQLite file (read by a separate connection)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        return int(conn.execute("SELECT count(*) FROM open_reservations").fetchone()[0])
+
+
 def test_ledger_survives_restart_and_crash_is_reconciled(tmp_path: Path, simulator: Process) -> None:
     budget = "budget: {daily_usd: '100'}\n"
     config = write_gateway(tmp_path, upstream_yaml(simulator), policy_yaml("tenant-a", KEY_A, budget), name="crash")
@@ -301,7 +310,7 @@ def test_ledger_survives_restart_and_crash_is_reconciled(tmp_path: Path, simulat
     ) as resp:
         chunks = resp.iter_raw()  # keep the generator: dropping it would close the connection
         next(chunks)
-        time.sleep(0.4)  # the batch writer has stored the reservation
+        wait_until(lambda: open_reservations_on_disk(tmp_path / "crash-ledger.db"))  # the writer stored it
         os.kill(proc.proc.pid, signal.SIGKILL)
         proc.proc.wait()
     proc.stop()

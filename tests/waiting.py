@@ -1,0 +1,25 @@
+"""Waiting for a condition with a deadline, never a fixed sleep followed by an exact assertion.
+
+A fixed sleep is either too short on a loaded CI machine (the test flakes) or too long everywhere else
+(the suite crawls); polling until the condition holds, up to a generous deadline, is neither.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """``check()``'s first truthy result; raises AssertionError naming the check after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{getattr(check, '__name__', check)!s} did not hold within {timeout} s")
+        time.sleep(interval)
