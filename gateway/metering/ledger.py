@@ -32,7 +32,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from types import TracebackType
@@ -151,24 +151,6 @@ def utc_day_month(ts: float) -> tuple[str, str]:
     Every row needs them and consecutive rows share a day, so days are computed once each.
     """
     return _utc_day(int(ts // 86400))
-
-
-def clean_text(s: str) -> str:
-    """``s`` made storable everywhere: PostgreSQL refuses NUL in text and no driver can encode a lone
-    surrogate, and a client's ``user`` field may contain either. Returns ``s`` itself when clean."""
-    if s.isascii() and "\x00" not in s:  # nearly every value: no encode attempt needed
-        return s
-    if "\x00" in s:
-        s = s.replace("\x00", "\ufffd")
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        s = s.encode("utf-8", "replace").decode("utf-8")
-    return s
-
-
-def opt_text(s: str | None) -> str | None:
-    return None if s is None else clean_text(s)
 
 
 def dump_json(value: Any) -> str:
@@ -355,49 +337,6 @@ def reconciled_row(res: OpenReservation, cost: Decimal, reason: str) -> LedgerRo
         route_reason="reconciled from an open reservation",
         endpoint=res.endpoint,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    statements: tuple[str, ...]
-
-
-# The same statements in both dialects. A report of some days grouped by day scanned the whole day
-# index; by ts it reads the range.
-REPORTS_BY_TIME_RANGE = Migration(
-    3,
-    "reports by time range",
-    ("DROP INDEX IF EXISTS ledger_day", "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)"),
-)
-
-
-# Which API the client spoke, as a stored column in both dialects; rows written before it are chat
-# completions (the only endpoint there was). A NOT NULL column with a constant default is added
-# without rewriting the table in SQLite and PostgreSQL alike, and older code still inserts.
-ENDPOINT_COLUMN = Migration(
-    4,
-    "endpoint",
-    (
-        "ALTER TABLE ledger ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat/completions'",
-        "ALTER TABLE open_reservations ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat/completions'",
-    ),
-)
-
-
-def pending_migrations(migrations: Sequence[Migration], applied: Iterable[int], where: str) -> list[Migration]:
-    """The migrations still to apply, in order; warns when the database is newer than this code
-    (a rollback during a deploy) rather than refusing to start: migrations only add tables and columns
-    or swap an index, so older code still works on the newer schema."""
-    versions = [m.version for m in migrations]
-    if versions != sorted(set(versions)):
-        raise RuntimeError(f"ledger migrations must have unique, increasing versions: {versions}")
-    done = set(applied)
-    unknown = sorted(done - set(versions))
-    if unknown:
-        log.warning("ledger schema at %s has migrations %s this gateway does not know; continuing", where, unknown)
-    return [m for m in migrations if m.version not in done]
 
 
 # --------------------------------------------------------------------------------------------------

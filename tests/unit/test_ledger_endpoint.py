@@ -14,6 +14,8 @@ import pytest
 
 from gateway.metering import ledger_postgres, ledger_sqlite
 from gateway.metering.ledger import ledger_from_url
+from gateway.storage import postgres as storage_postgres
+from gateway.storage import sqlite as storage_sqlite
 from tests.unit.conftest import PG_URL
 from tests.unit.test_ledger import make_res, make_row
 
@@ -43,9 +45,11 @@ async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...
 async def test_rows_from_before_the_endpoint_column_read_as_chat_completions(
     ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = ledger_sqlite if ledger_url.startswith("sqlite") else ledger_postgres
+    sqlite = ledger_url.startswith("sqlite")
+    schema = storage_sqlite if sqlite else storage_postgres
+    backend = ledger_sqlite if sqlite else ledger_postgres
     with monkeypatch.context() as patch:  # a gateway of the release before: three migrations
-        patch.setattr(backend, "MIGRATIONS", backend.MIGRATIONS[:OLD_MIGRATIONS])
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:OLD_MIGRATIONS])
         old = ledger_from_url(ledger_url)
         await old.open()
         assert await old.applied_migrations() == [1, 2, 3]
