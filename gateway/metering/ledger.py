@@ -18,7 +18,8 @@ Why it is shaped this way:
   turns each one into an estimated row (the money was probably spent upstream) instead of forgetting it.
 
 Backends (:mod:`gateway.metering.ledger_sqlite`, :mod:`gateway.metering.ledger_postgres`) provide the
-SQL; everything about batching, ordering and failure handling lives here, once.
+SQL, and :mod:`gateway.metering.ledger_factory` picks one by URL; everything about batching, ordering
+and failure handling lives here, once.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
@@ -658,49 +658,3 @@ class Ledger(ABC):
         log.error("ledger: %d entries are NOT stored because %s; they follow, one JSON per line", len(entries), why)
         for entry in entries:
             log.error("ledger unwritten: %s", entry_json(entry))
-
-
-# --------------------------------------------------------------------------------------------------
-# Choosing a backend by URL
-
-
-def ledger_from_url(url: str, **options: Any) -> Ledger:
-    """An unopened ledger for ``url``:
-
-    * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (as in SQLAlchemy),
-      ``sqlite:///:memory:`` (one process only, gone at close);
-    * ``postgresql://user@host:port/db`` or ``postgres://…``; a ``schema=name`` query parameter puts
-      the tables in that schema (created if missing); other parameters go to asyncpg.
-
-    ``options`` are :class:`Ledger` settings (``batch_size``, ``max_delay``, ...).
-    """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise ValueError(f"ledger URL {url!r} needs a scheme: sqlite:///path.db or postgresql://host/db")
-    if scheme == "sqlite":
-        from gateway.metering.ledger_sqlite import SqliteLedger
-
-        if not rest.startswith("/") or rest == "/":
-            raise ValueError(
-                f"ledger URL {url!r}: write sqlite:///relative.db, sqlite:////abs/path.db or sqlite:///:memory:"
-            )
-        path = rest[1:].split("?", 1)[0]
-        return SqliteLedger(path, **options)
-    if scheme in ("postgresql", "postgres"):
-        from gateway.metering.ledger_postgres import PostgresLedger
-
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        schema = next((v for k, v in query if k == "schema"), None)
-        rest_query = urlencode([(k, v) for k, v in query if k != "schema"])
-        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, rest_query, parts.fragment))
-        return PostgresLedger(dsn, schema=schema, **options)
-    raise ValueError(f"ledger URL {url!r}: unknown scheme {scheme!r}; use sqlite:/// or postgresql://")
-
-
-async def open_ledger(url: str, **options: Any) -> Ledger:
-    """:func:`ledger_from_url`, opened (connected, migrated, writer running)."""
-    ledger = ledger_from_url(url, **options)
-    await ledger.open()
-    return ledger

@@ -11,10 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.capture.factory import capture_store_from_url
 from gateway.capture.record import capture_redactor, redacted
-from gateway.capture.store import DAY_S, CaptureRow, capture_store_from_url
+from gateway.capture.store import DAY_S, CaptureRow
 from gateway.metering import ledger_postgres, ledger_sqlite
-from gateway.metering.ledger import ledger_from_url
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.policy.model import Redaction
 from gateway.storage import postgres as storage_postgres
 from gateway.storage import sqlite as storage_sqlite

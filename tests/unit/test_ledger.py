@@ -31,9 +31,9 @@ from gateway.metering.ledger import (
     LedgerRow,
     OpenReservation,
     build_spend_query,
-    ledger_from_url,
     plan_batch,
 )
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.metering.ledger_postgres import PostgresLedger
 from gateway.metering.ledger_sqlite import ROW_COLUMNS, WRITER_NICE, SqliteLedger, encode_row
 from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos, usd_text
@@ -706,7 +706,7 @@ CRASH = textwrap.dedent(
     import asyncio, os, sys
     from decimal import Decimal
     from tests.unit.test_ledger import make_res, make_row
-    from gateway.metering.ledger import open_ledger
+    from gateway.metering.ledger_factory import open_ledger
 
     async def main():
         ledger = await open_ledger(sys.argv[1])

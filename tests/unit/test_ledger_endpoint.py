@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from gateway.metering import ledger_postgres, ledger_sqlite
-from gateway.metering.ledger import ledger_from_url
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.storage import postgres as storage_postgres
 from gateway.storage import sqlite as storage_sqlite
 from tests.unit.conftest import PG_URL
