@@ -1,12 +1,13 @@
 """The embedded ledger: one SQLite file in WAL mode, through aiosqlite so every query runs in
 aiosqlite's thread and never on the event loop.
 
-Money is stored as INTEGER nanodollars: SQLite has no exact decimal type, and integer sums are exact.
-The schema and its migrations, shared with the capture store, are in :mod:`gateway.storage.sqlite`.
-Each batch is one ``BEGIN IMMEDIATE`` transaction: taking the write lock up front (with a busy
-timeout) lets several processes share the file without the deadlock-prone lock upgrade of a deferred
-transaction. Reports read through a second connection, so a long report never holds up the writer
-(WAL lets readers and the writer proceed together); ``:memory:`` has a single connection instead.
+Money is stored as INTEGER nanodollars (the columns and encoders are in
+:mod:`gateway.metering.ledger_sqlite_columns`; the schema and its migrations, shared with capture, in
+:mod:`gateway.storage.sqlite`). Each batch is one ``BEGIN IMMEDIATE`` transaction: taking the write
+lock up front (with a busy timeout) lets several processes share the file without the deadlock-prone
+lock upgrade of a deferred transaction. Reports read through a second connection, so a long report
+never holds up the writer (WAL lets readers and the writer proceed together); ``:memory:`` has a
+single connection instead.
 """
 
 from __future__ import annotations
@@ -24,124 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import orjson
 
-from gateway.metering.ledger import (
-    GROUPS,
-    Batch,
-    Ledger,
-    LedgerRow,
-    OpenReservation,
-    build_spend_query,
-    dump_json,
-    encode_all,
-    split_existing,
-    utc_day_month,
+from gateway.metering.ledger import Ledger
+from gateway.metering.ledger_batch import Batch, split_existing
+from gateway.metering.ledger_query import build_spend_query
+from gateway.metering.ledger_rows import LedgerRow, OpenReservation, encode_all
+from gateway.metering.ledger_sqlite_columns import (
+    DELETE_RESERVATIONS,
+    DELETE_ROWS,
+    INSERT_NEW_ROW,
+    INSERT_ROW,
+    RES_COLUMNS,
+    SELECT_RES,
+    SELECT_ROW,
+    UPSERT_RES,
+    decode_res,
+    decode_row,
+    encode_res,
+    insert_rows,
 )
-from gateway.metering.money import from_nanos, to_nanos
-from gateway.storage.sqlite import (
-    BUSY_TIMEOUT_MS,
-    MAX_ROWS_PER_STATEMENT,
-    json_param,
-    migrate,
-    values_statements,
-)
-from gateway.storage.text import clean_text, opt_text
-
-ROW_COLUMNS = (
-    "request_id", "ts", "day", "month", "tenant", "key_id", "app", "end_user", "tags", "virtual_model",
-    "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
-    "reasoning_tokens", "tool_calls_billed", "cost_nanos", "cache_savings_nanos", "price_version",
-    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
-)  # fmt: skip
-RES_COLUMNS = (
-    "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
-    "amount_nanos", "prompt_tokens_estimate", "windows", "endpoint",
-)  # fmt: skip
-
-INSERT_ROW = f"INSERT INTO ledger ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
-INSERT_NEW_ROW = INSERT_ROW + " ON CONFLICT (request_id) DO NOTHING"
-UPSERT_RES = (
-    f"INSERT INTO open_reservations ({', '.join(RES_COLUMNS)}) VALUES ({', '.join('?' * len(RES_COLUMNS))})"
-    " ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in RES_COLUMNS[1:])
-)
-SELECT_ROW = f"SELECT {', '.join(ROW_COLUMNS)} FROM ledger"
-SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
-
-
-def encode_row(r: LedgerRow) -> tuple[Any, ...]:
-    """The row's column values: exact ints, floats and str (flags as 0/1), None for NULL; money is whole
-    nanodollars, taken from the row when the meter computed them, converted exactly otherwise (a
-    float amount is refused here, before the database)."""
-    day, month = utc_day_month(r.ts)
-    texts: tuple[str | None, ...] = (
-        r.tenant, r.key_id, r.app, r.user, dump_json(r.tags), r.virtual_model, r.upstream, r.upstream_model,
-        r.price_version, r.outcome, r.estimate_reason, r.route_reason,
-    )  # fmt: skip
-    # one look at all the text: nearly always ASCII without NUL, and then nothing needs cleaning
-    joined = "".join(filter(None, texts))
-    if not joined.isascii() or "\x00" in joined:
-        texts = tuple(map(opt_text, texts))
-    tenant, key_id, app, user, tags, vmodel, upstream, umodel, price_version, outcome, reason, route = texts
-    cost = r.cost_nanos if r.cost_nanos is not None else to_nanos(r.cost_usd)
-    savings = r.savings_nanos if r.savings_nanos is not None else to_nanos(r.cache_savings_usd)
-    return (
-        r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
-        1 if r.stream else 0, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens,
-        r.tool_calls_billed, cost, savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome,
-        1 if r.estimated else 0, reason, route, r.endpoint,
-    )  # fmt: skip
-
-
-def decode_row(v: Sequence[Any]) -> LedgerRow:
-    (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
-     completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route, endpoint) = v  # fmt: skip
-    return LedgerRow(
-        rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, bool(stream), prompt,
-        cached, completion, reasoning, tools, from_nanos(cost), from_nanos(savings), price_version, ttft, latency,
-        status, outcome, bool(estimated), reason, route, endpoint=endpoint,
-    )  # fmt: skip
-
-
-def encode_res(r: OpenReservation) -> tuple[Any, ...]:
-    return (
-        r.request_id, float(r.ts), clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
-        clean_text(r.virtual_model), opt_text(r.upstream), opt_text(r.upstream_model), to_nanos(r.amount_usd),
-        int(r.prompt_tokens_estimate), clean_text(dump_json(list(r.windows))), clean_text(r.endpoint),
-    )  # fmt: skip
-
-
-def decode_res(v: Sequence[Any]) -> OpenReservation:
-    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows, endpoint = v
-    return OpenReservation(
-        rid,
-        ts,
-        tenant,
-        key_id,
-        app,
-        vmodel,
-        upstream,
-        umodel,
-        from_nanos(amount),
-        prompt,
-        orjson.loads(windows),
-        endpoint,
-    )
-
-
-DELETE_ROWS = "DELETE FROM ledger WHERE request_id IN (SELECT value FROM json_each(?))"
-DELETE_RESERVATIONS = "DELETE FROM open_reservations WHERE request_id IN (SELECT value FROM json_each(?))"
-
-
-async def _insert_rows(conn: aiosqlite.Connection, sql: str, rows: Sequence[LedgerRow]) -> None:
-    """``rows`` in statements of at most :data:`MAX_ROWS_PER_STATEMENT`, each encoded just before it
-    goes: the event loop is never held for a whole batch's encoding, nor the GIL for a whole batch's
-    parameters (sqlite3 binds them holding it), so requests in flight see no pause of a millisecond."""
-    for i in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-        for statement, params in values_statements(sql, encode_all(encode_row, rows[i : i + MAX_ROWS_PER_STATEMENT])):
-            await conn.execute(statement, params)
-
+from gateway.metering.money import from_nanos
+from gateway.storage.sqlite import BUSY_TIMEOUT_MS, json_param, migrate, values_statements
 
 WRITER_NICE = 5
 """How much lower than the event loop the ledger's SQLite threads run (Linux nice, per thread).
@@ -303,10 +207,10 @@ class SqliteLedger(Ledger):
             insert, replace = split_existing(batch.rows, existing)
             if replace:
                 await conn.execute(DELETE_ROWS, [json_param(replace)])
-            await _insert_rows(conn, INSERT_ROW, insert)
+            await insert_rows(conn, INSERT_ROW, insert)
         elif batch.rows:
             before = conn.total_changes
-            await _insert_rows(conn, INSERT_NEW_ROW, batch.rows)
+            await insert_rows(conn, INSERT_NEW_ROW, batch.rows)
             if conn.total_changes - before != len(batch.rows):
                 raise _AlreadyRecorded
         if batch.settled:
@@ -326,7 +230,7 @@ class SqliteLedger(Ledger):
                 params,
             )
             rows = [make_row(decode_res(v[:-1])) for v in found if not v[-1]]
-            await _insert_rows(conn, INSERT_ROW, rows)
+            await insert_rows(conn, INSERT_ROW, rows)
             await conn.execute(f"DELETE FROM open_reservations {where}", params)
         return rows
 
@@ -378,6 +282,3 @@ class SqliteLedger(Ledger):
     async def applied_migrations(self) -> list[int]:
         async with self._reading() as conn:
             return [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations ORDER BY version")]
-
-
-assert set(GROUPS.values()) <= set(ROW_COLUMNS), "every report group must be a stored column"

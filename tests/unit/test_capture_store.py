@@ -14,7 +14,7 @@ import pytest
 from gateway.capture.factory import capture_store_from_url
 from gateway.capture.record import capture_redactor, redacted
 from gateway.capture.store import DAY_S, CaptureRow
-from gateway.metering import ledger_postgres, ledger_sqlite
+from gateway.metering import ledger_postgres_columns, ledger_sqlite_columns
 from gateway.metering.ledger_factory import ledger_from_url
 from gateway.policy.model import Redaction
 from gateway.storage import postgres as storage_postgres
@@ -95,9 +95,9 @@ def _schema_module(url: str) -> Any:
     return storage_sqlite if url.startswith("sqlite") else storage_postgres
 
 
-def _ledger_module(url: str) -> Any:
+def _columns_module(url: str) -> Any:
     """Where the dialect's ledger encoders are."""
-    return ledger_sqlite if url.startswith("sqlite") else ledger_postgres
+    return ledger_sqlite_columns if url.startswith("sqlite") else ledger_postgres_columns
 
 
 async def _tables(url: str) -> set[str]:
@@ -122,7 +122,7 @@ async def _previous_release_ledger(url: str, monkeypatch: pytest.MonkeyPatch) ->
     await old.open()
     await old.close()
     monkeypatch.undo()
-    await insert_row_before_endpoint_column(url, _ledger_module(url).encode_row(make_row(1))[:-1])
+    await insert_row_before_endpoint_column(url, _columns_module(url).encode_row(make_row(1))[:-1])
 
 
 async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
