@@ -25,10 +25,11 @@ from gateway.api import responses as responses_api
 from gateway.api import responses_items
 from gateway.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.background import RoutingTasks
-from gateway.capture.store import capture_store_from_url
+from gateway.capture.factory import capture_store_from_url
 from gateway.exchange import Runtime
 from gateway.metering.budget import Budgets, seed_from_ledger
-from gateway.metering.ledger import Ledger, ledger_from_url
+from gateway.metering.ledger import Ledger
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.metering.meter import Meter
 from gateway.observability import flush_metrics, log, metrics_payload, setup_logging
 from gateway.ratelimit import RateLimiter

@@ -230,7 +230,7 @@ def spend_report(
 
     from gateway.config import load_config
     from gateway.metering import report
-    from gateway.metering.ledger import open_ledger
+    from gateway.metering.ledger_factory import open_ledger
     from gateway.yamlfile import ConfigError
 
     if output not in ("table", "csv", "json"):
@@ -277,7 +277,8 @@ def capture_show(
 
     import orjson
 
-    from gateway.capture.store import CaptureRow, capture_store_from_url
+    from gateway.capture.factory import capture_store_from_url
+    from gateway.capture.store import CaptureRow
     from gateway.config import load_config
     from gateway.yamlfile import ConfigError
 

@@ -1,7 +1,7 @@
 """Capture rows in the ledger's PostgreSQL database (in the ledger's schema if it has one).
 
-The ``capture`` table is part of the ledger's schema (migration 2 in ``ledger_postgres.py``); opening
-the store brings the schema up to date under the same advisory lock the ledger takes."""
+The ``capture`` table is part of the ledger's schema (migration 2 in :mod:`gateway.storage.postgres`);
+opening the store brings the schema up to date under the same advisory lock the ledger takes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from gateway.capture.store import CaptureRow, CaptureStore
-from gateway.metering.ledger_postgres import SCHEMA_NAME, migrate
+from gateway.storage.postgres import checked_schema, migrate
 
 UPSERT = (
     "INSERT INTO capture (request_id, ts, expires_at, tenant, mode, record) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
@@ -23,10 +23,8 @@ UPSERT = (
 class PostgresCaptureStore(CaptureStore):
     def __init__(self, dsn: str, *, schema: str | None = None, **options: Any) -> None:
         super().__init__(**options)
-        if schema is not None and not SCHEMA_NAME.fullmatch(schema):
-            raise ValueError(f"capture schema {schema!r} must be a plain identifier (letters, digits, _)")
         self.dsn = dsn
-        self.schema = schema
+        self.schema = checked_schema(schema, "capture")
         self._pool: asyncpg.Pool | None = None
 
     @property

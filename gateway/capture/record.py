@@ -13,11 +13,11 @@ from typing import Any
 
 from gateway.capture.store import DAY_S, CaptureRow
 from gateway.exchange import Exchange, Runtime
-from gateway.metering.ledger import clean_text
 from gateway.observability import log
 from gateway.policy.model import Redaction
 from gateway.reasoning.inbound import recorder_of
 from gateway.reasoning.redact import Redactor, redactor_for
+from gateway.storage.text import clean_text
 
 KEY_DETECTORS = ("api_key", "aws_key", "bearer_token")
 PLAIN_KEYS = frozenset(("role", "type", "id", "tool_call_id", "name", "model", "finish_reason"))

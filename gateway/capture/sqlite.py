@@ -1,8 +1,8 @@
 """Capture rows in the ledger's SQLite file (own connection, WAL shared with the ledger).
 
-The ``capture`` table is part of the ledger's schema (migration 2 in ``ledger_sqlite.py``); opening
-the store brings the file's schema up to date, so ``capture show`` works on a file the gateway of
-this version has not opened yet."""
+The ``capture`` table is part of the ledger's schema (migration 2 in :mod:`gateway.storage.sqlite`);
+opening the store brings the file's schema up to date, so ``capture show`` works on a file the
+gateway of this version has not opened yet."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import aiosqlite
 import orjson
 
 from gateway.capture.store import CaptureRow, CaptureStore
-from gateway.metering.ledger_sqlite import BUSY_TIMEOUT_MS, migrate, values_statements
+from gateway.storage.sqlite import BUSY_TIMEOUT_MS, migrate, values_statements
 
 UPSERT = (
     "INSERT INTO capture (request_id, ts, expires_at, tenant, mode, record) VALUES (?, ?, ?, ?, ?, ?)"

@@ -5,6 +5,9 @@ task writes batches. When the database is down the queue fills up to ``max_backl
 rows are dropped (counted and logged) instead of growing memory, and a row that cannot be written
 after a few retries is dropped the same way. Retention is enforced by deleting expired rows when the
 store opens and then every ``purge_interval_s`` (daily by default).
+
+The backends (:mod:`gateway.capture.sqlite`, :mod:`gateway.capture.postgres`) provide the SQL, and
+:mod:`gateway.capture.factory` picks one by URL.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
@@ -173,23 +175,3 @@ class CaptureStore(ABC):
                     return
                 await asyncio.sleep(delay)
                 delay *= 2
-
-
-def capture_store_from_url(url: str, **options: Any) -> CaptureStore:
-    """An unopened capture store on the ledger's database (the same URL forms as the ledger)."""
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() == "sqlite":
-        from gateway.capture.sqlite import SqliteCaptureStore
-
-        return SqliteCaptureStore(rest[1:].split("?", 1)[0], **options)
-    if scheme.lower() in ("postgresql", "postgres"):
-        from gateway.capture.postgres import PostgresCaptureStore
-
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        schema = next((v for k, v in query if k == "schema"), None)
-        dsn = urlunsplit(
-            ("postgresql", parts.netloc, parts.path, urlencode([(k, v) for k, v in query if k != "schema"]), "")
-        )
-        return PostgresCaptureStore(dsn, schema=schema, **options)
-    raise ValueError(f"capture store URL {url!r}: use sqlite:/// or postgresql://")

@@ -1,212 +1,40 @@
 """The shared ledger: PostgreSQL through an asyncpg pool, for several gateway replicas.
 
-Money is NUMERIC(20,9): exact, summed exactly by SQL, and rounded by us (half-to-even, to the
-nanodollar, as SQLite stores it) before it is sent, so both backends hold the same amounts. Batches go
-in with binary COPY inside one transaction. Migrations take a transaction-scoped advisory lock, so
-replicas starting together apply each migration once and never see a half-built schema. A ``schema``
-keeps the tables apart from anything else in the database (and keeps tests apart from each other).
+Money is NUMERIC(20,9): exact, summed exactly by SQL, and rounded before it is sent (the columns and
+encoders are in :mod:`gateway.metering.ledger_postgres_columns`; the schema and its migrations, shared
+with capture, in :mod:`gateway.storage.postgres`). Batches go in with binary COPY inside one
+transaction. Migrations take a transaction-scoped advisory lock, so replicas starting together apply
+each migration once and never see a half-built schema. A ``schema`` keeps the tables apart from
+anything else in the database (and keeps tests apart from each other).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import orjson
 
-from gateway.metering.ledger import (
-    ENDPOINT_COLUMN,
-    REPORTS_BY_TIME_RANGE,
-    Batch,
-    Ledger,
-    LedgerRow,
-    Migration,
-    OpenReservation,
-    build_spend_query,
-    clean_text,
-    dump_json,
-    encode_all,
-    opt_text,
-    pending_migrations,
-    split_existing,
-    utc_day_month,
+from gateway.metering.ledger import Ledger
+from gateway.metering.ledger_batch import Batch, split_existing
+from gateway.metering.ledger_postgres_columns import (
+    EXISTING,
+    RES_COLUMNS,
+    ROW_COLUMNS,
+    SELECT_RES,
+    SELECT_ROW,
+    UPSERT_RES,
+    decode_res,
+    decode_row,
+    encode_res,
+    encode_row,
 )
+from gateway.metering.ledger_query import build_spend_query
+from gateway.metering.ledger_rows import LedgerRow, OpenReservation, encode_all
 from gateway.metering.money import quantize_usd
-
-SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "ledger and open reservations",
-        (
-            """CREATE TABLE ledger (
-                id BIGSERIAL PRIMARY KEY,
-                request_id TEXT NOT NULL UNIQUE,
-                ts DOUBLE PRECISION NOT NULL,
-                day TEXT NOT NULL,
-                month TEXT NOT NULL,
-                tenant TEXT NOT NULL,
-                key_id TEXT NOT NULL,
-                app TEXT,
-                end_user TEXT,
-                tags TEXT NOT NULL,
-                virtual_model TEXT NOT NULL,
-                upstream TEXT,
-                upstream_model TEXT,
-                stream BOOLEAN NOT NULL,
-                prompt_tokens INTEGER NOT NULL,
-                cached_tokens INTEGER NOT NULL,
-                completion_tokens INTEGER NOT NULL,
-                reasoning_tokens INTEGER NOT NULL,
-                tool_calls_billed INTEGER NOT NULL,
-                cost_usd NUMERIC(20, 9) NOT NULL,
-                cache_savings_usd NUMERIC(20, 9) NOT NULL,
-                price_version TEXT,
-                ttft_ms DOUBLE PRECISION,
-                latency_ms DOUBLE PRECISION NOT NULL,
-                status INTEGER NOT NULL,
-                outcome TEXT NOT NULL,
-                estimated BOOLEAN NOT NULL,
-                estimate_reason TEXT,
-                route_reason TEXT NOT NULL
-            )""",
-            "CREATE INDEX ledger_tenant_ts ON ledger (tenant, ts)",
-            "CREATE INDEX ledger_day ON ledger (day)",
-            """CREATE TABLE open_reservations (
-                request_id TEXT PRIMARY KEY,
-                ts DOUBLE PRECISION NOT NULL,
-                tenant TEXT NOT NULL,
-                key_id TEXT NOT NULL,
-                app TEXT,
-                virtual_model TEXT NOT NULL,
-                upstream TEXT,
-                upstream_model TEXT,
-                amount_usd NUMERIC(20, 9) NOT NULL,
-                prompt_tokens_estimate INTEGER NOT NULL,
-                windows TEXT NOT NULL
-            )""",
-            "CREATE INDEX open_reservations_ts ON open_reservations (ts)",
-        ),
-    ),
-    Migration(
-        2,
-        "capture",
-        (
-            # IF NOT EXISTS: gateways before this migration created the table themselves at start-up
-            """CREATE TABLE IF NOT EXISTS capture (
-                request_id TEXT PRIMARY KEY,
-                ts DOUBLE PRECISION NOT NULL,
-                expires_at DOUBLE PRECISION NOT NULL,
-                tenant TEXT NOT NULL,
-                mode TEXT NOT NULL,
-                record JSONB NOT NULL
-            )""",
-            "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
-        ),
-    ),
-    REPORTS_BY_TIME_RANGE,
-    ENDPOINT_COLUMN,
-)
-
-ROW_COLUMNS = (
-    "request_id", "ts", "day", "month", "tenant", "key_id", "app", "end_user", "tags", "virtual_model",
-    "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
-    "reasoning_tokens", "tool_calls_billed", "cost_usd", "cache_savings_usd", "price_version",
-    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
-)  # fmt: skip
-RES_COLUMNS = (
-    "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
-    "amount_usd", "prompt_tokens_estimate", "windows", "endpoint",
-)  # fmt: skip
-
-UPSERT_RES = (
-    f"INSERT INTO open_reservations ({', '.join(RES_COLUMNS)})"
-    f" VALUES ({', '.join(f'${i}' for i in range(1, len(RES_COLUMNS) + 1))})"
-    " ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in RES_COLUMNS[1:])
-)
-SELECT_ROW = f"SELECT {', '.join(ROW_COLUMNS)} FROM ledger"
-SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
-EXISTING = (
-    "SELECT request_id, (outcome = 'crashed' AND estimated AND status = 0) AS replaceable"
-    " FROM ledger WHERE request_id = ANY($1::text[])"
-)
-
-
-def encode_row(r: LedgerRow) -> tuple[Any, ...]:
-    day, month = utc_day_month(r.ts)
-    return (
-        r.request_id, float(r.ts), day, month, clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
-        opt_text(r.user), dump_json(r.tags), clean_text(r.virtual_model), opt_text(r.upstream),
-        opt_text(r.upstream_model), bool(r.stream), int(r.prompt_tokens), int(r.cached_tokens),
-        int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed), quantize_usd(r.cost_usd),
-        quantize_usd(r.cache_savings_usd), opt_text(r.price_version), None if r.ttft_ms is None else float(r.ttft_ms),
-        float(r.latency_ms), int(r.status), clean_text(r.outcome), bool(r.estimated), opt_text(r.estimate_reason),
-        clean_text(r.route_reason), r.endpoint,
-    )  # fmt: skip
-
-
-def decode_row(v: Sequence[Any]) -> LedgerRow:
-    (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
-     completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route, endpoint) = v  # fmt: skip
-    return LedgerRow(
-        rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, stream, prompt, cached,
-        completion, reasoning, tools, quantize_usd(cost), quantize_usd(savings), price_version, ttft, latency, status,
-        outcome, estimated, reason, route, endpoint=endpoint,
-    )  # fmt: skip
-
-
-def encode_res(r: OpenReservation) -> tuple[Any, ...]:
-    return (
-        r.request_id, float(r.ts), clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
-        clean_text(r.virtual_model), opt_text(r.upstream), opt_text(r.upstream_model), quantize_usd(r.amount_usd),
-        int(r.prompt_tokens_estimate), dump_json(list(r.windows)), clean_text(r.endpoint),
-    )  # fmt: skip
-
-
-def decode_res(v: Sequence[Any]) -> OpenReservation:
-    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows, endpoint = v
-    return OpenReservation(
-        rid,
-        ts,
-        tenant,
-        key_id,
-        app,
-        vmodel,
-        upstream,
-        umodel,
-        quantize_usd(amount),
-        prompt,
-        orjson.loads(windows),
-        endpoint,
-    )
-
-
-async def migrate(conn: asyncpg.Connection, schema: str | None, where: str) -> None:
-    """Bring the database's (or ``schema``'s) tables up to date, in one transaction. The ledger and
-    the capture store beside it both call this when they open; the caller's connection has the
-    schema on its search path."""
-    async with conn.transaction():
-        # Held until commit: a second replica waits here, then finds everything applied.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))", f"kimi-gateway ledger migrations {schema or ''}"
-        )
-        if schema:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations"
-            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
-        applied = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
-        for m in pending_migrations(MIGRATIONS, applied, where):
-            for statement in m.statements:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
+from gateway.storage.postgres import checked_schema, migrate
 
 
 class PostgresLedger(Ledger):
@@ -216,10 +44,8 @@ class PostgresLedger(Ledger):
         self, dsn: str, *, schema: str | None = None, pool_min: int = 1, pool_max: int = 4, **options: Any
     ) -> None:
         super().__init__(**options)
-        if schema is not None and not SCHEMA_NAME.fullmatch(schema):
-            raise ValueError(f"ledger schema {schema!r} must be a plain identifier (letters, digits, _)")
         self.dsn = dsn
-        self.schema = schema
+        self.schema = checked_schema(schema, "ledger")
         self.pool_min = pool_min
         self.pool_max = pool_max
         self._pool: asyncpg.Pool | None = None

@@ -1,18 +1,19 @@
 """The embedded ledger: one SQLite file in WAL mode, through aiosqlite so every query runs in
 aiosqlite's thread and never on the event loop.
 
-Money is stored as INTEGER nanodollars: SQLite has no exact decimal type, and integer sums are exact.
-Each batch is one ``BEGIN IMMEDIATE`` transaction: taking the write lock up front (with a busy
-timeout) lets several processes share the file without the deadlock-prone lock upgrade of a deferred
-transaction. Reports read through a second connection, so a long report never holds up the writer
-(WAL lets readers and the writer proceed together); ``:memory:`` has a single connection instead.
+Money is stored as INTEGER nanodollars (the columns and encoders are in
+:mod:`gateway.metering.ledger_sqlite_columns`; the schema and its migrations, shared with capture, in
+:mod:`gateway.storage.sqlite`). Each batch is one ``BEGIN IMMEDIATE`` transaction: taking the write
+lock up front (with a busy timeout) lets several processes share the file without the deadlock-prone
+lock upgrade of a deferred transaction. Reports read through a second connection, so a long report
+never holds up the writer (WAL lets readers and the writer proceed together); ``:memory:`` has a
+single connection instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import sqlite3
 import sys
@@ -20,269 +21,31 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
-from itertools import chain
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiosqlite
-import orjson
 
-from gateway.metering.ledger import (
-    ENDPOINT_COLUMN,
-    GROUPS,
-    REPORTS_BY_TIME_RANGE,
-    Batch,
-    Ledger,
-    LedgerRow,
-    Migration,
-    OpenReservation,
-    build_spend_query,
-    clean_text,
-    dump_json,
-    encode_all,
-    opt_text,
-    pending_migrations,
-    split_existing,
-    utc_day_month,
+from gateway.metering.ledger import Ledger
+from gateway.metering.ledger_batch import Batch, split_existing
+from gateway.metering.ledger_query import build_spend_query
+from gateway.metering.ledger_rows import LedgerRow, OpenReservation, encode_all
+from gateway.metering.ledger_sqlite_columns import (
+    DELETE_RESERVATIONS,
+    DELETE_ROWS,
+    INSERT_NEW_ROW,
+    INSERT_ROW,
+    RES_COLUMNS,
+    SELECT_RES,
+    SELECT_ROW,
+    UPSERT_RES,
+    decode_res,
+    decode_row,
+    encode_res,
+    insert_rows,
 )
-from gateway.metering.money import from_nanos, to_nanos
-
-BUSY_TIMEOUT_MS = 10_000
-
-# sqlite3 binds exact int, float, str and bytes directly; any other parameter, None included, goes
-# through its adaptation protocol, which without a registered adapter looks up ``__adapt__`` and
-# ``__conform__`` and builds and clears an AttributeError for each: ~3,300 instructions per None,
-# a fifth of a ledger row's insert (several of its columns are usually NULL). A registered adapter is
-# one dict lookup and one call; ``{}.get`` returns None for None without a Python frame, and None
-# is then bound as NULL exactly as before. Process-wide, and the same result for every sqlite3 user.
-sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "ledger and open reservations",
-        (
-            """CREATE TABLE ledger (
-                id INTEGER PRIMARY KEY,
-                request_id TEXT NOT NULL UNIQUE,
-                ts REAL NOT NULL,
-                day TEXT NOT NULL,
-                month TEXT NOT NULL,
-                tenant TEXT NOT NULL,
-                key_id TEXT NOT NULL,
-                app TEXT,
-                end_user TEXT,
-                tags TEXT NOT NULL,
-                virtual_model TEXT NOT NULL,
-                upstream TEXT,
-                upstream_model TEXT,
-                stream INTEGER NOT NULL,
-                prompt_tokens INTEGER NOT NULL,
-                cached_tokens INTEGER NOT NULL,
-                completion_tokens INTEGER NOT NULL,
-                reasoning_tokens INTEGER NOT NULL,
-                tool_calls_billed INTEGER NOT NULL,
-                cost_nanos INTEGER NOT NULL,
-                cache_savings_nanos INTEGER NOT NULL,
-                price_version TEXT,
-                ttft_ms REAL,
-                latency_ms REAL NOT NULL,
-                status INTEGER NOT NULL,
-                outcome TEXT NOT NULL,
-                estimated INTEGER NOT NULL,
-                estimate_reason TEXT,
-                route_reason TEXT NOT NULL
-            )""",
-            "CREATE INDEX ledger_tenant_ts ON ledger (tenant, ts)",
-            "CREATE INDEX ledger_day ON ledger (day)",
-            """CREATE TABLE open_reservations (
-                request_id TEXT PRIMARY KEY,
-                ts REAL NOT NULL,
-                tenant TEXT NOT NULL,
-                key_id TEXT NOT NULL,
-                app TEXT,
-                virtual_model TEXT NOT NULL,
-                upstream TEXT,
-                upstream_model TEXT,
-                amount_nanos INTEGER NOT NULL,
-                prompt_tokens_estimate INTEGER NOT NULL,
-                windows TEXT NOT NULL
-            )""",
-            "CREATE INDEX open_reservations_ts ON open_reservations (ts)",
-        ),
-    ),
-    Migration(
-        2,
-        "capture",
-        (
-            # IF NOT EXISTS: gateways before this migration created the table themselves at start-up
-            """CREATE TABLE IF NOT EXISTS capture (
-                request_id TEXT PRIMARY KEY,
-                ts REAL NOT NULL,
-                expires_at REAL NOT NULL,
-                tenant TEXT NOT NULL,
-                mode TEXT NOT NULL,
-                record TEXT NOT NULL
-            )""",
-            "CREATE INDEX IF NOT EXISTS capture_expires_at ON capture (expires_at)",
-        ),
-    ),
-    REPORTS_BY_TIME_RANGE,
-    ENDPOINT_COLUMN,
-)
-
-ROW_COLUMNS = (
-    "request_id", "ts", "day", "month", "tenant", "key_id", "app", "end_user", "tags", "virtual_model",
-    "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
-    "reasoning_tokens", "tool_calls_billed", "cost_nanos", "cache_savings_nanos", "price_version",
-    "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
-)  # fmt: skip
-RES_COLUMNS = (
-    "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
-    "amount_nanos", "prompt_tokens_estimate", "windows", "endpoint",
-)  # fmt: skip
-
-INSERT_ROW = f"INSERT INTO ledger ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
-INSERT_NEW_ROW = INSERT_ROW + " ON CONFLICT (request_id) DO NOTHING"
-UPSERT_RES = (
-    f"INSERT INTO open_reservations ({', '.join(RES_COLUMNS)}) VALUES ({', '.join('?' * len(RES_COLUMNS))})"
-    " ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in RES_COLUMNS[1:])
-)
-SELECT_ROW = f"SELECT {', '.join(ROW_COLUMNS)} FROM ledger"
-SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
-
-
-def encode_row(r: LedgerRow) -> tuple[Any, ...]:
-    """The row's column values: exact ints, floats and str (flags as 0/1), None for NULL; money is whole
-    nanodollars, taken from the row when the meter computed them, converted exactly otherwise (a
-    float amount is refused here, before the database)."""
-    day, month = utc_day_month(r.ts)
-    texts: tuple[str | None, ...] = (
-        r.tenant, r.key_id, r.app, r.user, dump_json(r.tags), r.virtual_model, r.upstream, r.upstream_model,
-        r.price_version, r.outcome, r.estimate_reason, r.route_reason,
-    )  # fmt: skip
-    # one look at all the text: nearly always ASCII without NUL, and then nothing needs cleaning
-    joined = "".join(filter(None, texts))
-    if not joined.isascii() or "\x00" in joined:
-        texts = tuple(map(opt_text, texts))
-    tenant, key_id, app, user, tags, vmodel, upstream, umodel, price_version, outcome, reason, route = texts
-    cost = r.cost_nanos if r.cost_nanos is not None else to_nanos(r.cost_usd)
-    savings = r.savings_nanos if r.savings_nanos is not None else to_nanos(r.cache_savings_usd)
-    return (
-        r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
-        1 if r.stream else 0, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens,
-        r.tool_calls_billed, cost, savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome,
-        1 if r.estimated else 0, reason, route, r.endpoint,
-    )  # fmt: skip
-
-
-def decode_row(v: Sequence[Any]) -> LedgerRow:
-    (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
-     completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route, endpoint) = v  # fmt: skip
-    return LedgerRow(
-        rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, bool(stream), prompt,
-        cached, completion, reasoning, tools, from_nanos(cost), from_nanos(savings), price_version, ttft, latency,
-        status, outcome, bool(estimated), reason, route, endpoint=endpoint,
-    )  # fmt: skip
-
-
-def encode_res(r: OpenReservation) -> tuple[Any, ...]:
-    return (
-        r.request_id, float(r.ts), clean_text(r.tenant), clean_text(r.key_id), opt_text(r.app),
-        clean_text(r.virtual_model), opt_text(r.upstream), opt_text(r.upstream_model), to_nanos(r.amount_usd),
-        int(r.prompt_tokens_estimate), clean_text(dump_json(list(r.windows))), clean_text(r.endpoint),
-    )  # fmt: skip
-
-
-def decode_res(v: Sequence[Any]) -> OpenReservation:
-    rid, ts, tenant, key_id, app, vmodel, upstream, umodel, amount, prompt, windows, endpoint = v
-    return OpenReservation(
-        rid,
-        ts,
-        tenant,
-        key_id,
-        app,
-        vmodel,
-        upstream,
-        umodel,
-        from_nanos(amount),
-        prompt,
-        orjson.loads(windows),
-        endpoint,
-    )
-
-
-# Rows per statement: powers of two up to this, so a connection prepares at most seven statement texts
-# per kind (SQLite keeps prepared statements cached; one text per batch size would pile up megabytes).
-# 64 rows bind 1,792 parameters, a fraction of a millisecond with the GIL held; 512 held it for about
-# 3 ms, which showed as p99 latency at one connection (1.74 against 1.46 ms, bench/RESULTS.md).
-MAX_ROWS_PER_STATEMENT = 64
-
-
-@functools.lru_cache(maxsize=64)
-def _values_sql(sql: str, n: int) -> str:
-    head, sep, rest = sql.partition(" VALUES (")
-    assert sep, sql
-    group, _, tail = rest.partition(")")
-    return f"{head} VALUES {', '.join([f'({group})'] * n)}{tail}"
-
-
-def values_statements(sql: str, rows: Sequence[Sequence[Any]]) -> list[tuple[str, list[Any]]]:
-    """``sql`` (an ``INSERT ... VALUES (?, ...) [ON CONFLICT ...]`` for one row) as a few multi-row
-    statements covering ``rows`` in order, each with its flattened parameters.
-
-    Why not ``executemany``: sqlite3 releases the GIL around every row's step and takes it back
-    after, and while the event loop keeps the GIL busy each take-back waits a switch interval
-    (5 ms); a 500-row batch took seconds under load and the ledger fell behind. A multi-row
-    statement steps once. Rows are applied in order, as ``executemany`` would apply them.
-    """
-    out: list[tuple[str, list[Any]]] = []
-    i, n = 0, len(rows)
-    while i < n:
-        size = min(MAX_ROWS_PER_STATEMENT, 1 << ((n - i).bit_length() - 1))
-        part = rows[i : i + size]
-        out.append((_values_sql(sql, size), list(chain.from_iterable(part))))  # 5x a nested comprehension
-        i += size
-    return out
-
-
-def json_param(ids: Sequence[str]) -> str:
-    """The single parameter of ``IN (SELECT value FROM json_each(?))``: one statement text whatever
-    the number of ids (see :func:`values_statements` for why the text must not vary)."""
-    return orjson.dumps(ids).decode()
-
-
-DELETE_ROWS = "DELETE FROM ledger WHERE request_id IN (SELECT value FROM json_each(?))"
-DELETE_RESERVATIONS = "DELETE FROM open_reservations WHERE request_id IN (SELECT value FROM json_each(?))"
-
-
-async def migrate(conn: aiosqlite.Connection, where: str) -> None:
-    """Bring the file's schema up to date; the caller holds a write transaction (``BEGIN
-    IMMEDIATE``), so processes opening the file together apply each migration once. The ledger and
-    the capture store beside it both call this when they open."""
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations"
-        " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-    )
-    applied = [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations")]
-    for m in pending_migrations(MIGRATIONS, applied, where):
-        for statement in m.statements:
-            await conn.execute(statement)
-        await conn.execute(
-            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-            (m.version, m.name, time.time()),
-        )
-
-
-async def _insert_rows(conn: aiosqlite.Connection, sql: str, rows: Sequence[LedgerRow]) -> None:
-    """``rows`` in statements of at most :data:`MAX_ROWS_PER_STATEMENT`, each encoded just before it
-    goes: the event loop is never held for a whole batch's encoding, nor the GIL for a whole batch's
-    parameters (sqlite3 binds them holding it), so requests in flight see no pause of a millisecond."""
-    for i in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-        for statement, params in values_statements(sql, encode_all(encode_row, rows[i : i + MAX_ROWS_PER_STATEMENT])):
-            await conn.execute(statement, params)
-
+from gateway.metering.money import from_nanos
+from gateway.storage.sqlite import BUSY_TIMEOUT_MS, json_param, migrate, values_statements
 
 WRITER_NICE = 5
 """How much lower than the event loop the ledger's SQLite threads run (Linux nice, per thread).
@@ -444,10 +207,10 @@ class SqliteLedger(Ledger):
             insert, replace = split_existing(batch.rows, existing)
             if replace:
                 await conn.execute(DELETE_ROWS, [json_param(replace)])
-            await _insert_rows(conn, INSERT_ROW, insert)
+            await insert_rows(conn, INSERT_ROW, insert)
         elif batch.rows:
             before = conn.total_changes
-            await _insert_rows(conn, INSERT_NEW_ROW, batch.rows)
+            await insert_rows(conn, INSERT_NEW_ROW, batch.rows)
             if conn.total_changes - before != len(batch.rows):
                 raise _AlreadyRecorded
         if batch.settled:
@@ -467,7 +230,7 @@ class SqliteLedger(Ledger):
                 params,
             )
             rows = [make_row(decode_res(v[:-1])) for v in found if not v[-1]]
-            await _insert_rows(conn, INSERT_ROW, rows)
+            await insert_rows(conn, INSERT_ROW, rows)
             await conn.execute(f"DELETE FROM open_reservations {where}", params)
         return rows
 
@@ -519,6 +282,3 @@ class SqliteLedger(Ledger):
     async def applied_migrations(self) -> list[int]:
         async with self._reading() as conn:
             return [v for (v,) in await conn.execute_fetchall("SELECT version FROM schema_migrations ORDER BY version")]
-
-
-assert set(GROUPS.values()) <= set(ROW_COLUMNS), "every report group must be a stored column"

@@ -15,7 +15,8 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.metering.budget import Budgets, Reservation
-from gateway.metering.ledger import Ledger, LedgerRow, OpenReservation
+from gateway.metering.ledger import Ledger
+from gateway.metering.ledger_rows import LedgerRow, OpenReservation
 from gateway.metering.money import from_nanos
 from gateway.metering.prices import Cost, Price, PriceBook, cost_of
 from gateway.metering.stream import StreamTap

@@ -26,7 +26,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from gateway.metering.ledger import GROUPS, METRICS
+from gateway.metering.ledger_query import GROUPS, METRICS
 from gateway.metering.money import fmt_usd, quantize_usd
 
 MONEY = ("cost_usd", "cache_savings_usd")

@@ -13,7 +13,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gateway.metering.ledger import LedgerRow, ledger_from_url
+from gateway.metering.ledger_factory import ledger_from_url
+from gateway.metering.ledger_rows import LedgerRow
 from tests.conftest import Process, start_gateway, write_gateway
 from tests.e2e.redis_helpers import drop_namespace, shared_redis, state_yaml
 from tests.e2e.test_metering import KEY_A, KEY_B, policy_yaml, upstream_yaml

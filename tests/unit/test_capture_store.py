@@ -11,10 +11,14 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.capture.factory import capture_store_from_url
 from gateway.capture.record import capture_redactor, redacted
-from gateway.capture.store import DAY_S, CaptureRow, capture_store_from_url
-from gateway.metering.ledger import ledger_from_url
+from gateway.capture.store import DAY_S, CaptureRow
+from gateway.metering import ledger_postgres_columns, ledger_sqlite_columns
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.policy.model import Redaction
+from gateway.storage import postgres as storage_postgres
+from gateway.storage import sqlite as storage_sqlite
 from tests.unit.conftest import PG_URL
 from tests.unit.test_ledger import make_row
 from tests.unit.test_ledger_endpoint import insert_row_before_endpoint_column
@@ -86,10 +90,14 @@ def test_capture_redaction_always_removes_keys_even_when_the_tenant_lists_other_
 # -- the capture table is a ledger migration
 
 
-def _ledger_module(url: str) -> Any:
-    from gateway.metering import ledger_postgres, ledger_sqlite
+def _schema_module(url: str) -> Any:
+    """Where the dialect's migrations are listed."""
+    return storage_sqlite if url.startswith("sqlite") else storage_postgres
 
-    return ledger_sqlite if url.startswith("sqlite") else ledger_postgres
+
+def _columns_module(url: str) -> Any:
+    """Where the dialect's ledger encoders are."""
+    return ledger_sqlite_columns if url.startswith("sqlite") else ledger_postgres_columns
 
 
 async def _tables(url: str) -> set[str]:
@@ -108,13 +116,13 @@ async def _tables(url: str) -> set[str]:
 async def _previous_release_ledger(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A ledger database as the release before the capture migration left it: migration 1 only,
     with one row written in that release's columns (no ``endpoint``, which migration 4 adds)."""
-    module = _ledger_module(url)
-    monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+    schema = _schema_module(url)
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
     old = ledger_from_url(url)
     await old.open()
     await old.close()
     monkeypatch.undo()
-    await insert_row_before_endpoint_column(url, module.encode_row(make_row(1))[:-1])
+    await insert_row_before_endpoint_column(url, _columns_module(url).encode_row(make_row(1))[:-1])
 
 
 async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
@@ -145,7 +153,7 @@ async def test_a_capture_table_made_before_the_migration_existed_is_kept_with_it
 ) -> None:
     """Gateways before migration 2 created the table themselves at start-up, with the same DDL."""
     await _previous_release_ledger(capture_url, monkeypatch)
-    statements = _ledger_module(capture_url).MIGRATIONS[1].statements
+    statements = _schema_module(capture_url).MIGRATIONS[1].statements
     values = ("req-before-upgrade", time.time(), time.time() + DAY_S, "acme", "full", '{"kept": true}')
     if capture_url.startswith("sqlite"):
         with contextlib.closing(sqlite3.connect(capture_url.removeprefix("sqlite:///"))) as raw:

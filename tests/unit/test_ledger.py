@@ -25,17 +25,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.metering.ledger import (
-    GROUPS,
-    Ledger,
-    LedgerRow,
-    OpenReservation,
-    build_spend_query,
-    ledger_from_url,
-    plan_batch,
-)
+from gateway.metering.ledger import Ledger
+from gateway.metering.ledger_batch import plan_batch
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.metering.ledger_postgres import PostgresLedger
-from gateway.metering.ledger_sqlite import ROW_COLUMNS, WRITER_NICE, SqliteLedger, encode_row
+from gateway.metering.ledger_query import GROUPS, build_spend_query
+from gateway.metering.ledger_rows import LedgerRow, OpenReservation
+from gateway.metering.ledger_sqlite import WRITER_NICE, SqliteLedger
+from gateway.metering.ledger_sqlite_columns import ROW_COLUMNS, encode_row
 from gateway.metering.money import _CTX, NANO, fmt_usd, from_nanos, quantize_usd, to_nanos, usd_text
 from tests.conftest import ROOT
 
@@ -359,7 +356,7 @@ def dataset() -> list[LedgerRow]:
 
 def expected_spend(rows: list[LedgerRow], group_by: list[str]) -> list[dict[str, Any]]:
     """What :meth:`Ledger.spend` must return, computed in Python."""
-    from gateway.metering.ledger import utc_day_month
+    from gateway.metering.ledger_rows import utc_day_month
 
     def value(row: LedgerRow, group: str) -> Any:
         if group in ("day", "month"):
@@ -706,7 +703,7 @@ CRASH = textwrap.dedent(
     import asyncio, os, sys
     from decimal import Decimal
     from tests.unit.test_ledger import make_res, make_row
-    from gateway.metering.ledger import open_ledger
+    from gateway.metering.ledger_factory import open_ledger
 
     async def main():
         ledger = await open_ledger(sys.argv[1])

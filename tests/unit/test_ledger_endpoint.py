@@ -12,8 +12,10 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 
-from gateway.metering import ledger_postgres, ledger_sqlite
-from gateway.metering.ledger import ledger_from_url
+from gateway.metering import ledger_postgres_columns, ledger_sqlite_columns
+from gateway.metering.ledger_factory import ledger_from_url
+from gateway.storage import postgres as storage_postgres
+from gateway.storage import sqlite as storage_sqlite
 from tests.unit.conftest import PG_URL
 from tests.unit.test_ledger import make_res, make_row
 
@@ -23,7 +25,7 @@ OLD_MIGRATIONS = 3  # the schema before the endpoint column
 async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...]) -> None:
     """A row as a gateway before migration 4 wrote it: every column but ``endpoint``."""
     if url.startswith("sqlite"):
-        columns = ledger_sqlite.ROW_COLUMNS[:-1]
+        columns = ledger_sqlite_columns.ROW_COLUMNS[:-1]
         with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as raw:
             raw.execute(
                 f"INSERT INTO ledger ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", row_values
@@ -31,7 +33,7 @@ async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...
             raw.commit()
         return
     schema = parse_qs(urlsplit(url).query)["schema"][0]
-    columns = ledger_postgres.ROW_COLUMNS[:-1]
+    columns = ledger_postgres_columns.ROW_COLUMNS[:-1]
     conn = await asyncpg.connect(PG_URL, server_settings={"search_path": f'"{schema}"'})
     try:
         marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
@@ -43,14 +45,16 @@ async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...
 async def test_rows_from_before_the_endpoint_column_read_as_chat_completions(
     ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = ledger_sqlite if ledger_url.startswith("sqlite") else ledger_postgres
+    sqlite = ledger_url.startswith("sqlite")
+    schema = storage_sqlite if sqlite else storage_postgres
+    columns = ledger_sqlite_columns if sqlite else ledger_postgres_columns
     with monkeypatch.context() as patch:  # a gateway of the release before: three migrations
-        patch.setattr(backend, "MIGRATIONS", backend.MIGRATIONS[:OLD_MIGRATIONS])
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:OLD_MIGRATIONS])
         old = ledger_from_url(ledger_url)
         await old.open()
         assert await old.applied_migrations() == [1, 2, 3]
         await old.close()
-    await insert_row_before_endpoint_column(ledger_url, backend.encode_row(make_row(1))[:-1])
+    await insert_row_before_endpoint_column(ledger_url, columns.encode_row(make_row(1))[:-1])
 
     ledger = ledger_from_url(ledger_url)
     await ledger.open()

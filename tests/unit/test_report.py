@@ -12,7 +12,7 @@ import orjson
 import pytest
 from rich.console import Console
 
-from gateway.metering.ledger import ledger_from_url
+from gateway.metering.ledger_factory import ledger_from_url
 from gateway.metering.report import parse_group_by, parse_time, render_table, to_csv, to_json, totals
 from tests.unit.test_ledger import make_row
 
