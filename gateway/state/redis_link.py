@@ -1,11 +1,15 @@
 """The process's connection to Redis: every state call of every concurrent request, pipelined.
 
 redis-py spends most of a command's cost in Python around it (taking a pooled connection, retries,
-timeouts, response callbacks): measured here about 60-100 µs of CPU per call, against 10-15 µs per
-command inside a pipeline. A gateway request makes a few state calls, so the request path sends them
-through one dedicated connection instead: calls that arrive while a batch is on the wire wait and go
-out together as the next batch, written at once and read back in order (auto-pipelining). Under load
-a batch carries the calls of many requests; a lone request still makes one round trip.
+timeouts, response callbacks). bench/redis_link.py (bench/RESULTS.md, "Redis link") runs a request's
+four state scripts (rate hit, reserve, settle, adjust) both ways: through a redis.asyncio pool they
+cost 255-327 µs of client CPU per request at 64-256 concurrent requests (64-82 µs per call), through
+this link 34-36 µs (about 9 µs per call), and a lone request 260 against 108 µs; requests/s were
+4.5-5.8 times as high at 64-256 and 1.7 times at 1. A gateway request makes a few state calls, so
+the request path sends them through one dedicated connection instead: calls that arrive while a
+batch is on the wire wait and go out together as the next batch, written at once and read back in
+order (auto-pipelining). Under load a batch carries the calls of many requests; a lone request
+still makes one round trip.
 
 Every batch is bounded by a deadline (connect + command timeouts, one reconnect attempt); a batch
 that fails fails its calls with :class:`StateUnavailable`, the connection is dropped, and the next
@@ -53,11 +57,11 @@ def pack(commands: list[tuple[Any, ...]]) -> bytes:
     """RESP for a batch of commands (bytes, str and int arguments: all the state code sends).
 
     Kept instead of redis-py's ``Connection.pack_commands`` (byte-identical output, checked by
-    ``test_pack_matches_redis_py``) because it costs materially less: timed with redis 8.1 on
-    typical state calls (a budget EVALSHA of 14 arguments, an affinity MGET, a 600-byte SET), this is
-    2.8-5.1 µs per command against 8.8-11.1 µs for redis-py's packer, which encodes every argument
-    through its encoder and splits buffers; at ~12 µs of CPU per pipelined call under load, the
-    difference would be half as much again."""
+    ``test_pack_matches_redis_py``) because it costs materially less: on typical state calls (a
+    budget EVALSHA of 14 arguments, an affinity MGET, a 600-byte SET) this is 1.8 µs per command
+    against 6.9 µs for redis-py 8.2's packer, which encodes every argument through its encoder and
+    splits buffers (bench/redis_link.py, bench/RESULTS.md "Redis link"); at ~9 µs of CPU per
+    pipelined call under load, the difference would be half as much again."""
     out: list[bytes] = []
     for args in commands:
         out.append(b"*%d\r\n" % len(args))

@@ -104,3 +104,29 @@ def test_a_series_built_again_after_eviction_shares_the_pending_counts() -> None
         "gateway_tokens_total", {"tenant": "t-evict", "model": "m", "upstream": "u", "kind": "prompt"}
     )
     assert value == 7
+
+
+def test_prometheus_client_still_has_the_private_fields_the_flush_writes() -> None:
+    """``_PendingHistogram.flush`` writes prometheus_client's private ``_upper_bounds``, ``_buckets``
+    (one non-cumulative value per bound, +Inf last) and ``_sum``. They are the same in 0.20.0 to 0.26.0,
+    the range pyproject.toml allows; a release that changes them must fail here, not go unnoticed
+    (in production the fallback would quietly observe every value directly again)."""
+    from importlib.metadata import version
+
+    import prometheus_client
+
+    child = Histogram("h", "h", buckets=(0.1, 1), registry=CollectorRegistry())
+    where = f"prometheus-client {version('prometheus-client')} ({prometheus_client.__file__})"
+    for name in ("_upper_bounds", "_buckets", "_sum"):
+        assert hasattr(child, name), (
+            f"{where}: Histogram has no {name}; gateway/observability.py _PendingHistogram needs it. "
+            "Adapt the flush to the new layout or bound prometheus-client below this release in pyproject.toml."
+        )
+    assert list(child._upper_bounds) == [0.1, 1.0, math.inf], f"{where}: _upper_bounds is laid out differently"
+    assert isinstance(child._buckets, list) and len(child._buckets) == 3, f"{where}: _buckets is no list per bound"
+    assert all(hasattr(b, "inc") and hasattr(b, "get") for b in child._buckets), f"{where}: bucket values changed"
+    assert hasattr(child._sum, "inc"), f"{where}: _sum has no inc()"
+    child.observe(0.5)
+    assert [b.get() for b in child._buckets] == [0, 1, 0], f"{where}: _buckets are no longer counted per bucket"
+    assert child._sum.get() == 0.5, f"{where}: _sum no longer holds the sum"
+    assert not _PendingHistogram(child).direct, f"{where}: _PendingHistogram would fall back to direct observe"
