@@ -10,8 +10,10 @@ increments. Four ways of making them, on the gateway's own metric objects:
                     ``child.observe()`` directly: public prometheus-client API only
   pending-counters  counters add up in ``_PendingCounter`` (a plain float), histograms observed
                     directly: the pending code without the part that writes private fields
-  pending           what the gateway does: ``series()`` and ``_PendingCounter`` / ``_PendingHistogram``
-                    (which writes prometheus-client's ``_buckets`` and ``_sum`` at flush)
+  pending           what the gateway does: ``series()``, its counters in ``_PendingCounter``, its
+                    histograms prometheus-client's own children (until 2026-12-04 a
+                    ``_PendingHistogram`` wrote the library's private ``_buckets``/``_sum`` at
+                    flush; RESULTS.md §7 measured it under the 10 % line and it was removed)
 
 Pending variants call ``flush_metrics()`` every ``--flush-every`` requests (the app flushes once a
 second; 2,000 requests is about a second of one gateway core at its highest measured rate), so the
@@ -21,7 +23,7 @@ in-memory values with a lock) and ``multiprocess`` (``PROMETHEUS_MULTIPROC_DIR``
 runs every variant once in each mode, the variant order rotating; cells are µs of CPU
 (``time.process_time``) per request, median [min-max].
 
-  cd /work/wt-bench && PYTHONPATH=. /work/main/.venv/bin/python bench/metrics.py      # ~1 min
+  .venv/bin/python bench/metrics.py      # ~1 min
   ... bench/metrics.py --reps 7 --requests 200000 --modes single
 """
 

@@ -238,8 +238,8 @@ def tune_gc() -> None:
     Every request allocates a few hundred short-lived containers; with CPython's default thresholds
     (700, 10, 10) the collector runs every few requests and its older generations keep scanning
     everything loaded at start-up. Freezing the start-up heap and collecting the young generation
-    less often measured +14 % non-stream and +15 % stream throughput (bench/RESULTS.md). Cycles are
-    still collected, only in larger batches.
+    less often measured +14 % non-stream and +15 % stream throughput (bench/RESULTS.md, "Earlier:
+    HEAD with garbage-collector tuning"). Cycles are still collected, only in larger batches.
     """
     gc.collect()
     gc.freeze()

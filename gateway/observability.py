@@ -11,9 +11,8 @@ import functools
 import logging
 import os
 import sys
-from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -113,8 +112,10 @@ class _PendingCounter:
     prometheus_client takes a lock (and with ``--workers`` writes a shared file) on every ``inc``.
     bench/metrics.py (bench/RESULTS.md, "Pending metrics") times a request's ten metric updates:
     4.5 µs through cached children (12.5 µs with ``--workers``), 2.7 µs (6.1 µs) with these
-    counters, 1.1 µs with counters and histograms pending. Against the 293-513 µs of CPU a request
-    costs the gateway (bench/RESULTS.md §2) all of it is about 1-4 %: under the 10 % line.
+    counters: the saving is 0.4-1.2 % of the 293-513 µs of CPU a request costs the gateway, 2-4 %
+    with ``--workers``, and it stays because it uses only the library's public ``inc``. Histograms
+    are observed on their children directly: batching them meant writing the library's private
+    fields for 1.6 µs (5.0 µs) a request, under the 10 % line (bench/RESULTS.md §7).
     """
 
     __slots__ = ("child", "pending")
@@ -132,69 +133,16 @@ class _PendingCounter:
             self.child.inc(amount)
 
 
-class _PendingHistogram:
-    """A histogram child's observations, counted per bucket until the next :func:`flush_metrics`.
-
-    The bucket of a value is the first upper bound at or above it (prometheus_client's rule, found
-    here by bisection); a flush adds each bucket's count and the sum to the child's own values. That
-    reaches into prometheus_client's ``_buckets`` and ``_sum``: if a release ever lays them out
-    differently, observations go straight to the child instead, as they did before (and
-    tests/unit/test_pending_metrics.py fails, naming the field). What the private fields buy over
-    observing the child directly: 1.6 µs per request, 5.0 µs with ``--workers`` (bench/metrics.py,
-    "pending" against "pending-counters"), 0.5-1.7 % of a request's CPU.
-    """
-
-    __slots__ = ("bounds", "child", "counts", "direct", "total")
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.bounds: list[float] = list(getattr(child, "_upper_bounds", ()))
-        buckets = getattr(child, "_buckets", None)
-        self.direct = not (
-            self.bounds
-            and isinstance(buckets, list)
-            and len(buckets) == len(self.bounds)
-            and all(hasattr(b, "inc") for b in buckets)
-            and hasattr(getattr(child, "_sum", None), "inc")
-        )
-        self.counts = [0] * len(self.bounds)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        if self.direct:
-            self.child.observe(value)
-            return
-        i = bisect_left(self.bounds, value)
-        if i < len(self.counts):  # NaN lands in no bucket, as in prometheus_client
-            self.counts[i] += 1
-        self.total += value
-
-    def flush(self) -> None:
-        if self.direct or not any(self.counts):
-            return
-        counts, total = self.counts, self.total
-        self.counts, self.total = [0] * len(counts), 0.0
-        child = self.child
-        child._sum.inc(total)
-        for i, n in enumerate(counts):
-            if n:
-                child._buckets[i].inc(n)
-
-
 # one wrapper per prometheus child, kept for the process's life (children are never removed either):
 # a Series evicted from the cache and built again finds its wrappers, and nothing is counted twice
-_PENDING: dict[int, _PendingCounter | _PendingHistogram] = {}
+_PENDING: dict[int, _PendingCounter] = {}
 
 
-_P = TypeVar("_P", _PendingCounter, _PendingHistogram)
-
-
-def _pending(kind: type[_P], child: Any) -> _P:
-    """The one ``kind`` wrapper of ``child``, made on first use."""
+def _pending(child: Any) -> _PendingCounter:
+    """The one pending wrapper of counter ``child``, made on first use."""
     found = _PENDING.get(id(child))
     if found is None:
-        found = _PENDING[id(child)] = kind(child)
-    assert isinstance(found, kind)
+        found = _PENDING[id(child)] = _PendingCounter(child)
     return found
 
 
@@ -213,8 +161,8 @@ class Series:
     """The metric children of one (tenant, model, upstream, stream) combination.
 
     ``labels()`` builds a key and takes a lock on every call; label values come from configuration,
-    so the combinations are few and their children can be looked up once and reused. Their
-    increments collect in plain numbers until :func:`flush_metrics`.
+    so the combinations are few and their children can be looked up once and reused. Counter
+    increments collect in plain numbers until :func:`flush_metrics`; histograms are the children.
     """
 
     key: tuple[str, str, str]
@@ -232,7 +180,7 @@ class Series:
     def status(self, status: int) -> Any:
         child = self.requests.get(status)
         if child is None:
-            child = self.requests[status] = _pending(_PendingCounter, REQUESTS.labels(*self.key, str(status)))
+            child = self.requests[status] = _pending(REQUESTS.labels(*self.key, str(status)))
         return child
 
 
@@ -242,15 +190,15 @@ def series(tenant: str, model: str, upstream: str, stream: bool) -> Series:
     return Series(
         key=(tenant, model, upstream),
         requests={},
-        duration=_pending(_PendingHistogram, DURATION.labels(tenant, model, upstream, flag)),
-        ttft=_pending(_PendingHistogram, TTFT.labels(tenant, model, upstream)),
-        overhead=_pending(_PendingHistogram, OVERHEAD.labels(flag)),
-        prompt=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "prompt")),
-        cached=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "cached")),
-        completion=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "completion")),
-        reasoning=_pending(_PendingCounter, TOKENS.labels(tenant, model, upstream, "reasoning")),
-        spend=_pending(_PendingCounter, SPEND.labels(tenant, model, upstream)),
-        savings=_pending(_PendingCounter, CACHE_SAVINGS.labels(tenant, model, upstream)),
+        duration=DURATION.labels(tenant, model, upstream, flag),
+        ttft=TTFT.labels(tenant, model, upstream),
+        overhead=OVERHEAD.labels(flag),
+        prompt=_pending(TOKENS.labels(tenant, model, upstream, "prompt")),
+        cached=_pending(TOKENS.labels(tenant, model, upstream, "cached")),
+        completion=_pending(TOKENS.labels(tenant, model, upstream, "completion")),
+        reasoning=_pending(TOKENS.labels(tenant, model, upstream, "reasoning")),
+        spend=_pending(SPEND.labels(tenant, model, upstream)),
+        savings=_pending(CACHE_SAVINGS.labels(tenant, model, upstream)),
     )
 
 

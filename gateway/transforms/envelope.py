@@ -161,8 +161,8 @@ class EnvelopeBytes:
     # -- non-stream
 
     def whole(self, payload: bytes) -> bytes:
-        """A non-stream body: parsed (orjson parses a body faster than Python can search it for what
-        might need a change), serialized again only when something changed."""
+        """A non-stream body: parsed once (any of its fields may need a change, and a search of the
+        bytes for each would cost as much as a parse), serialized again only when something changed."""
         try:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
