@@ -130,8 +130,8 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the upstream simulator as a real HTTP server (Moonshot or vLLM wire format)."""
-    from gateway.simulator import profile_from
-    from gateway.simulator import serve as serve_simulator
+    from simulator import profile_from
+    from simulator import serve as serve_simulator
 
     overrides: dict[str, float | int] = {}
     if ttft_ms is not None:

@@ -356,7 +356,7 @@ def load_config(
             if problem:
                 problems.append(problem)
         if up.kind == "simulated":
-            from gateway.simulator import PROFILES
+            from simulator import PROFILES
 
             profile = up.profile or "moonshot-standard"
             if profile not in PROFILES:

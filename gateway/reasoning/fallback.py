@@ -31,7 +31,7 @@ PLACEHOLDER = " "  # the minimum Moonshot accepts (protocols.md §2.1); "" is re
 
 def _vllm_shaped(config: Any) -> bool:
     if config.kind == "simulated":
-        from gateway.simulator.profiles import PROFILES
+        from simulator.profiles import PROFILES
 
         profile = PROFILES.get(config.profile or "moonshot-standard")
         if profile is not None:

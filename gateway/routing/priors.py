@@ -26,7 +26,7 @@ def prior_of(up: UpstreamConfig) -> Speed:
     if up.prior is not None:
         return Speed(up.prior.ttft_ms / 1000, up.prior.tokens_per_s, up.prior.prefill_tokens_per_s)
     if up.kind == "simulated":
-        from gateway.simulator import profile_from
+        from simulator import profile_from
 
         profile = profile_from(up.profile or "moonshot-standard")
         ttft = up.ttft_ms / 1000 if up.ttft_ms is not None else profile.ttft_s

@@ -10,8 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from gateway.config import UpstreamConfig
-from gateway.simulator import SimReply, SimulatedDisconnect, Simulator, profile_from
 from gateway.upstreams.base import FailureKind, Upstream, UpstreamFailure, UpstreamReply
+from simulator import SimReply, SimulatedDisconnect, Simulator, profile_from
 
 
 def _header(reply: SimReply, name: str) -> str | None:

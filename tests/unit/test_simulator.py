@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.simulator import PROFILES, Fault, Profile, SimReply, SimulatedDisconnect, Simulator, profile_from
-from gateway.simulator.cache import PrefixCache, prefix_chain
-from gateway.simulator.render import DONE_EVENT
+from simulator import PROFILES, Fault, Profile, SimReply, SimulatedDisconnect, Simulator, profile_from
+from simulator.cache import PrefixCache, prefix_chain
+from simulator.render import DONE_EVENT
 
 INSTANT = profile_from("instant")
 VLLM = profile_from("vllm", ttft_s=0, tokens_per_s=0, max_concurrency=0)

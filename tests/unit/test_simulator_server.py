@@ -17,8 +17,8 @@ import openai
 import orjson
 import pytest
 
-from gateway.simulator import BackgroundServer, profile_from
-from gateway.simulator.__main__ import main
+from simulator import BackgroundServer, profile_from
+from simulator.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[2]
 USER: Any = {"role": "user", "content": "What is the weather in Beijing?"}
@@ -496,12 +496,12 @@ def test_main_rejects_unknown_profile(capsys: pytest.CaptureFixture[str]) -> Non
     assert "unknown simulator profile 'nope'" in capsys.readouterr().err
 
 
-def test_python_m_gateway_simulator_serves() -> None:
+def test_python_m_simulator_serves() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "gateway.simulator", "--port", str(port), "--profile", "vllm"]
+    argv = [sys.executable, "-m", "simulator", "--port", str(port), "--profile", "vllm"]
     argv += ["--ttft-ms", "0", "--tokens-per-s", "0"]
     with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.routing.load import Load, parse_metrics, queue_delay
-from gateway.simulator import Simulator, profile_from
-from gateway.simulator.server import metrics_text
+from simulator import Simulator, profile_from
+from simulator.server import metrics_text
 
 
 def test_parses_the_simulators_vllm_metrics() -> None:
