@@ -27,9 +27,9 @@ from gateway.metering.usage import Usage
 from gateway.policy.store import Candidate, Route, Tenant
 from gateway.routing import affinity
 from gateway.routing.load import Load, apply_load
-from gateway.routing.priors import Speed
 from gateway.routing.router import Router, Traits
 from gateway.state.memory import MemoryKeyValueState
+from gateway.upstreams.priors import Speed
 
 MILLION = Decimal(1_000_000)
 TOOLS = [

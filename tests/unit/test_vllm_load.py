@@ -82,9 +82,9 @@ def test_queue_wait_is_not_learned_into_the_first_token_time() -> None:
     from gateway.metering.usage import Usage
     from gateway.policy.store import Candidate, Route, Tenant
     from gateway.routing.load import apply_load
-    from gateway.routing.priors import Speed
     from gateway.routing.router import Router, Traits
     from gateway.state.memory import MemoryKeyValueState
+    from gateway.upstreams.priors import Speed
 
     vllm = Candidate("vllm", "k2", "k2")
     other = Candidate("other", "k2", "k2")
@@ -120,9 +120,9 @@ def test_a_plan_without_estimates_teaches_a_scraped_vllm_only_its_decode_speed()
     from gateway.metering.usage import Usage
     from gateway.policy.store import Candidate, Route, Tenant
     from gateway.routing.load import apply_load
-    from gateway.routing.priors import Speed
     from gateway.routing.router import Router, Traits
     from gateway.state.memory import MemoryKeyValueState
+    from gateway.upstreams.priors import Speed
 
     vllm = Candidate("vllm", "k2", "k2")
     prior = Speed(0.2, 50.0)

@@ -2,6 +2,9 @@
 
 A configured ``prior`` wins; a simulated upstream is assumed to be as fast as its profile; anything
 else gets the defaults of :class:`gateway.config.Prior` (a cautious guess for a hosted API).
+
+It sits with the upstreams, not in ``routing/``: a prior is a fact about an upstream read from its
+config, and the policy loader (``policy/store.py``, a layer below routing) checks SLOs against it.
 """
 
 from __future__ import annotations
