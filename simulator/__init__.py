@@ -7,14 +7,17 @@ everything around the text (reasoning fields, tool-call ids and deltas, usage pl
 error shapes, timing) follows the real upstreams as documented in protocols.md.
 
     engine.Simulator   transport-free protocol logic: handle(body) -> SimReply
+    planning           what the model says: reasoning, text or tool calls within the budget
+    reply              SimReply, SimStats and the concurrency slots replies hold
     server             raw ASGI app for uvicorn (build_app, serve, BackgroundServer)
     profiles           named timing/behaviour profiles (PROFILES, profile_from)
     faults             injected errors, stalls, drops and cut streams
 """
 
-from .engine import SimReply, SimStats, SimulatedDisconnect, Simulator
+from .engine import Simulator
 from .faults import Fault
 from .profiles import PROFILES, Profile, profile_from
+from .reply import SimReply, SimStats, SimulatedDisconnect
 from .server import BackgroundServer, build_app, serve
 
 __all__ = [
