@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .profiles import PROFILES, profile_from
-from .server import serve
+from .serving import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.routing.load import Load, parse_metrics, queue_delay
 from simulator import Simulator, profile_from
-from simulator.server import metrics_text
+from simulator.metrics import metrics_text
 
 
 def test_parses_the_simulators_vllm_metrics() -> None:
