@@ -29,30 +29,18 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+from prometheus_client import generate_latest
+
+from gateway.asgi import Receive, Scope, Send, send_bytes, send_json
 
 from .engine import Simulator
 from .errors import error_body
 from .faults import Fault
-from .metrics import metrics_text
+from .metrics import CONTENT_TYPE as PROMETHEUS
+from .metrics import metrics_registry
 from .profiles import Profile
 from .reply import SimReply, SimulatedDisconnect
-from .transport import (
-    ABORT_SETTLE_S,
-    Receive,
-    Scope,
-    Send,
-    encode_headers,
-    pump,
-    race,
-    read_body,
-    send_body,
-    send_json,
-    transport_of,
-    until_disconnect,
-)
-
-_JSON = [(b"content-type", b"application/json")]
-_PROMETHEUS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+from .transport import ABORT_SETTLE_S, encode_headers, pump, race, read_request, transport_of, until_disconnect
 
 
 class SimulatorApp:
@@ -72,6 +60,7 @@ class SimulatorApp:
             models.append(entry)
         self._models = orjson.dumps({"object": "list", "data": models})
         self._health = orjson.dumps({"status": "ok", "simulator": simulator.profile.name})
+        self._metrics_registry = metrics_registry(simulator)
         self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/chat/completions"): self._chat,
@@ -107,12 +96,12 @@ class SimulatorApp:
                     return
 
     async def _error(self, send: Send, status: int, message: str) -> None:
-        await send_body(send, status, _JSON, error_body(self.profile.dialect, status, message))
+        await send_bytes(send, status, error_body(self.profile.dialect, status, message), [])
 
     # -- chat ----------------------------------------------------------------------------------------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await read_body(receive)
+        body = await read_request(receive)
         if body is None:
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -133,11 +122,12 @@ class SimulatorApp:
         if reply.drop:
             await self._abort(send, receive, None, graceful=False)
             return
-        await send_body(send, reply.status, encode_headers(reply.headers), reply.body or b"")
+        encoded = encode_headers(reply.headers)
+        await send_bytes(send, reply.status, reply.body or b"", encoded.others, encoded.content_type)
 
     async def _stream(self, reply: SimReply, receive: Receive, send: Send) -> None:
         assert reply.events is not None
-        headers = encode_headers(reply.headers)
+        headers = encode_headers(reply.headers).all
         if not reply.may_block:  # no timing: the stream is written in one go, nothing to watch
             try:
                 await pump(reply.events, send, headers)
@@ -175,16 +165,16 @@ class SimulatorApp:
     # -- other routes --------------------------------------------------------------------------------
 
     async def _models_route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_body(send, 200, _JSON, self._models)
+        await send_bytes(send, 200, self._models, [])
 
     async def _health_route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_body(send, 200, _JSON, self._health)
+        await send_bytes(send, 200, self._health, [])
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_body(send, 200, _PROMETHEUS, metrics_text(self.simulator).encode())
+        await send_bytes(send, 200, generate_latest(self._metrics_registry), [], PROMETHEUS)
 
     async def _add_faults(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await read_body(receive)
+        body = await read_request(receive)
         if body is None:
             return
         try:

@@ -14,9 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.asgi import Receive, Scope, Send
+
 from .profiles import Profile
 from .server import build_app
-from .transport import Receive, Scope, Send
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 

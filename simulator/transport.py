@@ -20,62 +20,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
-import orjson
+from gateway.asgi import JSON, Message, Receive, Send, read_body
 
 from .render import DONE_EVENT
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 ABORT_SETTLE_S = 1.0  # how long to wait for the server to notice a connection we closed ourselves
-_JSON = [(b"content-type", b"application/json")]
-
-_encoded_headers: dict[tuple[tuple[str, str], ...], list[tuple[bytes, bytes]]] = {}
+MAX_BODY_BYTES = 1 << 40  # effectively none, as before: the gateway in front enforces max_body_bytes
 
 
-def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+class EncodedHeaders(NamedTuple):
+    """A reply's headers as ASGI bytes: the content type apart (as ``gateway.asgi.send_bytes`` takes
+    it), the others, and all of them in order (the start of a stream)."""
+
+    content_type: bytes
+    others: list[tuple[bytes, bytes]]
+    all: list[tuple[bytes, bytes]]
+
+
+_encoded_headers: dict[tuple[tuple[str, str], ...], EncodedHeaders] = {}
+
+
+def encode_headers(headers: list[tuple[str, str]]) -> EncodedHeaders:
     """Reply headers as ASGI bytes pairs; the few distinct header sets are encoded once."""
     key = tuple(headers)
     encoded = _encoded_headers.get(key)
     if encoded is None:
-        encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        pairs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        content_type = next((v for k, v in pairs if k.lower() == b"content-type"), JSON)
+        others = [(k, v) for k, v in pairs if k.lower() != b"content-type"]
+        encoded = EncodedHeaders(content_type, others, pairs)
         if len(_encoded_headers) < 256:
             _encoded_headers[key] = encoded
     return encoded
 
 
-async def send_body(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send(
-        {"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", b"%d" % len(body))]}
-    )
-    await send({"type": "http.response.body", "body": body})
+class _ClientGone(Exception):
+    pass
 
 
-async def send_json(send: Send, status: int, payload: Any) -> None:
-    await send_body(send, status, _JSON, orjson.dumps(payload))
+async def read_request(receive: Receive) -> bytes | None:
+    """The whole request body (read by ``gateway.asgi.read_body``), or None when the client
+    disconnected first, even before its first chunk: then there is nobody to answer."""
 
-
-async def read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when the client disconnected first."""
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        return None
-    body = message.get("body", b"")
-    if not message.get("more_body"):
-        return body
-    chunks = [body]
-    while True:
+    async def receive_or_leave() -> Message:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
+            raise _ClientGone
+        return message
+
+    try:
+        return await read_body(receive_or_leave, {}, MAX_BODY_BYTES)
+    except _ClientGone:
+        return None
 
 
 async def until_disconnect(receive: Receive) -> None:
@@ -120,7 +119,9 @@ async def race(work: asyncio.Future[None], receive: Receive) -> tuple[bool, asyn
     """Run `work` until done or until the client disconnects (then cancel it).
 
     Returns (finished, watcher); the watcher is still running when `work` raised, so the caller can
-    wait for the disconnect it causes.
+    wait for the disconnect it causes.  (``gateway.asgi.DisconnectWatch`` cancels the handler
+    instead, which suits a relay; here the handler must outlive the disconnect of a connection it
+    aborted itself, to wait until uvicorn has seen it.)
     """
     watch = asyncio.ensure_future(until_disconnect(receive))
     try:

@@ -322,7 +322,7 @@ def test_vllm_metrics(vllm: BackgroundServer) -> None:
     label = '{model_name="moonshotai/Kimi-K2-Thinking"}'
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert f"# TYPE {name} gauge" in text and f"{name}{label} 0.0" in text
-    assert "# TYPE vllm:prefix_cache_queries counter" in text
+    assert "# TYPE vllm:prefix_cache_queries_total counter" in text  # prometheus-client names the family so
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
     queries = values[f"vllm:prefix_cache_queries_total{label}"]
     hits = values[f"vllm:prefix_cache_hits_total{label}"]
