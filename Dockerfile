@@ -24,6 +24,7 @@ RUN python -m venv /opt/venv
 # whether or not the file exists yet (pyproject.toml always matches).
 COPY pyproject.toml README.md* ./
 COPY gateway ./gateway
+COPY simulator ./simulator
 
 # Every dependency ships manylinux wheels for CPython 3.11 (amd64 and arm64), so no compiler is
 # needed. pip byte-compiles the installed files here, so the runtime never writes .pyc files.
@@ -31,7 +32,7 @@ COPY gateway ./gateway
 # optional extras of the package, e.g. --build-arg EXTRAS='[litellm]'
 ARG EXTRAS=""
 RUN pip install ".${EXTRAS}" \
-    && cd / && python -c "import gateway.app" \
+    && cd / && python -c "import gateway.app, simulator" \
     && kimi-gateway --help >/dev/null
 
 ############################ runtime ############################

@@ -89,7 +89,7 @@ def main() -> None:
             "simulator",
             taskset(
                 args.client_cpu,
-                [args.python, "-m", "gateway.simulator", "--port", str(args.sim_port), "--profile", "instant"],
+                [args.python, "-m", "simulator", "--port", str(args.sim_port), "--profile", "instant"],
             ),
             work / "simulator.log",
             clean_env(PYTHONPATH=str(REPO)),

@@ -4,7 +4,7 @@
 Stdlib only (plus `wrk` and `taskset` on PATH); the simulator and the gateway run with the venv's Python.
 
 Pinning, as in the shared peer harness (/work/shared/bench): this script, `wrk`, its own TTFB client and
-the upstream simulator (`python -m gateway.simulator --profile instant`) run on CPU 0; the gateway runs
+the upstream simulator (`python -m simulator --profile instant`) run on CPU 0; the gateway runs
 alone on CPU 1. Every run measures, in this order:
 
   direct   client -> simulator (no gateway): the baseline for "added" latency
@@ -947,7 +947,7 @@ def main() -> None:
             "simulator",
             taskset(
                 args.client_cpu,
-                [args.python, "-m", "gateway.simulator", "--port", str(args.sim_port), "--profile", args.profile],
+                [args.python, "-m", "simulator", "--port", str(args.sim_port), "--profile", args.profile],
             ),
             work / "simulator.log",
             sim_env,

@@ -130,8 +130,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the upstream simulator as a real HTTP server (Moonshot or vLLM wire format)."""
-    from gateway.simulator import profile_from
-    from gateway.simulator import serve as serve_simulator
+    from gateway.upstreams.simulated import profile_from, serve_http
 
     overrides: dict[str, float | int] = {}
     if ttft_ms is not None:
@@ -145,7 +144,7 @@ def simulate(
     except ValueError as exc:
         typer.echo(f"kimi-gateway simulate: {exc}", err=True)
         raise typer.Exit(2) from None
-    serve_simulator(host, port, chosen)
+    serve_http(host, port, chosen)
 
 
 @config_app.command("check")
@@ -168,14 +167,14 @@ def policy_check(
     """Validate policy files against a config and its prices; exit 2 listing every problem."""
     import time
 
-    from gateway.config import load_config
     from gateway.metering.prices import load_prices
     from gateway.policy.store import load_policies
+    from gateway.upstreams.factory import load_checked_config
     from gateway.wiring import price_problems
     from gateway.yamlfile import ConfigError
 
     try:
-        loaded = load_config(config, resolve_keys=False)
+        loaded = load_checked_config(config, resolve_keys=False)
         target = folder.resolve() if folder is not None else loaded.policies_dir
         if not target.is_dir():
             raise ConfigError([f"{target}: not a folder of policy files"])
@@ -228,9 +227,9 @@ def spend_report(
 
     import orjson
 
-    from gateway.config import load_config
     from gateway.metering import report
     from gateway.metering.ledger_factory import open_ledger
+    from gateway.upstreams.factory import load_checked_config
     from gateway.yamlfile import ConfigError
 
     if output not in ("table", "csv", "json"):
@@ -240,7 +239,7 @@ def spend_report(
         groups = report.parse_group_by(group_by)
         since = report.parse_time(from_) if from_ else None
         until = report.parse_time(to) if to else None
-        loaded = load_config(config, resolve_keys=False)
+        loaded = load_checked_config(config, resolve_keys=False)
     except ValueError as exc:
         typer.echo(f"kimi-gateway spend report: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -279,11 +278,11 @@ def capture_show(
 
     from gateway.capture.factory import capture_store_from_url
     from gateway.capture.store import CaptureRow
-    from gateway.config import load_config
+    from gateway.upstreams.factory import load_checked_config
     from gateway.yamlfile import ConfigError
 
     try:
-        loaded = load_config(config, resolve_keys=False)
+        loaded = load_checked_config(config, resolve_keys=False)
     except ConfigError as exc:
         typer.echo("kimi-gateway capture show: " + "; ".join(exc.problems), err=True)
         raise typer.Exit(2) from None

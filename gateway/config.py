@@ -8,6 +8,7 @@ inline is refused with a message that says so.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -338,12 +339,27 @@ def _resolve_key(doc: YamlDoc, name: str, up: UpstreamConfig, env: dict[str, str
     return None, None
 
 
+UpstreamCheck = Callable[[YamlDoc, str, UpstreamConfig], list[str]]
+"""Problems (``file:line`` messages) only an upstream's adapter can see, for one named upstream."""
+
+
 def load_config(
-    path: str | os.PathLike[str], env: dict[str, str] | None = None, *, resolve_keys: bool = True
+    path: str | os.PathLike[str],
+    env: dict[str, str] | None = None,
+    *,
+    resolve_keys: bool = True,
+    check_upstream: UpstreamCheck | None = None,
 ) -> LoadedConfig:
     """Load and validate a gateway config; raises :class:`ConfigError` listing every problem.
 
     ``resolve_keys=False`` skips reading upstream keys (tools that only read the ledger need none).
+
+    This module checks what it can see: shapes, keys, files. Some keys mean something only to an
+    upstream's adapter (a simulated upstream's ``profile`` names one of the simulator's profiles),
+    and the adapters sit a layer above the config, so this module cannot ask them. The caller
+    brings that knowledge as ``check_upstream``, run on every upstream with the rest, so its
+    problems still carry ``file:line`` and come in the same list. Entry points load through
+    :func:`gateway.upstreams.factory.load_checked_config`, which passes the adapters' check.
     """
     file = Path(path)
     doc, settings = load_model(file, GatewayConfig)
@@ -355,17 +371,8 @@ def load_config(
             keys[name], problem = _resolve_key(doc, name, up, environ)
             if problem:
                 problems.append(problem)
-        if up.kind == "simulated":
-            from gateway.simulator import PROFILES
-
-            profile = up.profile or "moonshot-standard"
-            if profile not in PROFILES:
-                problems.append(
-                    doc.problem(
-                        ("upstreams", name, "profile"),
-                        f"unknown simulator profile {profile!r} (known: {', '.join(sorted(PROFILES))})",
-                    )
-                )
+        if check_upstream is not None:
+            problems.extend(check_upstream(doc, name, up))
     state = settings.state
     if resolve_keys and state.password_env and not environ.get(state.password_env):
         problems.append(

@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import LoadedConfig, load_config
+from gateway.config import LoadedConfig
 from gateway.metering.prices import PriceBook, load_prices
 from gateway.policy.store import PolicySet, load_policies
+from gateway.upstreams.factory import load_checked_config
 from gateway.yamlfile import ConfigError
 
 
@@ -39,7 +40,7 @@ def price_problems(policies: PolicySet, prices: PriceBook, now: float) -> list[s
 
 
 def load_all(path: str | os.PathLike[str], env: dict[str, str] | None = None, now: float | None = None) -> Loaded:
-    config = load_config(Path(path), env=env)
+    config = load_checked_config(Path(path), env=env)
     policies = load_policies(config)
     prices = load_prices(config.prices_path)
     problems = price_problems(policies, prices, time.time() if now is None else now)

@@ -123,7 +123,7 @@ class Process:
 
 def start_simulator(tmp: Path, profile: str = "instant", *extra: str) -> Process:
     port = free_port()
-    args = [PYTHON, "-m", "gateway.simulator", "--port", str(port), "--profile", profile, *extra]
+    args = [PYTHON, "-m", "simulator", "--port", str(port), "--profile", profile, *extra]
     return Process(args, port, tmp / f"simulator-{port}.log", "/health")
 
 

@@ -26,9 +26,9 @@ from gateway.metering.prices import PriceBook, PriceEntry
 from gateway.policy.store import Candidate, Route, Tenant
 from gateway.routing import affinity
 from gateway.routing.load import Load, apply_load
-from gateway.routing.priors import Speed
 from gateway.routing.router import Router, Traits
 from gateway.state.memory import MemoryKeyValueState
+from gateway.upstreams.priors import Speed
 from gateway.upstreams.usage import Usage
 
 MILLION = Decimal(1_000_000)

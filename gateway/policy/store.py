@@ -21,6 +21,7 @@ from gateway.policy.model import (
     Slo,
     TenantPolicy,
 )
+from gateway.upstreams.priors import prior_of
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 DEFAULTS_FILE = "defaults.yaml"
@@ -115,8 +116,6 @@ def _merge_slo(*levels: Slo | None) -> tuple[float | None, float | None]:
 
 def _check_slos(doc: YamlDoc, policy: TenantPolicy, defaults: PolicyDefaults, config: LoadedConfig) -> list[str]:
     """An SLO no candidate can be expected to meet, or one whose parts contradict after merging."""
-    from gateway.routing.priors import prior_of  # routing reads config only; no cycle at import time
-
     problems = []
     upstreams = config.settings.upstreams
     for vname, vm in policy.models.items():

@@ -31,11 +31,11 @@ PLACEHOLDER = " "  # the minimum Moonshot accepts (protocols.md §2.1); "" is re
 
 def _vllm_shaped(config: Any) -> bool:
     if config.kind == "simulated":
-        from gateway.simulator.profiles import PROFILES
+        from gateway.upstreams.simulated import dialect_of  # the simulator is loaded only when configured
 
-        profile = PROFILES.get(config.profile or "moonshot-standard")
-        if profile is not None:
-            return profile.dialect == "vllm"
+        dialect = dialect_of(config)
+        if dialect is not None:
+            return dialect == "vllm"
     if config.reasoning_field == "reasoning":  # vLLM >= 0.16's name; Moonshot reads reasoning_content
         return True
     return bool(config.think_in_content or config.tool_call_markers or config.vllm_metrics)

@@ -22,11 +22,11 @@ from gateway.policy.store import Route, Tenant
 from gateway.routing import affinity
 from gateway.routing.expected import Option, estimate
 from gateway.routing.metrics import BREAKER_OPENED
-from gateway.routing.priors import Speed, prior_of
 from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, RouteStats
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES, prefix_holder, stay_with_prefix
 from gateway.state.base import KeyValueState
 from gateway.state.stats_exchange import StatsExchange
+from gateway.upstreams.priors import Speed, prior_of
 from gateway.upstreams.usage import Usage
 
 # the failure kind of a 404 for the model: the candidate is dead (a retired id), the request moves on

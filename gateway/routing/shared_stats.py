@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 
 from gateway.observability import log
-from gateway.routing.priors import Speed
 from gateway.routing.stats import CandidateStat, MemoryRouteStats
 from gateway.state.stats_exchange import Completions, Observed, Rules, SharedStat, StatsExchange, fold
+from gateway.upstreams.priors import Speed
 
 
 class SharedRouteStats(MemoryRouteStats):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from gateway.routing.priors import Speed
+from gateway.upstreams.priors import Speed
 
 # before a tenant has settled a request, its expected output is capped at this many tokens
 COLD_COMPLETION_TOKENS = 1000.0

@@ -2,6 +2,11 @@
 
 It answers with the same bytes the simulator's HTTP server would send and honours the same
 timeouts as a real upstream, so the demo and the tests exercise the gateway's real relay path.
+
+This module is the gateway's one door to the top-level ``simulator`` package: whatever else in the
+gateway needs to know about a simulated upstream (is its profile name valid, which dialect does it
+speak, how fast is it, serve it over HTTP for ``kimi-gateway simulate``) asks here, so the simulator
+can change behind one adapter and the layers above never import it.
 """
 
 from __future__ import annotations
@@ -10,8 +15,58 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from gateway.config import UpstreamConfig
-from gateway.simulator import SimReply, SimulatedDisconnect, Simulator, profile_from
 from gateway.upstreams.base import FailureKind, Upstream, UpstreamFailure, UpstreamReply
+from gateway.yamlfile import YamlDoc
+from simulator import PROFILES, Profile, SimReply, SimulatedDisconnect, Simulator, profile_from
+from simulator import serve as serve_http
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "SimulatedUpstream",
+    "config_problems",
+    "dialect_of",
+    "profile_from",
+    "profile_of",
+    "serve_http",
+]
+
+DEFAULT_PROFILE = "moonshot-standard"  # what a simulated upstream without ``profile`` runs
+
+
+def config_problems(doc: YamlDoc, name: str, up: UpstreamConfig) -> list[str]:
+    """What is wrong with a ``kind: simulated`` upstream's own keys, as ``file:line`` problems.
+
+    ``gateway.config`` checks the shape of every upstream but cannot see the simulator (it sits in
+    the foundation layer); the upstream factory hands this check to the config loader, so the
+    message still names the file and line of ``profile``.
+    """
+    profile = up.profile or DEFAULT_PROFILE
+    if profile in PROFILES:
+        return []
+    return [
+        doc.problem(
+            ("upstreams", name, "profile"),
+            f"unknown simulator profile {profile!r} (known: {', '.join(sorted(PROFILES))})",
+        )
+    ]
+
+
+def profile_of(config: UpstreamConfig) -> Profile:
+    """The profile a simulated upstream runs: its ``profile`` with the config's speed overrides."""
+    overrides: dict[str, float | int] = {}
+    if config.tool_rounds is not None:
+        overrides["tool_rounds"] = config.tool_rounds
+    if config.ttft_ms is not None:
+        overrides["ttft_s"] = config.ttft_ms / 1000
+    if config.tokens_per_s is not None:
+        overrides["tokens_per_s"] = config.tokens_per_s
+    return profile_from(config.profile or DEFAULT_PROFILE, **overrides)
+
+
+def dialect_of(config: UpstreamConfig) -> str | None:
+    """``moonshot`` or ``vllm``: the wire format a simulated upstream speaks; None for an unknown profile."""
+    profile = PROFILES.get(config.profile or DEFAULT_PROFILE)
+    return None if profile is None else profile.dialect
 
 
 def _header(reply: SimReply, name: str) -> str | None:
@@ -69,14 +124,7 @@ class SimulatedUpstream(Upstream):
         self.config = config
         self.reasoning_field = config.reasoning_field
         self.tool_call_markers = config.tool_call_markers
-        overrides: dict[str, float | int] = {}
-        if config.tool_rounds is not None:
-            overrides["tool_rounds"] = config.tool_rounds
-        if config.ttft_ms is not None:
-            overrides["ttft_s"] = config.ttft_ms / 1000
-        if config.tokens_per_s is not None:
-            overrides["tokens_per_s"] = config.tokens_per_s
-        self.simulator = Simulator(profile_from(config.profile or "moonshot-standard", **overrides))
+        self.simulator = Simulator(profile_of(config))
 
     async def send(self, body: bytes, *, stream: bool) -> UpstreamReply:
         t = self.config.timeouts

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from anthropic import Anthropic
 
-from gateway.simulator.profiles import PROFILES
 from gateway.tools.aliases import alias_of
+from simulator.profiles import PROFILES
 from tests.conftest import Process, hashed, start_gateway, write_gateway
 from tests.e2e.test_reasoning_modes import FIRST_REASONING, expected_reasoning
 

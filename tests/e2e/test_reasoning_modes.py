@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gateway.simulator.text import REASONING
+from simulator.text import REASONING
 from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
 from tests.e2e.test_dropin import TOOLS
 

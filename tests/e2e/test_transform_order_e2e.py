@@ -17,7 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from gateway.simulator.text import REASONING
+from simulator.text import REASONING
 from tests.conftest import Process, hashed, start_gateway, write_gateway
 from tests.e2e.test_reasoning_modes import FIRST_REASONING, TOOLS, expected_reasoning
 

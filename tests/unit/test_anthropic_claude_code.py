@@ -13,13 +13,13 @@ import pytest
 
 from gateway.config import ModelShaping
 from gateway.errors import GatewayError
-from gateway.simulator.profiles import PROFILES
-from gateway.simulator.request import SimOptions, parse_request
 from gateway.tools.schemas import normalize_tools
 from gateway.translate.anthropic_controls import CLEARED
 from gateway.translate.anthropic_request import Translation, translate
 from gateway.translate.anthropic_response import AnthropicStream, to_message
 from gateway.upstreams.shaping import shape
+from simulator.profiles import PROFILES
+from simulator.request import SimOptions, parse_request
 from tests.conftest import ROOT
 
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "claude_code_2.1.328_messages.json").read_text())

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.policy.store import load_policies
+from gateway.upstreams.factory import load_checked_config
 from gateway.yamlfile import ConfigError
 
 GOOD_UPSTREAMS = """\
@@ -45,7 +46,7 @@ def write(tmp_path: Path, config: str, policies: dict[str, str] | None = None) -
 def problems(tmp_path: Path, config: str, policies: dict[str, str] | None = None, env=ENV) -> list[str]:
     path = write(tmp_path, config, policies)
     with pytest.raises(ConfigError) as info:
-        load_policies(load_config(path, env=env))
+        load_policies(load_checked_config(path, env=env))
     return info.value.problems
 
 
@@ -113,6 +114,17 @@ def test_bad_url(tmp_path: Path) -> None:
 def test_unknown_simulator_profile(tmp_path: Path) -> None:
     [p] = problems(tmp_path, GOOD_UPSTREAMS.replace("profile: instant", "profile: warp"))
     assert "upstreams.sim.profile" in p and "warp" in p and "moonshot-standard" in p
+    assert p.startswith(f"{tmp_path / 'gateway.yaml'}:")  # file:line, like every other problem
+
+
+def test_the_profile_check_comes_from_the_adapter(tmp_path: Path) -> None:
+    """The config module cannot see the simulator: the profile name is the adapter's to check."""
+    path = write(tmp_path, GOOD_UPSTREAMS.replace("profile: instant", "profile: warp"))
+    assert load_config(path, env=ENV).settings.upstreams["sim"].profile == "warp"
+    with pytest.raises(ConfigError) as info:
+        load_checked_config(path, env=ENV)
+    [p] = info.value.problems
+    assert "unknown simulator profile 'warp'" in p
 
 
 def test_timeouts_must_be_consistent(tmp_path: Path) -> None:

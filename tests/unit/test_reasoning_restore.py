@@ -366,8 +366,8 @@ def test_when_missing_is_validated() -> None:
 
 @pytest.mark.parametrize(("reasoning", "refused"), [(None, True), ("", True), (" ", False), ("plan", False)])
 def test_the_moonshot_simulator_wants_non_empty_reasoning(reasoning: str | None, refused: bool) -> None:
-    from gateway.simulator.errors import RequestError
-    from gateway.simulator.request import _check_moonshot_history
+    from simulator.errors import RequestError
+    from simulator.request import _check_moonshot_history
 
     extra = {} if reasoning is None else {"reasoning_content": reasoning}
     messages = loop(**extra)

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-from gateway.routing.priors import Speed
 from gateway.routing.shared_stats import SharedRouteStats
 from gateway.state.base import StateUnavailable
 from gateway.state.stats_exchange import (
@@ -18,6 +17,7 @@ from gateway.state.stats_exchange import (
     SharedStat,
     StatsExchange,
 )
+from gateway.upstreams.priors import Speed
 from tests.unit.conftest import Backend
 
 PRIOR = Speed(1.5, 40.0)

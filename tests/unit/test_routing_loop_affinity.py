@@ -18,8 +18,8 @@ from gateway.metering.prices import PriceBook, PriceEntry
 from gateway.policy.model import BudgetStep
 from gateway.policy.store import Route
 from gateway.routing import affinity
-from gateway.routing.priors import Speed
 from gateway.routing.router import Plan, Router
+from gateway.upstreams.priors import Speed
 from tests.unit.test_routing_strategies import STANDARD, VLLM, Clock, labels, route, router, tenant
 
 DEMO_PRICES = PriceBook(

@@ -15,9 +15,9 @@ from gateway.metering.prices import PriceBook, PriceEntry
 from gateway.policy.model import BudgetStep
 from gateway.policy.store import Candidate, Route, Tenant
 from gateway.routing import affinity
-from gateway.routing.priors import Speed
 from gateway.routing.router import Plan, Router, Traits, budget_strategy
 from gateway.state.memory import MemoryKeyValueState
+from gateway.upstreams.priors import Speed
 
 STANDARD = Candidate("moonshot", "kimi-k2-thinking", "kimi-k2-thinking")
 TURBO = Candidate("moonshot", "kimi-k2-thinking-turbo", "kimi-k2-thinking-turbo")

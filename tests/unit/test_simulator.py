@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 
-from gateway.simulator import PROFILES, Fault, Profile, SimReply, SimulatedDisconnect, Simulator, profile_from
-from gateway.simulator.cache import PrefixCache, prefix_chain
-from gateway.simulator.render import DONE_EVENT
+from simulator import PROFILES, Fault, Profile, SimReply, SimulatedDisconnect, Simulator, profile_from
+from simulator.cache import PrefixCache, prefix_chain
+from simulator.render import DONE_EVENT
 
 INSTANT = profile_from("instant")
 VLLM = profile_from("vllm", ttft_s=0, tokens_per_s=0, max_concurrency=0)
@@ -77,6 +78,15 @@ def chunks(events: list[bytes]) -> list[dict[str, Any]]:
 def error_of(reply: SimReply) -> dict[str, Any]:
     assert reply.body is not None
     return orjson.loads(reply.body)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until ``condition`` holds, within 5 s (a deadline, never a fixed sleep, then
+    the test's own exact assertions)."""
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "the simulator never got there"
+        await asyncio.sleep(0.001)
 
 
 # -- profiles ------------------------------------------------------------------------------------------
@@ -720,7 +730,7 @@ async def test_cancelled_stream_is_counted_and_frees_its_slot() -> None:
             pass
 
     task = asyncio.ensure_future(consume(sim.handle(req(stream=True))))
-    await asyncio.sleep(0.02)
+    await until(lambda: sim.stats.in_flight == 1)  # streaming: cancelled before its first pull, it never started
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -734,7 +744,7 @@ async def test_max_concurrency_queues_requests() -> None:
     replies = [sim.handle(req()) for _ in range(3)]
     start = time.monotonic()
     tasks = [asyncio.ensure_future(r.wait()) for r in replies]
-    await asyncio.sleep(0.01)
+    await until(lambda: sim.stats.waiting == 2)
     assert sim.stats.in_flight == 1 and sim.stats.waiting == 2 and sim.stats.kv_tokens > 0
     await asyncio.gather(*tasks)
     assert time.monotonic() - start >= 0.14  # served one after the other
@@ -748,7 +758,7 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
     t1 = asyncio.ensure_future(first.wait())
     t2 = asyncio.ensure_future(second.wait())
     t3 = asyncio.ensure_future(third.wait())
-    await asyncio.sleep(0.01)
+    await until(lambda: sim.stats.waiting == 2)  # the second is queued, not yet to start
     t2.cancel()
     await asyncio.gather(t1, t3, return_exceptions=True)
     assert t2.cancelled()

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.simulator import Simulator, profile_from
+from simulator import Simulator, profile_from
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.routing.load import Load, parse_metrics, queue_delay
-from gateway.simulator import Simulator, profile_from
-from gateway.simulator.server import metrics_text
+from simulator import Simulator, profile_from
+from simulator.metrics import metrics_text
 
 
 def test_parses_the_simulators_vllm_metrics() -> None:
@@ -81,9 +81,9 @@ def test_queue_wait_is_not_learned_into_the_first_token_time() -> None:
 
     from gateway.policy.store import Candidate, Route, Tenant
     from gateway.routing.load import apply_load
-    from gateway.routing.priors import Speed
     from gateway.routing.router import Router, Traits
     from gateway.state.memory import MemoryKeyValueState
+    from gateway.upstreams.priors import Speed
     from gateway.upstreams.usage import Usage
 
     vllm = Candidate("vllm", "k2", "k2")
@@ -119,9 +119,9 @@ def test_a_plan_without_estimates_teaches_a_scraped_vllm_only_its_decode_speed()
 
     from gateway.policy.store import Candidate, Route, Tenant
     from gateway.routing.load import apply_load
-    from gateway.routing.priors import Speed
     from gateway.routing.router import Router, Traits
     from gateway.state.memory import MemoryKeyValueState
+    from gateway.upstreams.priors import Speed
     from gateway.upstreams.usage import Usage
 
     vllm = Candidate("vllm", "k2", "k2")

@@ -2,6 +2,9 @@
 
 A configured ``prior`` wins; a simulated upstream is assumed to be as fast as its profile; anything
 else gets the defaults of :class:`gateway.config.Prior` (a cautious guess for a hosted API).
+
+It sits with the upstreams, not in ``routing/``: a prior is a fact about an upstream read from its
+config, and the policy loader (``policy/store.py``, a layer below routing) checks SLOs against it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ def prior_of(up: UpstreamConfig) -> Speed:
     if up.prior is not None:
         return Speed(up.prior.ttft_ms / 1000, up.prior.tokens_per_s, up.prior.prefill_tokens_per_s)
     if up.kind == "simulated":
-        from gateway.simulator import profile_from
+        from gateway.upstreams.simulated import profile_of  # the simulator is loaded only when configured
 
-        profile = profile_from(up.profile or "moonshot-standard")
-        ttft = up.ttft_ms / 1000 if up.ttft_ms is not None else profile.ttft_s
-        tps = up.tokens_per_s if up.tokens_per_s is not None else profile.tokens_per_s
-        return Speed(ttft, tps if tps > 0 else _FASTEST_TPS)
+        profile = profile_of(up)
+        tps = profile.tokens_per_s
+        return Speed(profile.ttft_s, tps if tps > 0 else _FASTEST_TPS)
     default = Prior()
     return Speed(default.ttft_ms / 1000, default.tokens_per_s, default.prefill_tokens_per_s)

@@ -1,4 +1,4 @@
-"""``python -m gateway.simulator --port 9000 --profile moonshot-standard``: run the simulator over HTTP."""
+"""``python -m simulator --port 9000 --profile moonshot-standard``: run the simulator over HTTP."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .profiles import PROFILES, profile_from
-from .server import serve
+from .serving import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.simulator",
+        prog="python -m simulator",
         description="Simulated Kimi K2 Thinking upstream (Moonshot or vLLM wire format); a simulator, not a model.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")

@@ -7,15 +7,20 @@ everything around the text (reasoning fields, tool-call ids and deltas, usage pl
 error shapes, timing) follows the real upstreams as documented in protocols.md.
 
     engine.Simulator   transport-free protocol logic: handle(body) -> SimReply
-    server             raw ASGI app for uvicorn (build_app, serve, BackgroundServer)
+    planning           what the model says: reasoning, text or tool calls within the budget
+    reply              SimReply, SimStats and the concurrency slots replies hold
+    server             raw ASGI app (build_app); transport: its connection plumbing; metrics: /metrics
+    serving            the app under uvicorn (serve, BackgroundServer)
     profiles           named timing/behaviour profiles (PROFILES, profile_from)
     faults             injected errors, stalls, drops and cut streams
 """
 
-from .engine import SimReply, SimStats, SimulatedDisconnect, Simulator
+from .engine import Simulator
 from .faults import Fault
 from .profiles import PROFILES, Profile, profile_from
-from .server import BackgroundServer, build_app, serve
+from .reply import SimReply, SimStats, SimulatedDisconnect
+from .server import build_app
+from .serving import BackgroundServer, serve
 
 __all__ = [
     "PROFILES",
