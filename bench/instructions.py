@@ -39,7 +39,7 @@ CASES: dict[str, tuple[str, Path]] = {
     "messages": ("/v1/messages", BODIES / "endpoints" / "messages-nonstream.json"),
     "messages stream": ("/v1/messages", BODIES / "endpoints" / "messages-stream.json"),
 }
-BASE = {"chat stream": "chat", "responses": "chat", "responses stream": "chat stream"}
+BASE = {"responses": "chat", "responses stream": "chat stream"}
 BASE |= {"messages": "chat", "messages stream": "chat stream"}
 
 

@@ -60,7 +60,7 @@ def _rename_sent(messages: list[Any], name: str) -> bool:
 async def _restore(rt: Runtime, ex: Exchange, messages: list[Any], store: ReasoningStore | None) -> Restoration:
     """Reasoning into the tool-call turns of the history (or the reject 400)."""
     assert ex.candidate is not None
-    turns = tool_turns(messages)  # a walk over the messages: cheaper than a search of the bytes
+    turns = tool_turns(messages)  # the body is parsed already: a walk over its messages
     if not turns:
         return Restoration()  # the common first turn: no tool-call history
     tenant = ex.tenant
