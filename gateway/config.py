@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.dburl import parse_database_url
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 SECRET_KEYS = ("api_key", "apikey", "key", "token", "password", "secret", "authorization")
@@ -191,9 +192,9 @@ class LedgerConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _scheme(cls, v: str) -> str:
-        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ValueError(f"expected sqlite:///PATH or postgresql://..., got {v!r}")
+    def _parses(cls, v: str) -> str:
+        """The stores' own parser: ``config check`` refuses what the ledger would refuse at start-up."""
+        parse_database_url(v, label="ledger URL")
         return v
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.capture.store import CaptureStore
-from gateway.storage.url import PostgresURL, SqliteURL, parse_database_url
+from gateway.dburl import PostgresURL, SqliteURL, parse_database_url
 
 
 def capture_store_from_url(url: str, **options: Any) -> CaptureStore:
     """An unopened capture store on the ledger's database: the same URL, parsed by the same rules
-    (:mod:`gateway.storage.url`), so the two always open the same file or schema."""
+    (:mod:`gateway.dburl`), so the two always open the same file or schema."""
     match parse_database_url(url, label="capture store URL"):
         case SqliteURL(path):
             from gateway.capture.sqlite import SqliteCaptureStore

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.dburl import PostgresURL, SqliteURL, parse_database_url
 from gateway.metering.ledger import Ledger
-from gateway.storage.url import PostgresURL, SqliteURL, parse_database_url
 
 
 def ledger_from_url(url: str, **options: Any) -> Ledger:
-    """An unopened ledger for ``url`` (the forms are in :mod:`gateway.storage.url`):
+    """An unopened ledger for ``url`` (the forms are in :mod:`gateway.dburl`):
 
     * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (as in SQLAlchemy),
       ``sqlite:///:memory:`` (one process only, gone at close);

@@ -220,3 +220,12 @@ def test_all_problems_are_listed_at_once(tmp_path: Path) -> None:
     found = problems(tmp_path, bad)
     assert len(found) >= 1
     assert any("upstreams.moonshot.kind" in p for p in found)
+
+
+def test_config_check_refuses_a_ledger_url_the_stores_would_refuse(tmp_path: Path) -> None:
+    """One parser: a '#' left unescaped in a PostgreSQL password is caught by ``config check`` with the
+    file and line, not only when the gateway opens the ledger."""
+    found = problems(tmp_path, 'ledger: {url: "postgresql://gw:se#cret@db/spend"}\n' + GOOD_UPSTREAMS)
+    assert any("gateway.yaml:2" in p and "ledger" in p and "%23" in p for p in found), found
+    found = problems(tmp_path, 'ledger: {url: "sqlite://ledger.db"}\n' + GOOD_UPSTREAMS)
+    assert any("gateway.yaml:2" in p and "sqlite:///relative.db" in p for p in found), found

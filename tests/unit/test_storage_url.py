@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from gateway.capture.factory import capture_store_from_url
+from gateway.dburl import PostgresURL, SqliteURL, parse_database_url
 from gateway.metering.ledger_factory import ledger_from_url
-from gateway.storage.url import PostgresURL, SqliteURL, parse_database_url
 
 
 def place(store: Any) -> tuple[str, ...]:
