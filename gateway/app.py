@@ -7,8 +7,6 @@ inside the server's event loop and closes them on shutdown.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import os
 import time
@@ -31,7 +29,7 @@ from gateway.metering.budget import Budgets, seed_from_ledger
 from gateway.metering.ledger import Ledger
 from gateway.metering.ledger_factory import ledger_from_url
 from gateway.metering.meter import Meter
-from gateway.observability import flush_metrics, log, metrics_payload, setup_logging
+from gateway.observability import log, metrics_payload, setup_logging
 from gateway.ratelimit import RateLimiter
 from gateway.routing.router import Router
 from gateway.state.build import build_states
@@ -72,7 +70,6 @@ class GatewayApp:
         )
         self.runtime.capture = capture_store_from_url(config.ledger_url)  # beside the ledger
         self.background = RoutingTasks(config, self.runtime)
-        self._metrics_task: asyncio.Task[None] | None = None
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
@@ -173,7 +170,6 @@ class GatewayApp:
         for upstream in self.upstreams.values():
             await upstream.start()
         self.background.start()
-        self._metrics_task = asyncio.get_running_loop().create_task(_flush_metrics_every(METRICS_FLUSH_S))
         tune_gc()
         self.ready = True
         log.info(
@@ -185,12 +181,6 @@ class GatewayApp:
     async def shutdown(self) -> None:
         self.ready = False
         await self.background.stop()
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics_task
-            self._metrics_task = None
-        flush_metrics()
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.state.close()
@@ -218,18 +208,6 @@ class GatewayApp:
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         payload, content_type = metrics_payload()
         await send_bytes(send, 200, payload, [], content_type.encode())
-
-
-METRICS_FLUSH_S = 1.0
-
-
-async def _flush_metrics_every(interval_s: float) -> None:
-    """Request-path metrics collect in memory (gateway.observability); a scrape served by this
-    process flushes them itself, but with ``--workers`` another worker may serve it, reading this
-    one's values from its file: hand them over every ``interval_s`` so they are at most that old."""
-    while True:
-        await asyncio.sleep(interval_s)
-        flush_metrics()
 
 
 def tune_gc() -> None:

@@ -106,63 +106,15 @@ REASONING_RESTORED = Counter(
 )
 
 
-class _PendingCounter:
-    """A counter child's increments, added up in a plain number until the next :func:`flush_metrics`.
-
-    prometheus_client takes a lock (and with ``--workers`` writes a shared file) on every ``inc``.
-    bench/metrics.py (bench/RESULTS.md, "Pending metrics") times a request's ten metric updates:
-    4.5 µs through cached children (12.5 µs with ``--workers``), 2.7 µs (6.1 µs) with these
-    counters: the saving is 0.4-1.2 % of the 293-513 µs of CPU a request costs the gateway, 2-4 %
-    with ``--workers``, and it stays because it uses only the library's public ``inc``. Histograms
-    are observed on their children directly: batching them meant writing the library's private
-    fields for 1.6 µs (5.0 µs) a request, under the 10 % line (bench/RESULTS.md §7).
-    """
-
-    __slots__ = ("child", "pending")
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.pending = 0.0
-
-    def inc(self, amount: float = 1) -> None:
-        self.pending += amount
-
-    def flush(self) -> None:
-        if self.pending:
-            amount, self.pending = self.pending, 0.0
-            self.child.inc(amount)
-
-
-# one wrapper per prometheus child, kept for the process's life (children are never removed either):
-# a Series evicted from the cache and built again finds its wrappers, and nothing is counted twice
-_PENDING: dict[int, _PendingCounter] = {}
-
-
-def _pending(child: Any) -> _PendingCounter:
-    """The one pending wrapper of counter ``child``, made on first use."""
-    found = _PENDING.get(id(child))
-    if found is None:
-        found = _PENDING[id(child)] = _PendingCounter(child)
-    return found
-
-
-def flush_metrics() -> None:
-    """Hand every request-path increment made since the last call to prometheus_client.
-
-    Called before each scrape, and every second by the app (with ``--workers`` another process may
-    serve the scrape and read this one's values from its file). Event-loop thread only.
-    """
-    for metric in _PENDING.values():
-        metric.flush()
-
-
 @dataclass(frozen=True, slots=True)
 class Series:
     """The metric children of one (tenant, model, upstream, stream) combination.
 
     ``labels()`` builds a key and takes a lock on every call; label values come from configuration,
-    so the combinations are few and their children can be looked up once and reused. Counter
-    increments collect in plain numbers until :func:`flush_metrics`; histograms are the children.
+    so the combinations are few and their children can be looked up once and reused. The updates go
+    to prometheus-client's children as they happen: adding them up in plain numbers until a scrape
+    saved 3.5 µs a request (11.4 µs with ``--workers``), 1-4 % of its CPU, under the 10 % line at
+    which a hand-written replacement of the library earns its place (bench/RESULTS.md §7).
     """
 
     key: tuple[str, str, str]
@@ -180,7 +132,7 @@ class Series:
     def status(self, status: int) -> Any:
         child = self.requests.get(status)
         if child is None:
-            child = self.requests[status] = _pending(REQUESTS.labels(*self.key, str(status)))
+            child = self.requests[status] = REQUESTS.labels(*self.key, str(status))
         return child
 
 
@@ -193,12 +145,12 @@ def series(tenant: str, model: str, upstream: str, stream: bool) -> Series:
         duration=DURATION.labels(tenant, model, upstream, flag),
         ttft=TTFT.labels(tenant, model, upstream),
         overhead=OVERHEAD.labels(flag),
-        prompt=_pending(TOKENS.labels(tenant, model, upstream, "prompt")),
-        cached=_pending(TOKENS.labels(tenant, model, upstream, "cached")),
-        completion=_pending(TOKENS.labels(tenant, model, upstream, "completion")),
-        reasoning=_pending(TOKENS.labels(tenant, model, upstream, "reasoning")),
-        spend=_pending(SPEND.labels(tenant, model, upstream)),
-        savings=_pending(CACHE_SAVINGS.labels(tenant, model, upstream)),
+        prompt=TOKENS.labels(tenant, model, upstream, "prompt"),
+        cached=TOKENS.labels(tenant, model, upstream, "cached"),
+        completion=TOKENS.labels(tenant, model, upstream, "completion"),
+        reasoning=TOKENS.labels(tenant, model, upstream, "reasoning"),
+        spend=SPEND.labels(tenant, model, upstream),
+        savings=CACHE_SAVINGS.labels(tenant, model, upstream),
     )
 
 
@@ -208,7 +160,6 @@ _MULTIPROCESS: list[CollectorRegistry] = []
 def metrics_payload() -> tuple[bytes, str]:
     """This process's metrics, or with several workers (``PROMETHEUS_MULTIPROC_DIR`` set by
     ``kimi-gateway serve --workers N``) every worker's, added up from their files."""
-    flush_metrics()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         if not _MULTIPROCESS:
             from prometheus_client.multiprocess import MultiProcessCollector

@@ -126,7 +126,6 @@ class Meter:
         usage = m.usage or Usage()
         tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
         s = series(tenant, model, upstream, m.stream)
-        # (series add up in memory until a scrape: gateway.observability.flush_metrics)
         if usage.prompt_tokens:
             s.prompt.inc(usage.prompt_tokens)
         if usage.cached_tokens:
