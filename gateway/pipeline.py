@@ -195,6 +195,16 @@ async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first:
     return shape_request(ex, candidate)
 
 
+def _start_over(ex: Exchange, received: bytes) -> None:
+    """The exchange as it was before the first attempt (the same dict: the meter holds it)."""
+    ex.body.clear()
+    ex.body.update(orjson.loads(received))
+    ex.raw, ex.dirty = received, False
+    if ex.stream:
+        ask_for_stream_usage(ex)
+    ex.transforms.clear()  # the next upstream gets its own transforms
+
+
 async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) -> None:
     """Serve one chat/completions request end to end; raises GatewayError before any byte is sent.
 
@@ -213,13 +223,13 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         if ex.tenant.rate_limits is not None:  # before the budget: a refused request reserves nothing
             bound = upper_bound_tokens(ex.raw) + (requested_max_tokens(ex.body) or ex.tenant.default_max_tokens)
             ex.rate = await rt.limits.admit(ex.tenant.name, ex.tenant.rate_limits, ex.key_id, bound)
-        # a later candidate starts from the body as it was before the first one's shaping
-        original = list(ex.body.items()) if len(plan.options) > 1 else None
+        # a later candidate starts from the client's request as received: an attempt rewrites nested
+        # values in place (reasoning into the messages, in its upstream's field; tool dialects), so
+        # the body is parsed again from the bytes the front end received, only when it fails over
+        received = ex.raw
         for n, option in enumerate(plan.options):
-            if n and original is not None:
-                ex.body.clear()
-                ex.body.update(original)
-                ex.transforms.clear()  # the next upstream gets its own transforms
+            if n:
+                _start_over(ex, received)
             body = await _attempt(rt, ex, plan, option, first=n == 0)
             sent_at = time.perf_counter()
             rt.router.dispatched(option)
