@@ -272,6 +272,19 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
         raise
     finally:
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
-        await rt.meter.settle(m)
-        capture_exchange(rt, ex)
+        await _clean_up(rt, ex)
+
+
+async def _clean_up(rt: Runtime, ex: Exchange) -> None:
+    """Settlement (budget, metrics, ledger row), capture and the rate-limit correction, each run even
+    when another one fails: a failure is logged once, with the request id, and never replaces the
+    answer the client already has (or the error it is getting)."""
+    try:
+        await rt.meter.settle(ex.metered)
+    except Exception:
+        log.exception("request %s: settlement failed", ex.request_id)
+    capture_exchange(rt, ex)  # never raises
+    try:
         await correct_rate(rt, ex)
+    except Exception:
+        log.exception("request %s: the rate-limit correction failed", ex.request_id)

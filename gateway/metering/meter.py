@@ -122,7 +122,10 @@ class Meter:
         m.settled = True
         cost = m.cost or await self.compute(m)
         if m.reservation is not None:  # most requests hold nothing
-            await self.budgets.settle(m.reservation, cost.usd)
+            try:
+                await self.budgets.settle(m.reservation, cost.usd)
+            except Exception:  # the row below is what finance reads: it is written whatever the state does
+                log.exception("request %s: settling its budget reservation failed", m.request_id)
         usage = m.usage or Usage()
         tenant, model, upstream = m.tenant.name, m.virtual_model, m.label or UNKNOWN
         s = series(tenant, model, upstream, m.stream)
