@@ -23,7 +23,7 @@ from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
 from gateway.observability import UPSTREAM_FAILURES, log
 from gateway.policy.store import Candidate
 from gateway.reasoning.inbound import prepare_reasoning
-from gateway.relay import correct_rate, relay_stream, relay_whole
+from gateway.relay import correct_rate, read_whole, relay_stream, relay_whole
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
@@ -121,6 +121,9 @@ async def _reserve(rt: Runtime, ex: Exchange) -> None:
             ex.route_reason += f"; budget: max_tokens lowered to {reservation.max_tokens}"
 
 
+INVALID = "invalid_response"  # the failure kind of a 200 that is not an answer
+
+
 class CandidateFailed(Exception):
     """A call that failed before any byte reached the client, in a way the next candidate may not."""
 
@@ -169,7 +172,35 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
             raise CandidateFailed(error, str(reply.status))
         raise error
     m.reached_upstream = True
+    if ex.stream and reply.content_type and "event-stream" not in reply.content_type:
+        await reply.aclose()
+        raise _not_an_answer(ex, candidate, f"a {reply.content_type.split(';')[0]} body to a stream request")
     return reply
+
+
+async def _whole(ex: Exchange, reply: UpstreamReply, candidate: Candidate, sent_at: float) -> bytes:
+    """The non-stream answer, read before anything goes to the client (so a body that is no answer
+    can still fail over); the reply is closed when it is not relayed."""
+    try:
+        payload = await read_whole(ex, reply, sent_at)
+    except BaseException:  # a broken read or a client gone: drop the connection
+        await reply.aclose(abort=True)
+        raise
+    if payload is None:
+        await reply.aclose()
+        raise _not_an_answer(ex, candidate, "a body that is not a JSON chat completion")
+    return payload
+
+
+def _not_an_answer(ex: Exchange, candidate: Candidate, what: str) -> CandidateFailed:
+    """An upstream that said 200 and sent something else: never a success, and metered as an
+    estimate (it may have generated, and billed, the answer it failed to send)."""
+    UPSTREAM_FAILURES.labels(candidate.upstream, INVALID).inc()
+    m = ex.metered
+    m.outcome = "upstream_error"
+    m.estimate_reason = f"the upstream answered 200 with {what}; it may have billed the prompt"
+    message = f"Upstream '{candidate.upstream}' answered 200 with {what}."
+    return CandidateFailed(errors.bad_gateway(message, code="upstream_invalid_response"), INVALID)
 
 
 async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first: bool) -> bytes:
@@ -235,6 +266,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             rt.router.dispatched(option)
             try:
                 reply = await _call(rt, ex, option.candidate, body)
+                payload = None if ex.stream else await _whole(ex, reply, option.candidate, sent_at)
             except CandidateFailed as failed:
                 if failed.kind != RETIRED:  # a retired id is dead already; it says nothing about health
                     rt.router.failed(option, failed.kind)
@@ -248,10 +280,10 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
                 continue
             first_at = time.perf_counter()
             try:
-                if ex.stream:
+                if payload is None:
                     await relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
                 else:
-                    await relay_whole(rt, ex, reply, send, watch, sent_at)
+                    await relay_whole(rt, ex, payload, send, watch)
             finally:
                 await reply.aclose(abort=watch.disconnected)
             if m.outcome == "ok":

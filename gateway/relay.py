@@ -57,9 +57,11 @@ async def correct_rate(rt: Runtime, ex: Exchange) -> None:
     await rt.limits.correct(admission, usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
 
 
-async def relay_whole(
-    rt: Runtime, ex: Exchange, reply: UpstreamReply, send: Send, watch: DisconnectWatch, sent_at: float
-) -> None:
+async def read_whole(ex: Exchange, reply: UpstreamReply, sent_at: float) -> bytes | None:
+    """The whole non-stream answer and its usage, before anything goes to the client; ``None`` when
+    it is not a chat completion at all (a proxy's HTML page, a body cut short): the pipeline then
+    fails over or answers 502, and the row says the answer was not one. A read that breaks is the
+    client's 502/504 (the upstream may have billed the prompt)."""
     m = ex.metered
     try:
         payload = await reply.read()
@@ -71,15 +73,27 @@ async def relay_whole(
         m.outcome = "cut"
         raise errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}") from None
     ex.upstream_time = time.perf_counter() - sent_at
+    if payload[:1] != b"{" and payload.lstrip()[:1] != b"{":
+        return None
     if ex.builtin_tools:
         parsed = _loads(payload)
-        if isinstance(parsed, dict):
-            m.usage = usage_of_response(parsed)
-            _count_builtin_calls(parsed, m.tool_calls)
+        if not isinstance(parsed, dict):
+            return None
+        m.usage = usage_of_response(parsed)
+        _count_builtin_calls(parsed, m.tool_calls)
     else:
-        m.usage = usage_of_body(payload)
+        m.usage = usage_of_body(payload)  # usage is the last key of every provider's answer: no full parse
+        if m.usage is None and not isinstance(_loads(payload), dict):
+            return None
     if m.usage is None:
         m.estimate_reason = "the upstream reported no usage"
+    return payload
+
+
+async def relay_whole(rt: Runtime, ex: Exchange, payload: bytes, send: Send, watch: DisconnectWatch) -> None:
+    """The answer :func:`read_whole` accepted, through the tenant's transforms and envelope, with
+    its exact cost in a header."""
+    m = ex.metered
     if ex.transforms:
         payload = apply_whole(ex.transforms, payload)
     elif (envelope := body_envelope(ex.model, ex.envelope)) is not None:

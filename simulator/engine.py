@@ -58,6 +58,10 @@ SSE_HEADERS: list[tuple[str, str]] = [("content-type", "text/event-stream"), ("c
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
+# what a proxy in front of a provider answers with a 200 when the provider behind it is gone
+HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
+
+
 class Simulator:
     """A simulated Kimi K2 Thinking upstream (Moonshot API or vLLM), transport-free."""
 
@@ -133,6 +137,8 @@ class Simulator:
                 self.stats.faults_applied += 1
                 if fault.drop:
                     return self._drop(fault)
+                if fault.garbage == "html":
+                    return SimReply(status=200, headers=[("content-type", "text/html")], body=HTML_PAGE)
                 if fault.status is not None:
                     return self._error(
                         fault.status,
@@ -203,6 +209,8 @@ class Simulator:
         decode = profile.seconds_per_token * plan.completion_tokens / max(1, len(plan.choices))
         delay = profile.ttft_s + decode + stall + stall_mid
         body = render_body(plan, profile.dialect, profile.parsers)
+        if fault is not None and fault.garbage == "truncated":
+            body = body[: len(body) // 2]
 
         async def generate() -> None:
             await self._occupy(hold, delay)

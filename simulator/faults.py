@@ -36,6 +36,9 @@ class Fault:
     stall_mid_s: stream: wait this long after the first two events (role + first delta);
         non-stream: added to the delay.
     drop: close the connection without any response.
+    garbage: a 200 that is not an answer, as a misbehaving proxy in front of a provider sends:
+        ``"html"`` (an HTML error page, ``text/html``, stream or not) or ``"truncated"`` (non-stream:
+        the first half of the real JSON body, labelled ``application/json``).
     count: how many matching requests the fault applies to; -1 = until cleared.
     model: apply only to requests naming this model.
     """
@@ -46,6 +49,7 @@ class Fault:
     stall_s: float | None = None
     stall_mid_s: float | None = None
     drop: bool = False
+    garbage: str | None = None
     count: int = 1
     model: str | None = None
     error_type: str | None = None
@@ -65,6 +69,8 @@ class Fault:
             or self.cut_after_events < 0
         ):
             raise ValueError(f"fault field 'cut_after_events' must be an integer >= 0, got {self.cut_after_events!r}")
+        if self.garbage not in (None, "html", "truncated"):
+            raise ValueError(f"fault field 'garbage' must be 'html' or 'truncated', got {self.garbage!r}")
         if not isinstance(self.drop, bool):
             raise ValueError(f"fault field 'drop' must be a boolean, got {self.drop!r}")
         if not isinstance(self.count, int) or isinstance(self.count, bool) or (self.count < 1 and self.count != -1):
