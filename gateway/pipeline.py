@@ -9,6 +9,7 @@ SSE events. Settlement runs exactly once on every path out.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from decimal import Decimal
 
@@ -31,7 +32,7 @@ from gateway.routing.router import RETIRED, Plan, remaining_fraction
 from gateway.tools.inbound import prepare_tools
 from gateway.transforms.envelope import add_envelope
 from gateway.upstreams.base import UpstreamFailure, UpstreamReply
-from gateway.upstreams.errors import upstream_error
+from gateway.upstreams.errors import log_text, upstream_error
 from gateway.upstreams.shaping import shape
 
 
@@ -157,6 +158,10 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
         UPSTREAM_FAILURES.labels(candidate.upstream, str(reply.status)).inc()
         m.outcome = "upstream_error"
         error = upstream_error(candidate, reply.status, payload, reply.retry_after)
+        level = logging.WARNING if reply.status in (401, 403) or reply.status >= 500 else logging.INFO
+        log.log(
+            level, "request %s: %s answered %d: %s", ex.request_id, candidate.label, reply.status, log_text(payload)
+        )
         if reply.status == 404 and error.code == "upstream_model_not_found":
             rt.dead.add(candidate.label)
             DEAD_CANDIDATES.labels(candidate.label).inc()
