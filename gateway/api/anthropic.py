@@ -21,6 +21,7 @@ import orjson
 
 from gateway import errors
 from gateway.api.openai import open_exchange, run_until_disconnect
+from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
     CT_JSON,
     Message,
@@ -157,8 +158,10 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
         original, request = parse_messages_body(raw)
+        max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         body = request.body
         ex = open_exchange(request_id, entry, body, orjson.dumps(body), headers, started, endpoint="messages")
+        ex.max_latency_ms = max_latency_ms
         model = ex.model
         out = AnthropicSend(send, original["model"], "msg_" + request_id, ex.stream, request)
         await run_until_disconnect(rt, ex, out, receive)

@@ -291,14 +291,34 @@ def test_retired_candidate_is_skipped_afterwards_with_a_metric(
     assert 'gateway_breaker_opened_total{candidate="a/k2-old"}' not in metrics  # dead, not unhealthy
 
 
-def test_malformed_max_latency_header_is_a_400(gateway: Process, sims: tuple[Process, Process]) -> None:
+MAX_LATENCY_CASES = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    "messages": ("/v1/messages", {"max_tokens": 64, "messages": [{"role": "user", "content": "x"}]}),
+    "responses": ("/v1/responses", {"input": "x", "store": False}),
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(MAX_LATENCY_CASES))
+def test_malformed_max_latency_header_is_a_400_on_every_endpoint(
+    gateway: Process, sims: tuple[Process, Process], endpoint: str
+) -> None:
+    path, body = MAX_LATENCY_CASES[endpoint]
+    auth = {"x-api-key": KEY} if endpoint == "messages" else {"Authorization": f"Bearer {KEY}"}
     resp = httpx.post(
-        gateway.url + "/v1/chat/completions",
-        json={"model": "loop", "messages": [{"role": "user", "content": "x"}]},
-        headers={"Authorization": f"Bearer {KEY}", "x-gateway-max-latency-ms": "soon"},
+        gateway.url + path, json={"model": "loop", **body}, headers={**auth, "x-gateway-max-latency-ms": "soon"}
     )
-    assert resp.status_code == 400
-    assert resp.json()["error"]["param"] == "x-gateway-max-latency-ms"
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "x-gateway-max-latency-ms" in error["message"]
+    if endpoint == "messages":  # Anthropic's shape: no param, the type says what it is
+        assert resp.json()["type"] == "error" and error["type"] == "invalid_request_error"
+    else:
+        assert error["param"] == "x-gateway-max-latency-ms"
+    assert not requests_seen(sims[0]) and not requests_seen(sims[1])  # refused before any upstream call
+    fine = httpx.post(
+        gateway.url + path, json={"model": "loop", **body}, headers={**auth, "x-gateway-max-latency-ms": "20000"}
+    )
+    assert fine.status_code == 200, fine.text
 
 
 def test_budget_exhaustion_serves_a_cheaper_candidate_whole(tmp_path: Path, simulator: Process) -> None:
