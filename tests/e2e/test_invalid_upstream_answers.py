@@ -68,14 +68,19 @@ def ledger_row(db: Path, request_id: str) -> dict[str, Any] | None:
 CASES = [("html", False), ("html", True), ("truncated", False)]
 
 
+def ask(proc: Process, upstream_a: Process, garbage: str, model: str, stream: bool) -> httpx.Response:
+    """One request to ``model`` while upstream ``a`` answers its next request with ``garbage``."""
+    httpx.post(upstream_a.url + "/_sim/faults", json={"garbage": garbage}).raise_for_status()
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return httpx.post(proc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+
+
 @pytest.mark.parametrize(("garbage", "stream"), CASES)
 def test_alone_it_is_a_502_and_never_billed_as_a_success(
     gateway: tuple[Process, Path], sims: tuple[Process, Process], garbage: str, stream: bool
 ) -> None:
     proc, db = gateway
-    httpx.post(sims[0].url + "/_sim/faults", json={"garbage": garbage}).raise_for_status()
-    body = {"model": "alone", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    resp = httpx.post(proc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    resp = ask(proc, sims[0], garbage, "alone", stream)
     assert resp.status_code == 502, resp.text
     error = resp.json()["error"]
     assert error["code"] == "upstream_invalid_response" and error["type"] == "upstream_error"
@@ -92,9 +97,7 @@ def test_with_a_spare_candidate_the_request_fails_over(
     gateway: tuple[Process, Path], sims: tuple[Process, Process], garbage: str, stream: bool
 ) -> None:
     proc, db = gateway
-    httpx.post(sims[0].url + "/_sim/faults", json={"garbage": garbage}).raise_for_status()
-    body = {"model": "with-spare", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    resp = httpx.post(proc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    resp = ask(proc, sims[0], garbage, "with-spare", stream)
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-gateway-upstream"] == "b/kimi-k2-thinking"
     assert "invalid_response" in resp.headers["x-gateway-route-reason"]
