@@ -125,6 +125,28 @@ class OpenAICompatUpstream(Upstream):
         except aiohttp.ServerDisconnectedError:
             return await session.post(self.url, data=body, timeout=limits)
 
+    def _timed_out(self, exc: TimeoutError, stream: bool) -> UpstreamFailure:
+        """The failure naming the limit that fired: several run at once while the answer starts (the
+        connect limit, the silence limit between reads, the first-byte limit of a stream, the total)."""
+        t = self.config.timeouts
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return UpstreamFailure(
+                "connect", f"could not connect to upstream '{self.name}' within {t.connect_s:g} s (timeouts.connect_s)"
+            )
+        if isinstance(exc, aiohttp.SocketTimeoutError):  # sock_read: only streams set it
+            return UpstreamFailure(
+                "first_byte_timeout",
+                f"upstream '{self.name}' sent nothing for {t.idle_s:g} s (timeouts.idle_s) before its first byte",
+            )
+        if stream and t.first_byte_s <= t.total_s:
+            return UpstreamFailure(
+                "first_byte_timeout",
+                f"upstream '{self.name}' sent no first byte within {t.first_byte_s:g} s (timeouts.first_byte_s)",
+            )
+        return UpstreamFailure(
+            "total_timeout", f"upstream '{self.name}' did not answer within {t.total_s:g} s (timeouts.total_s)"
+        )
+
     async def send(self, body: bytes, *, stream: bool) -> UpstreamReply:
         session = self._session
         if session is None:
@@ -142,17 +164,7 @@ class OpenAICompatUpstream(Upstream):
         except TimeoutError as exc:
             if resp is not None:
                 resp.close()
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                raise UpstreamFailure(
-                    "connect", f"could not connect to upstream '{self.name}' within {t.connect_s:g} s"
-                ) from None
-            if stream:
-                raise UpstreamFailure(
-                    "first_byte_timeout", f"upstream '{self.name}' sent no first byte within {t.first_byte_s:g} s"
-                ) from None
-            raise UpstreamFailure(
-                "total_timeout", f"upstream '{self.name}' did not answer within {t.total_s:g} s"
-            ) from None
+            raise self._timed_out(exc, stream) from None
         except _CONNECT_ERRORS as exc:
             if resp is not None:
                 resp.close()
