@@ -201,7 +201,9 @@ class GatewayApp:
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.ready:
-            await send_json(send, 200, {"status": "ready", "upstreams": sorted(self.upstreams)})
+            # retired candidates, with the seconds until each one's next probe
+            retired = self.runtime.dead.snapshot()
+            await send_json(send, 200, {"status": "ready", "upstreams": sorted(self.upstreams), "retired": retired})
         else:
             await send_bytes(send, 503, orjson.dumps({"status": "starting"}), [])
 

@@ -205,6 +205,9 @@ class RoutingConfig(_Strict):
     # consecutive failures (connect, 5xx, 429, first-byte timeout) that open an upstream model's breaker
     breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 3
     breaker_cooldown_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # a candidate whose upstream answered 404 for the model is skipped this long, then probed again
+    # (the wait doubles at each further 404, up to an hour)
+    retired_probe_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     # how often the server looks at the policy files' modification times (0 = never reload)
     policy_reload_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
 

@@ -15,6 +15,7 @@ from gateway.metering.meter import Meter, Metered
 from gateway.observability import UNKNOWN
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.ratelimit import Admission, RateLimiter
+from gateway.routing.retired import Retired
 from gateway.routing.router import Router
 from gateway.state.base import KeyValueState
 from gateway.state.memory import MemoryKeyValueState, MemoryRateLimitState
@@ -74,9 +75,8 @@ class Runtime:
         # shared small entries (prefix affinity, reasoning store, upstream stats): memory or Redis
         self.kv: KeyValueState = kv if kv is not None else MemoryKeyValueState()
         self.limits = limits if limits is not None else RateLimiter(MemoryRateLimitState())
-        # Candidates an upstream answered 404 for (retired model ids): skipped until the config changes.
-        self.dead: set[str] = set()
         self.capture: CaptureStore | None = None  # diagnostic capture rows, for tenants that turn it on
         # ranks candidates per request; learns speeds, cache hits and health from every answer
-        self.router = router if router is not None else Router({}, meter.prices, self.kv, dead=self.dead)
-        self.router.dead = self.dead
+        self.router = router if router is not None else Router({}, meter.prices, self.kv)
+        # candidates an upstream answered 404 for (retired model ids): skipped, probed after a backoff
+        self.dead: Retired = self.router.dead

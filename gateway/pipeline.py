@@ -27,7 +27,7 @@ from gateway.reasoning.inbound import prepare_reasoning
 from gateway.relay import correct_rate, read_whole, relay_stream, relay_whole
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
-from gateway.routing.metrics import DEAD_CANDIDATES, FAILOVERS
+from gateway.routing.metrics import FAILOVERS
 from gateway.routing.router import RETIRED, Plan, remaining_fraction
 from gateway.tools.inbound import prepare_tools
 from gateway.transforms.envelope import add_envelope
@@ -164,13 +164,12 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
         )
         if reply.status == 404 and error.code == "upstream_model_not_found":
             rt.dead.add(candidate.label)
-            DEAD_CANDIDATES.labels(candidate.label).inc()
             log.warning(
-                "upstream %s answered 404 for model %s (retired id?): candidate %s is skipped until the "
-                "configuration changes",
+                "upstream %s answered 404 for model %s (retired id?): candidate %s is skipped, probed again in %g s",
                 candidate.upstream,
                 candidate.upstream_model,
                 candidate.label,
+                rt.dead.snapshot().get(candidate.label, 0.0),
             )
             raise CandidateFailed(error, RETIRED)  # the next candidate may serve it: nothing was sent yet
         if reply.status == 429 or reply.status >= 500:
@@ -295,6 +294,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
                 done = time.perf_counter()
                 ttft, gen = (first_at - sent_at, done - first_at) if ex.stream else (None, done - sent_at)
                 await rt.router.served(ex.tenant, plan, option, ttft, gen, m.usage)
+                rt.dead.served(option.label)  # a probe of a retired candidate that answered
             return
     except GatewayError as error:
         m.status = error.status

@@ -24,6 +24,12 @@ DEAD_CANDIDATES = Counter(
     ("candidate",),
     registry=REGISTRY,
 )
+CANDIDATE_RETIRED = Gauge(
+    "gateway_candidate_retired",
+    "1 while a candidate is skipped after its upstream answered 404 for the model (until a probe succeeds).",
+    ("candidate",),
+    registry=REGISTRY,
+)
 VLLM_QUEUE = Gauge(
     "gateway_vllm_waiting_requests",
     "vllm:num_requests_waiting as last scraped from a self-hosted upstream.",

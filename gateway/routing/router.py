@@ -22,6 +22,7 @@ from gateway.policy.store import Route, Tenant
 from gateway.routing import affinity
 from gateway.routing.expected import Option, estimate
 from gateway.routing.metrics import BREAKER_OPENED
+from gateway.routing.retired import Retired
 from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, RouteStats
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES, prefix_holder, stay_with_prefix
 from gateway.state.base import KeyValueState
@@ -116,7 +117,7 @@ class Router:
         prices: PriceBook | None,
         kv: KeyValueState,
         stats: RouteStats | None = None,
-        dead: set[str] | None = None,
+        dead: Retired | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -124,7 +125,7 @@ class Router:
         self.prices = prices
         self.kv = kv
         self.stats: RouteStats = stats if stats is not None else MemoryRouteStats()
-        self.dead: set[str] = dead if dead is not None else set()
+        self.dead: Retired = dead if dead is not None else Retired()
         self.clock = clock
         self.wall = wall
         self.cache_aware = True  # False: expect no cache hits anywhere (a baseline for the benchmark)
@@ -138,7 +139,7 @@ class Router:
         config: LoadedConfig,
         prices: PriceBook | None,
         kv: KeyValueState,
-        dead: set[str] | None = None,
+        dead: Retired | None = None,
         exchange: StatsExchange | None = None,
     ) -> Router:
         """``exchange``: where replicas pool statistics and breakers (None: this process alone)."""
@@ -154,7 +155,7 @@ class Router:
             from gateway.routing.shared_stats import SharedRouteStats
 
             stats = SharedRouteStats(exchange, r.ewma_alpha, r.breaker_failures, r.breaker_cooldown_s)
-        return cls(traits, prices, kv, stats, dead)
+        return cls(traits, prices, kv, stats, dead if dead is not None else Retired(r.retired_probe_s))
 
     def traits_of(self, upstream: str) -> Traits:
         return self.traits.get(upstream, self._default)

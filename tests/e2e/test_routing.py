@@ -18,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
+from tests.waiting import wait_until
 
 KEY = "sk-routing-tenant"
 TOOLS = [
@@ -48,13 +49,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, simulator: Process, sim_b:
     kind: openai
     base_url: {simulator.url}/v1
     models: {{kimi-k2-thinking: kimi-k2-thinking, k2-fo: kimi-k2-thinking, k2-br: kimi-k2.6,
-              k2-old: kimi-k2-0711-preview, k2-t0: kimi-k2-thinking, k2-t1: kimi-k2-thinking, k2-ra: kimi-k2-thinking}}
+              k2-old: kimi-k2-0711-preview, k2-t0: kimi-k2-thinking, k2-t1: kimi-k2-thinking, k2-ra: kimi-k2-thinking,
+              k2-rp: kimi-k2-thinking}}
     {timeouts}
   b:
     kind: openai
     base_url: {sim_b.url}/v1
     models: {{kimi-k2-thinking: kimi-k2-thinking, k2-fo: kimi-k2-thinking, k2-br: kimi-k2-thinking,
-              k2-t0: kimi-k2-thinking, k2-t1: kimi-k2-thinking, k2-ra: kimi-k2-thinking}}
+              k2-t0: kimi-k2-thinking, k2-t1: kimi-k2-thinking, k2-ra: kimi-k2-thinking, k2-rp: kimi-k2-thinking}}
     {timeouts}
   down:
     kind: openai
@@ -73,10 +75,11 @@ models:
   timeouts-1: {{candidates: [a/k2-t1, b/k2-t1], strategy: pinned}}
   retry-after: {{candidates: [a/k2-ra, b/k2-ra], strategy: pinned}}
   retiring: {{candidates: [a/k2-old, b/k2-fo], strategy: balanced}}
+  reprobe: {{candidates: [a/k2-rp, b/k2-rp], strategy: pinned}}
 """
     # b is cheaper on a cold prompt but its cache hits cost almost as much as a miss
     prices = {"b/kimi-k2-thinking": {"input_miss": "0.50", "input_hit": "0.45", "output": "2.50"}}
-    extra = "routing: {breaker_failures: 3, breaker_cooldown_s: 1.5}"
+    extra = "routing: {breaker_failures: 3, breaker_cooldown_s: 1.5, retired_probe_s: 1}"
     config = write_gateway(folder, upstreams, policy, extra_yaml=extra, prices=prices)
     proc = start_gateway(config)
     yield proc
@@ -266,7 +269,11 @@ def test_breaker_opens_skips_and_closes_after_cooldown(
     assert 'gateway_failovers_total{candidate="a/k2-br",kind="503"}' in metrics
 
 
-def test_retired_candidate_is_skipped_afterwards_with_a_metric(
+def retired(gateway: Process) -> dict[str, float]:
+    return httpx.get(gateway.url + "/readyz").json()["retired"]
+
+
+def test_retired_candidate_is_skipped_then_probed_with_a_growing_backoff(
     client: OpenAI, gateway: Process, sims: tuple[Process, Process]
 ) -> None:
     sim_a, _ = sims
@@ -284,11 +291,40 @@ def test_retired_candidate_is_skipped_afterwards_with_a_metric(
         assert raw.headers["x-gateway-upstream"] == "b/k2-fo"
         assert "skipped a/k2-old (404 for the model: retired)" in raw.headers["x-gateway-route-reason"]
     assert len(requests_seen(sim_a)) == 1
-    assert gateway.output().count("candidate a/k2-old is skipped until the configuration changes") == 1
+    assert 0 < retired(gateway)["a/k2-old"] <= 1
+    assert gateway.output().count("candidate a/k2-old is skipped, probed again in 1 s") == 1
     metrics = httpx.get(gateway.url + "/metrics").text
     assert 'gateway_dead_candidates_total{candidate="a/k2-old"} 1.0' in metrics
+    assert 'gateway_candidate_retired{candidate="a/k2-old"} 1.0' in metrics
     assert 'gateway_failovers_total{candidate="a/k2-old",kind="404"} 1.0' in metrics
     assert 'gateway_breaker_opened_total{candidate="a/k2-old"}' not in metrics  # dead, not unhealthy
+
+
+def test_a_retired_candidate_is_tried_again_with_a_growing_backoff_until_it_answers(
+    client: OpenAI, gateway: Process, sims: tuple[Process, Process]
+) -> None:
+    sim_a, _ = sims
+    gone = {"status": 404, "error_type": "resource_not_found_error", "message": "Not found the model kimi-k2-thinking"}
+    fault(sim_a, **gone, count=2)  # two 404s, as during a deploy; then the model is back
+    asked = itertools.count()
+
+    def ask() -> str:  # a new prompt each time: no cached prefix keeps the request where the last one went
+        user = [{"role": "user", "content": f"probe {next(asked)}"}]
+        raw = client.chat.completions.with_raw_response.create(model="reprobe", messages=user)  # type: ignore[arg-type]
+        return raw.headers["x-gateway-upstream"]
+
+    assert ask() == "b/k2-rp"  # the first 404 fails over
+    assert 0 < retired(gateway)["a/k2-rp"] <= 1
+    assert ask() == "b/k2-rp" and len(requests_seen(sim_a)) == 1  # skipped while retired
+    wait_until(lambda: retired(gateway)["a/k2-rp"] == 0, timeout=5)
+    assert ask() == "b/k2-rp"  # tried again: the second 404, and out for twice as long
+    assert len(requests_seen(sim_a)) == 2
+    assert 1 < retired(gateway)["a/k2-rp"] <= 2
+    assert "candidate a/k2-rp is skipped, probed again in 2 s" in gateway.output()
+    wait_until(lambda: retired(gateway)["a/k2-rp"] == 0, timeout=5)
+    assert ask() == "a/k2-rp"  # answered: back for good
+    assert "a/k2-rp" not in retired(gateway)
+    assert 'gateway_candidate_retired{candidate="a/k2-rp"} 0.0' in httpx.get(gateway.url + "/metrics").text
 
 
 MAX_LATENCY_CASES = {
