@@ -23,3 +23,17 @@ def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"{getattr(check, '__name__', check)!s} did not hold within {timeout} s")
         time.sleep(interval)
+
+
+def settled(get: Callable[[], T], timeout: float = 10.0) -> T:
+    """A ``/v1/spend`` answer that includes every row the gateway has recorded so far.
+
+    The report answers at once (within 100 ms) and says in ``x-gateway-ledger-unwritten`` how many
+    of this process's rows the database does not have yet; ask again until that is 0."""
+
+    def check() -> T | None:
+        resp = get()
+        headers = getattr(resp, "headers", {})
+        return resp if headers.get("x-gateway-ledger-unwritten", "0") == "0" else None
+
+    return wait_until(check, timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 from typing import Annotated, Any
 
@@ -20,6 +21,10 @@ from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, invalid_request
 from gateway.exchange import Runtime
 from gateway.metering import report
+
+# how long a spend report waits for this process's queued rows to be written before it answers
+# without them (and says how many it left out)
+FLUSH_WAIT_S = 0.1
 
 
 def _error_response(error: GatewayError) -> JSONResponse:
@@ -79,6 +84,8 @@ def build_finance_app(rt: Runtime, admin_key: str | None) -> FastAPI:
         to: Annotated[str | None, Query(description="exclusive end; date, ISO time or unix seconds")] = None,
         tenant: Annotated[str | None, Query()] = None,
         format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+        *,
+        response: Response,
     ) -> Any:
         who = caller(authorization)
         try:
@@ -89,14 +96,20 @@ def build_finance_app(rt: Runtime, admin_key: str | None) -> FastAPI:
             raise invalid_request(str(exc), param="group_by" if "group" in str(exc) else "from") from None
         ledger = rt.meter.ledger
         assert ledger is not None
-        # include what this process has queued; a ledger outage must not hang the report
+        # include what this process has queued, if the writer gets it in at once: a slow or
+        # unreachable database must not hold the report up; it then says what it does not include
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ledger.flush(), 5)
+            await asyncio.wait_for(ledger.flush(), FLUSH_WAIT_S)
+        unwritten = ledger.backlog
+        as_of = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         rows = await ledger.spend(group_by=groups, since=since, until=until, tenant=scope(who, tenant))
+        headers = {"x-gateway-ledger-as-of": as_of, "x-gateway-ledger-unwritten": str(unwritten)}
         if format == "csv":
-            return Response(report.to_csv(rows, groups), media_type="text/csv")
+            return Response(report.to_csv(rows, groups), media_type="text/csv", headers=headers)
         # the last entry is the totals row ("total": true)
-        return {"object": "list", "group_by": groups, "data": report.to_json(rows, groups)}
+        response.headers.update(headers)
+        body = {"object": "list", "group_by": groups, "as_of": as_of, "unwritten": unwritten}
+        return {**body, "data": report.to_json(rows, groups)}
 
     @app.get("/v1/budget")
     async def budget(

@@ -23,6 +23,7 @@ from openai import OpenAI
 from gateway.metering.money import fmt_usd
 from tests.conftest import DEMO_KEY, PYTHON, ROOT, Process, free_port, hashed, start_gateway, write_gateway
 from tests.e2e.test_readme_snippets import instant_demo_config
+from tests.waiting import settled
 
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 SYSTEM = (
@@ -187,7 +188,9 @@ def test_the_demo_tool_loop_stays_where_its_prefix_is_cached_and_the_report_show
     # another conversation left in the same cache)
     assert cached_of(usages[1]) >= max(256, cached_of(usages[0])) and cached_of(usages[1]) > cached_of(usages[0])
 
-    spend = httpx.get(gw.url + "/v1/spend", params={"group_by": "app,endpoint"}, headers=AUTH, timeout=10).json()
+    spend = settled(
+        lambda: httpx.get(gw.url + "/v1/spend", params={"group_by": "app,endpoint"}, headers=AUTH, timeout=10)
+    ).json()
     (row,) = [r for r in spend["data"] if r["app"] == app]
     assert row["endpoint"] == "chat/completions" and row["requests"] == 2
     assert row["cached_tokens"] == cached_of(usages[1])
@@ -315,11 +318,15 @@ def test_spend_by_endpoint_tells_the_apis_apart(demo: tuple[Process, Path]) -> N
     gw.anthropic(DEMO_KEY).messages.create(
         model="kimi-k2-thinking", max_tokens=512, messages=[{"role": "user", "content": "hi"}], extra_headers=tags
     )
-    spend = httpx.get(gw.url + "/v1/spend", params={"group_by": "app,endpoint"}, headers=AUTH, timeout=10).json()
+    spend = settled(
+        lambda: httpx.get(gw.url + "/v1/spend", params={"group_by": "app,endpoint"}, headers=AUTH, timeout=10)
+    ).json()
     mine = {r["endpoint"]: r["requests"] for r in spend["data"] if r["app"] == app}
     assert mine == {"chat/completions": 1, "messages": 1}, spend
-    csv = httpx.get(
-        gw.url + "/v1/spend", params={"group_by": "endpoint", "format": "csv"}, headers=AUTH, timeout=10
+    csv = settled(
+        lambda: httpx.get(
+            gw.url + "/v1/spend", params={"group_by": "endpoint", "format": "csv"}, headers=AUTH, timeout=10
+        )
     ).text
     assert csv.splitlines()[0].startswith("endpoint,requests,") and "\nmessages," in csv
     bad = httpx.get(gw.url + "/v1/spend", params={"group_by": "endpoints"}, headers=AUTH, timeout=10)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import Process, hashed, start_gateway, write_gateway
-from tests.waiting import wait_until
+from tests.waiting import settled, wait_until
 
 KEY_A, KEY_B, ADMIN = "sk-meter-a", "sk-meter-b", "sk-finance-admin"
 MISS, HIT, OUT = Decimal("0.60"), Decimal("0.15"), Decimal("2.50")  # kimi-k2-thinking, USD per 1M tokens
@@ -77,10 +77,12 @@ def ledger_row(gateway: Process, request_id: str, key: str = ADMIN) -> dict:
 
 
 def spend_total(gateway: Process, key: str = ADMIN, **params: str) -> dict:
-    resp = httpx.get(
-        gateway.url + "/v1/spend",
-        params={"group_by": "tenant", **params},
-        headers={"Authorization": f"Bearer {key}"},
+    resp = settled(
+        lambda: httpx.get(
+            gateway.url + "/v1/spend",
+            params={"group_by": "tenant", **params},
+            headers={"Authorization": f"Bearer {key}"},
+        )
     )
     assert resp.status_code == 200, resp.text
     return resp.json()["data"][-1]
@@ -185,16 +187,20 @@ def test_tenant_sees_only_its_own_spend(gateway: Process) -> None:
         gateway.openai(key).chat.completions.create(
             model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], max_tokens=50
         )
-    own = httpx.get(
-        gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {KEY_B}"}
+    own = settled(
+        lambda: httpx.get(
+            gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {KEY_B}"}
+        )
     )
     assert [r["tenant"] for r in own.json()["data"] if not r["total"]] == ["tenant-b"]
     other = httpx.get(
         gateway.url + "/v1/spend", params={"tenant": "tenant-a"}, headers={"Authorization": f"Bearer {KEY_B}"}
     )
     assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
-    admin = httpx.get(
-        gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    admin = settled(
+        lambda: httpx.get(
+            gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
     )
     assert {r["tenant"] for r in admin.json()["data"] if not r["total"]} == {"tenant-a", "tenant-b"}
     assert httpx.get(gateway.url + "/v1/spend", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -400,3 +406,33 @@ def test_spend_report_cli_reads_the_ledger(gateway: Process, folder: Path) -> No
     assert lines[-1].split(",")[0] == "TOTAL" and expected["cost_usd"] in lines[-1]
     bad = subprocess.run([*cmd, "--group-by", "colour"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "colour" in bad.stderr
+
+
+def test_a_spend_report_answers_at_once_while_the_writer_is_held_up(gateway: Process, folder: Path) -> None:
+    """A database that does not take the writer's batch (here: another process holds SQLite's write
+    lock) must not hold the finance API up: the report answers at once with what is written, the time
+    it is as of, and how many of this process's rows it does not include yet."""
+    import sqlite3
+
+    before = spend_total(gateway)
+    lock = sqlite3.connect(folder / "meter-ledger.db", timeout=5, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # the gateway's writer now waits on SQLite's busy timeout
+        gateway.openai(KEY_A).chat.completions.create(
+            model="kimi-k2-thinking", messages=[{"role": "user", "content": "held up"}], max_tokens=20
+        )
+        started = time.monotonic()
+        resp = httpx.get(
+            gateway.url + "/v1/spend", params={"group_by": "tenant"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        took = time.monotonic() - started
+        assert resp.status_code == 200, resp.text
+        assert took < 2.0, took  # the writer is stuck for up to 10 s: the report did not wait for it
+        body = resp.json()
+        assert body["unwritten"] >= 1 and resp.headers["x-gateway-ledger-unwritten"] == str(body["unwritten"])
+        assert body["as_of"].endswith("Z") and resp.headers["x-gateway-ledger-as-of"] == body["as_of"]
+        assert body["data"][-1]["requests"] == before["requests"]  # what is written, nothing invented
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert spend_total(gateway)["requests"] == before["requests"] + 1  # written once the lock is gone
