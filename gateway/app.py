@@ -21,7 +21,7 @@ from gateway.api import explain as explain_api
 from gateway.api import openai as openai_api
 from gateway.api import responses as responses_api
 from gateway.api import responses_items
-from gateway.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
+from gateway.asgi import ClientGone, Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.background import RoutingTasks
 from gateway.capture.factory import capture_store_from_url
 from gateway.exchange import Runtime
@@ -136,7 +136,10 @@ class GatewayApp:
                 error.headers.append((b"allow", ", ".join(methods).encode()))
                 await send_error(send, error)
                 return
-            await handler(scope, receive, send)
+            try:
+                await handler(scope, receive, send)
+            except ClientGone as gone:
+                log.info("%s %s: %s; nothing answered", scope["method"], path, gone)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 

@@ -57,6 +57,12 @@ def check_json_content_type(headers: dict[bytes, bytes]) -> None:
         raise unsupported_media_type(value.decode("latin-1"))
 
 
+class ClientGone(asyncio.CancelledError):
+    """The client closed the connection before its request body was in: nothing to answer, nothing
+    went wrong in the gateway. A cancellation (``except Exception`` does not catch it, and it unwinds
+    what is running); the app logs one info line for it, no traceback."""
+
+
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
     """The whole request body, refusing more than ``limit`` bytes (413) before reading it all."""
     declared = headers.get(b"content-length")
@@ -67,6 +73,8 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -
         except ValueError:
             raise GatewayError(400, "Content-Length is not a number.", code="bad_content_length") from None
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone("the client went away before sending its body")
     body = message.get("body", b"")
     if not message.get("more_body"):
         if len(body) > limit:
@@ -77,7 +85,7 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -
     while message.get("more_body"):
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client went away while sending the body")
+            raise ClientGone(f"the client went away after {size} bytes of its body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
-from gateway.asgi import JSON, Message, Receive, Send, read_body
+from gateway.asgi import JSON, ClientGone, Receive, Send, read_body
 
 from .render import DONE_EVENT
 
@@ -57,23 +57,12 @@ def encode_headers(headers: list[tuple[str, str]]) -> EncodedHeaders:
     return encoded
 
 
-class _ClientGone(Exception):
-    pass
-
-
 async def read_request(receive: Receive) -> bytes | None:
     """The whole request body (read by ``gateway.asgi.read_body``), or None when the client
     disconnected first, even before its first chunk: then there is nobody to answer."""
-
-    async def receive_or_leave() -> Message:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        return message
-
     try:
-        return await read_body(receive_or_leave, {}, MAX_BODY_BYTES)
-    except _ClientGone:
+        return await read_body(receive, {}, MAX_BODY_BYTES)
+    except ClientGone:
         return None
 
 
