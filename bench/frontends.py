@@ -45,12 +45,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead import HERE, REPO, cell, cpu_busy, cpu_seconds, log  # type: ignore[import-not-found]
+
 FRONTS = ("raw", "starlette", "fastapi")
 AUTH = b"Bearer sk-bench"
-SHARED_UPSTREAM = Path("/work/shared/bench/fake_upstream.py")
+SHARED_UPSTREAM = REPO.parent / "shared" / "bench" / "fake_upstream.py"  # the shared harness, beside the repo
 
 
 # ------------------------------------------------------------------------------------------ the servers
@@ -226,10 +227,6 @@ def serve(front: str, port: int, upstream_port: int) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def log(*a: object) -> None:
-    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,21 +242,6 @@ def wait_port(port: int, timeout: float = 15) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listens on {port} after {timeout} s")
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def cpu_busy_s(cpu: int) -> float:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith(f"cpu{cpu} "):
-                v = [int(x) for x in line.split()[1:]]
-                return (sum(v) - v[3] - v[4]) / TICK
-    raise SystemExit(f"no cpu{cpu} in /proc/stat")
 
 
 def run_wrk(port: int, body: Path, conns: int, duration: int, cpu: int) -> dict[str, Any]:
@@ -293,13 +275,6 @@ def check(port: int, body: Path) -> None:
     c.close()
     if r.status != 200 or (b'"stream": true' in body.read_bytes() and not data.rstrip().endswith(b"[DONE]")):
         raise SystemExit(f"port {port}: {r.status} {data[:200]!r}")
-
-
-def cell(vals: list[float], digits: int = 0) -> str:
-    if not vals:
-        return "-"
-    m = f"{statistics.median(vals):,.{digits}f}"
-    return m if len(vals) < 2 else f"{m} [{min(vals):,.{digits}f}–{max(vals):,.{digits}f}]"
 
 
 def main() -> None:
@@ -355,10 +330,10 @@ def main() -> None:
                 for c in conns:
                     for front in order:
                         pid = procs[front].pid
-                        cpu0, busy0 = proc_cpu_s(pid), cpu_busy_s(args.server_cpu)
+                        cpu0, busy0 = cpu_seconds([pid]), cpu_busy()[args.server_cpu]
                         r = run_wrk(ports[front], body, c, args.duration, args.client_cpu)
-                        cpu = proc_cpu_s(pid) - cpu0
-                        busy = cpu_busy_s(args.server_cpu) - busy0
+                        cpu = cpu_seconds([pid]) - cpu0
+                        busy = cpu_busy()[args.server_cpu] - busy0
                         r["cpu_us"] = cpu / max(r["requests"], 1) * 1e6
                         r["other_pct"] = max(0.0, busy - cpu) / args.duration * 100
                         results.setdefault((front, name, c), []).append(r)
@@ -390,9 +365,9 @@ def main() -> None:
             for front in fronts:
                 rs = results.get((front, name, c), [])
                 print(
-                    f"| {name} | {c} | {front} | {cell([r['rps'] for r in rs])} | "
+                    f"| {name} | {c} | {front} | {cell([r['rps'] for r in rs], 0)} | "
                     f"{cell([r['p50_ms'] for r in rs], 2)} | {cell([r['p99_ms'] for r in rs], 2)} | "
-                    f"{cell([r['cpu_us'] for r in rs])} | {statistics.median([r['other_pct'] for r in rs]):.0f} | "
+                    f"{cell([r['cpu_us'] for r in rs], 0)} | {statistics.median([r['other_pct'] for r in rs]):.0f} | "
                     f"{sum(r['errors'] for r in rs)} |"
                 )
     if "raw" in fronts:

@@ -26,7 +26,6 @@ the variant order rotating; cells are µs of CPU (``time.process_time``) per req
   ... bench/metrics.py --reps 7 --requests 200000 --modes single
 """
 
-# ruff: noqa: RUF001  (en dashes in the markdown output are intended)
 from __future__ import annotations
 
 import argparse
@@ -39,6 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead import cell  # type: ignore[import-not-found]
 
 VARIANTS = ("labels", "children", "pending-counters", "gateway")
 KEY = ("bench", "kimi-k2-thinking", "moonshot/kimi-k2-thinking")
@@ -153,11 +156,6 @@ def one_rep(order: list[str], requests: int, flush_every: int) -> dict[str, floa
             flush()
         out[name] = (time.process_time() - t0) / requests * 1e6
     return out
-
-
-def cell(vals: list[float], digits: int = 2) -> str:
-    m = f"{statistics.median(vals):,.{digits}f}"
-    return m if len(vals) < 2 else f"{m} [{min(vals):,.{digits}f}–{max(vals):,.{digits}f}]"
 
 
 def main() -> None:

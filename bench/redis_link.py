@@ -39,8 +39,10 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -52,6 +54,10 @@ from redis.exceptions import NoScriptError
 from gateway.state.base import Limit, RateLimit
 from gateway.state.redis import RedisBudgetState, RedisRateLimitState
 from gateway.state.redis_link import RedisLink, RedisSettings, Script
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead import cell  # type: ignore[import-not-found]
 
 BIG = 10**15
 
@@ -164,11 +170,6 @@ def pack_us(reps: int, number: int = 20000) -> dict[str, list[float]]:
     return out
 
 
-def cell(vals: list[float], digits: int = 0) -> str:
-    m = f"{statistics.median(vals):,.{digits}f}"
-    return m if len(vals) < 2 else f"{m} [{min(vals):,.{digits}f}–{max(vals):,.{digits}f}]"
-
-
 async def main_async(args: argparse.Namespace) -> None:
     ns = f"bench-redis-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     settings = RedisSettings(args.url, ns)
@@ -215,7 +216,7 @@ async def main_async(args: argparse.Namespace) -> None:
         for name in works:
             rs = results[(name, conc)]
             print(
-                f"| {conc} | {name} | {cell([r['rps'] for r in rs])} | {cell([r['cpu_us'] for r in rs])} | "
+                f"| {conc} | {name} | {cell([r['rps'] for r in rs], 0)} | {cell([r['cpu_us'] for r in rs], 0)} | "
                 f"{cell([r['p50_ms'] for r in rs], 2)} | {cell([r['p99_ms'] for r in rs], 2)} |"
             )
     print("\npipelined against pool (medians; gain = pipelined / pool − 1, CPU = pool / pipelined − 1)\n")
