@@ -130,17 +130,10 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the upstream simulator as a real HTTP server (Moonshot or vLLM wire format)."""
-    from gateway.upstreams.simulated import profile_from, serve_http
+    from gateway.upstreams.simulated import profile_with, serve_http
 
-    overrides: dict[str, float | int] = {}
-    if ttft_ms is not None:
-        overrides["ttft_s"] = ttft_ms / 1000
-    if tokens_per_s is not None:
-        overrides["tokens_per_s"] = tokens_per_s
-    if tool_rounds is not None:
-        overrides["tool_rounds"] = tool_rounds
     try:
-        chosen = profile_from(profile, **overrides)
+        chosen = profile_with(profile, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, tool_rounds=tool_rounds)
     except ValueError as exc:
         typer.echo(f"kimi-gateway simulate: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -11,13 +11,13 @@ error shapes, timing) follows the real upstreams as documented in protocols.md.
     reply              SimReply, SimStats and the concurrency slots replies hold
     server             raw ASGI app (build_app); transport: its connection plumbing; metrics: /metrics
     serving            the app under uvicorn (serve, BackgroundServer)
-    profiles           named timing/behaviour profiles (PROFILES, profile_from)
+    profiles           named timing/behaviour profiles (PROFILES, profile_from, profile_with)
     faults             injected errors, stalls, drops and cut streams
 """
 
 from .engine import Simulator
 from .faults import Fault
-from .profiles import PROFILES, Profile, profile_from
+from .profiles import PROFILES, Profile, profile_from, profile_with
 from .reply import SimReply, SimStats, SimulatedDisconnect
 from .server import build_app
 from .serving import BackgroundServer, serve
@@ -33,5 +33,6 @@ __all__ = [
     "Simulator",
     "build_app",
     "profile_from",
+    "profile_with",
     "serve",
 ]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from .profiles import PROFILES, profile_from
+from .profiles import PROFILES, profile_with
 from .serving import serve
 
 
@@ -25,15 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic text")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    if args.ttft_ms is not None:
-        overrides["ttft_s"] = args.ttft_ms / 1000.0
-    if args.tokens_per_s is not None:
-        overrides["tokens_per_s"] = args.tokens_per_s
-    if args.max_concurrency is not None:
-        overrides["max_concurrency"] = args.max_concurrency
     try:
-        profile = profile_from(args.profile, **overrides)
+        profile = profile_with(
+            args.profile, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, max_concurrency=args.max_concurrency
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(

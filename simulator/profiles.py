@@ -142,3 +142,25 @@ def profile_from(name: str, **overrides: Any) -> Profile:
             f"unknown profile field(s) {', '.join(map(repr, unknown))}; known fields: {', '.join(sorted(fields))}"
         )
     return dataclasses.replace(base, **overrides)
+
+
+def profile_with(
+    name: str,
+    *,
+    ttft_ms: float | None = None,
+    tokens_per_s: float | None = None,
+    tool_rounds: int | None = None,
+    max_concurrency: int | None = None,
+) -> Profile:
+    """:func:`profile_from` with the overrides a command line or a gateway config gives, in their
+    units (milliseconds to first token); ``None`` keeps the profile's own value."""
+    overrides: dict[str, Any] = {}
+    if ttft_ms is not None:
+        overrides["ttft_s"] = ttft_ms / 1000
+    if tokens_per_s is not None:
+        overrides["tokens_per_s"] = tokens_per_s
+    if tool_rounds is not None:
+        overrides["tool_rounds"] = tool_rounds
+    if max_concurrency is not None:
+        overrides["max_concurrency"] = max_concurrency
+    return profile_from(name, **overrides)

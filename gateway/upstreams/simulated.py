@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from gateway.config import UpstreamConfig
 from gateway.upstreams.base import FailureKind, Upstream, UpstreamFailure, UpstreamReply
 from gateway.yamlfile import YamlDoc
-from simulator import PROFILES, Profile, SimReply, SimulatedDisconnect, Simulator, profile_from
+from simulator import PROFILES, Profile, SimReply, SimulatedDisconnect, Simulator, profile_with
 from simulator import serve as serve_http
 
 __all__ = [
@@ -25,8 +25,8 @@ __all__ = [
     "SimulatedUpstream",
     "config_problems",
     "dialect_of",
-    "profile_from",
     "profile_of",
+    "profile_with",
     "serve_http",
 ]
 
@@ -53,14 +53,12 @@ def config_problems(doc: YamlDoc, name: str, up: UpstreamConfig) -> list[str]:
 
 def profile_of(config: UpstreamConfig) -> Profile:
     """The profile a simulated upstream runs: its ``profile`` with the config's speed overrides."""
-    overrides: dict[str, float | int] = {}
-    if config.tool_rounds is not None:
-        overrides["tool_rounds"] = config.tool_rounds
-    if config.ttft_ms is not None:
-        overrides["ttft_s"] = config.ttft_ms / 1000
-    if config.tokens_per_s is not None:
-        overrides["tokens_per_s"] = config.tokens_per_s
-    return profile_from(config.profile or DEFAULT_PROFILE, **overrides)
+    return profile_with(
+        config.profile or DEFAULT_PROFILE,
+        ttft_ms=config.ttft_ms,
+        tokens_per_s=config.tokens_per_s,
+        tool_rounds=config.tool_rounds,
+    )
 
 
 def dialect_of(config: UpstreamConfig) -> str | None:
