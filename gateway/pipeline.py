@@ -163,13 +163,13 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
             level, "request %s: %s answered %d: %s", ex.request_id, candidate.label, reply.status, log_text(payload)
         )
         if reply.status == 404 and error.code == "upstream_model_not_found":
-            rt.dead.add(candidate.label)
+            wait = rt.dead.add(candidate.label)
             log.warning(
                 "upstream %s answered 404 for model %s (retired id?): candidate %s is skipped, probed again in %g s",
                 candidate.upstream,
                 candidate.upstream_model,
                 candidate.label,
-                rt.dead.snapshot().get(candidate.label, 0.0),
+                wait,
             )
             raise CandidateFailed(error, RETIRED)  # the next candidate may serve it: nothing was sent yet
         if reply.status == 429 or reply.status >= 500:

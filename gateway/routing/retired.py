@@ -35,14 +35,15 @@ class Retired:
         until = self._until.get(label) if self._until else None  # type: ignore[call-overload]
         return until is not None and self.clock() < until
 
-    def add(self, label: str) -> None:
-        """``label``'s upstream answered 404 for the model (again)."""
+    def add(self, label: str) -> float:
+        """``label``'s upstream answered 404 for the model (again); returns the seconds it is out."""
         before = self._backoff.get(label)
         wait = self.probe_s if before is None else min(before * 2, MAX_PROBE_S)
         self._backoff[label] = wait
         self._until[label] = self.clock() + wait
         DEAD_CANDIDATES.labels(label).inc()
         CANDIDATE_RETIRED.labels(label).set(1)
+        return wait
 
     def served(self, label: str) -> None:
         """``label`` answered: whatever was retired about it is over."""
