@@ -45,15 +45,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from gateway.state.base import Limit, RateLimit
 from gateway.state.redis import RedisBudgetState, RedisRateLimitState
-from gateway.state.redis_link import RedisLink, RedisSettings, Script
+from gateway.state.redis_link import RedisLink, RedisSettings, Script, connection_pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -67,18 +64,9 @@ class PoolLink:
 
     def __init__(self, settings: RedisSettings, size: int) -> None:
         self.settings = settings
-        pool = BlockingConnectionPool.from_url(
-            settings.url,
-            max_connections=size,
-            timeout=5,  # waiting for a free connection: never at the default size
-            # the rest as RedisLink's own pool: bounded calls, one retry on a connection error
-            socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.connect_timeout_s,
-            socket_keepalive=True,
-            health_check_interval=settings.health_check_interval_s,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-            retry_on_error=[RedisConnectionError],
-        )
+        # RedisLink's own pool settings, sized for the concurrency (the wait for a free connection
+        # never ends a call at the default size)
+        pool = connection_pool(settings, max_connections=size, wait_s=5)
         self.client = Redis(connection_pool=pool)
 
     async def call(self, *args: Any) -> Any:

@@ -78,26 +78,34 @@ def script(source: str) -> Script:
     return Script(source, hashlib.sha1(source.encode()).hexdigest())
 
 
+def connection_pool(
+    settings: RedisSettings, *, max_connections: int | None = None, wait_s: float | None = None
+) -> BlockingConnectionPool:
+    """The redis-py pool for ``settings``: bounded calls, one retry on a connection error.
+    ``max_connections`` and ``wait_s`` (for a free connection) default to the settings' own."""
+    return BlockingConnectionPool.from_url(
+        settings.url,
+        password=settings.password,
+        max_connections=settings.max_connections if max_connections is None else max_connections,
+        timeout=settings.timeout_s if wait_s is None else wait_s,
+        socket_timeout=settings.timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_keepalive=True,
+        # idle connections are pinged before reuse
+        health_check_interval=settings.health_check_interval_s,
+        # a connection that cannot be made is tried once more; a timeout is not retried (Redis is
+        # slow or hung, and waiting twice would only delay the fail mode)
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+        retry_on_error=[RedisConnectionError],
+    )
+
+
 class RedisLink:
     """One per process: the pool, and the pipelined connection the request path uses."""
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
-        pool = BlockingConnectionPool.from_url(
-            settings.url,
-            password=settings.password,
-            max_connections=settings.max_connections,
-            timeout=settings.timeout_s,
-            socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.connect_timeout_s,
-            socket_keepalive=True,
-            # idle connections are pinged before reuse
-            health_check_interval=settings.health_check_interval_s,
-            # a connection that cannot be made is tried once more; a timeout is not retried (Redis is
-            # slow or hung, and waiting twice would only delay the fail mode)
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-            retry_on_error=[RedisConnectionError],
-        )
+        pool = connection_pool(settings)
         self.client = Redis(connection_pool=pool)
         # no per-read socket timeout on the pipelined connection: each batch has one deadline instead
         # (redis-py would otherwise wrap every write in a task and every read in a timer)
