@@ -46,7 +46,7 @@ def answer(deltas: int) -> list[bytes]:
 
 
 def translate(events: list[bytes]) -> int:
-    stream = ResponsesStream(ResponseContext("resp_bench", "kimi-k2-thinking", 1, {}, {}))
+    stream = ResponsesStream(ResponseContext("resp_bench", "kimi-k2-thinking", 1))
     return sum(len(stream.feed(e)) for e in events) + len(stream.close())
 
 

@@ -33,6 +33,7 @@ from gateway.asgi import (
 )
 from gateway.auth import authenticate, bearer_token
 from gateway.exchange import Exchange, Runtime
+from gateway.metering.meter import Metered
 from gateway.observability import UNKNOWN
 from gateway.policy.store import Tenant
 from gateway.reasoning.inbound import recorder_of
@@ -59,10 +60,19 @@ def _header(name: bytes, values: list[str]) -> list[tuple[bytes, bytes]]:
 class ResponsesSend:
     """Wraps the ASGI ``send`` the pipeline writes chat/completions to; writes the Responses API."""
 
-    __slots__ = ("_body", "_ctx", "_extra", "_final", "_save", "_send", "_status", "_stream")
+    __slots__ = ("_body", "_ctx", "_extra", "_final", "_meter", "_save", "_send", "_status", "_stream")
 
-    def __init__(self, send: Send, ctx: ResponseContext, stream: bool, extra: list[tuple[bytes, bytes]], save: Any):
+    def __init__(
+        self,
+        send: Send,
+        ctx: ResponseContext,
+        stream: bool,
+        extra: list[tuple[bytes, bytes]],
+        save: Any,
+        metered: Metered | None = None,
+    ):
         self._send = send
+        self._meter = metered  # the request's metering: the answer's usage, read once by the relay
         self._ctx = ctx
         self._stream: Any = None
         if stream:
@@ -125,7 +135,7 @@ class ResponsesSend:
             parsed = None
         if self._status >= 400 or not isinstance(parsed, dict):
             return payload  # OpenAI's error shape is the Responses API's
-        response = to_response(parsed, self._ctx)
+        response = to_response(parsed, self._ctx, self._meter.usage if self._meter is not None else None)
         if self._final is None:
             self._final = response
         return orjson.dumps(response)
@@ -253,7 +263,7 @@ async def create(svc: ResponsesService, limit: int, scope: Scope, receive: Recei
             ctx.seal = seal
         ctx.original_reasoning = _original_reasoning(ex)
         save = _saver(svc, ex, req, ancestors) if req.store else None
-        out = ResponsesSend(send, ctx, ex.stream, extra, save)
+        out = ResponsesSend(send, ctx, ex.stream, extra, save, ex.metered)
         await run_until_disconnect(rt, ex, out, receive)
     except Exception as exc:
         await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header)

@@ -10,7 +10,7 @@ the stream (``responses_stream.py``) so that both give a client the same object 
   member becomes ``{name, namespace}``);
 * ``usage`` in the Responses shape from any upstream's dialect (``upstreams/usage.py``): integers
   only, never null (Codex refuses a null count);
-* the request's fields echoed from :attr:`ResponseContext.echo`, the API's defaults for the rest.
+* the request's fields echoed from :attr:`ResponseContext.echo` (the API's defaults for the rest).
 """
 
 from __future__ import annotations
@@ -24,48 +24,10 @@ from gateway.upstreams.usage import Usage
 
 # what a chat finish_reason makes of the response: (status, incomplete_details.reason)
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
-# keys of the response object that are the answer's own, never taken from the echo
-_OWN = frozenset(("id", "object", "created_at", "status", "error", "incomplete_details", "model", "output", "usage"))
-
-
-def _defaults() -> dict[str, Any]:
-    """The API's values for request fields the client left out (fresh: objects get stored)."""
-    return {
-        "background": False,
-        "instructions": None,
-        "max_output_tokens": None,
-        "max_tool_calls": None,
-        "parallel_tool_calls": True,
-        "previous_response_id": None,
-        "prompt_cache_key": None,
-        "reasoning": {"effort": None, "summary": None},
-        "safety_identifier": None,
-        "service_tier": "default",
-        "store": True,
-        "temperature": 1.0,
-        "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
-        "tools": [],
-        "top_logprobs": 0,
-        "top_p": 1.0,
-        "truncation": "disabled",
-        "user": None,
-        "metadata": {},
-    }
-
-
-def echoed(ctx: ResponseContext) -> dict[str, Any]:
-    """The request fields every response object of ``ctx`` repeats, in the API's order."""
-    out = _defaults()
-    for key, value in ctx.echo.items():
-        if key not in _OWN:
-            out[key] = value
-    return out
 
 
 def envelope(
     ctx: ResponseContext,
-    echo: dict[str, Any],
     status: str,
     output: list[dict[str, Any]],
     usage: dict[str, Any] | None,
@@ -73,7 +35,7 @@ def envelope(
     error: dict[str, Any] | None = None,
     incomplete: str | None = None,
 ) -> dict[str, Any]:
-    """A whole response object (``echo`` from :func:`echoed`)."""
+    """A whole response object: the answer's own fields around the request's echoed ones."""
     obj: dict[str, Any] = {
         "id": ctx.response_id,
         "object": "response",
@@ -84,7 +46,7 @@ def envelope(
         "model": ctx.model,
         "output": output,
     }
-    obj.update(echo)
+    obj.update(ctx.echo)
     obj["usage"] = usage
     return obj
 

@@ -160,16 +160,22 @@ def parse_request(body: Any) -> ResponsesRequest:
     if not isinstance(model, str) or not model:
         code = "missing_required_parameter" if model is None else "invalid_type"
         raise bad("'model' is required: a non-empty string.", "model", code)
-    for key, why in REFUSED.items():
-        if _set(body.get(key)):
-            raise bad(f"'{key}': {why}.", key, "unsupported_parameter")
-    logprobs = body.get("top_logprobs")
-    if logprobs not in (None, 0):
-        raise bad(
-            "'top_logprobs': log probabilities are not supported by this gateway.",
-            "top_logprobs",
-            "unsupported_parameter",
-        )
+    ignored: list[str] = []
+    for key in body:  # one pass over the fields the gateway does not translate
+        if key in KNOWN:
+            continue
+        if key in REFUSED:
+            if _set(body[key]):
+                raise bad(f"'{key}': {REFUSED[key]}.", key, "unsupported_parameter")
+        elif key == "top_logprobs":
+            if body[key] not in (None, 0):
+                raise bad(
+                    "'top_logprobs': log probabilities are not supported by this gateway.",
+                    "top_logprobs",
+                    "unsupported_parameter",
+                )
+        elif key not in IGNORED:
+            ignored.append(key)
     if body.get("input") is None and not isinstance(body.get("previous_response_id"), str):
         raise bad("'input' is required (a string or an array of items).", "input", "missing_required_parameter")
     items = as_items(body["input"]) if body.get("input") is not None else []
@@ -191,7 +197,7 @@ def parse_request(body: Any) -> ResponsesRequest:
     if previous is not None and (not isinstance(previous, str) or not previous):
         raise bad("'previous_response_id' must be a non-empty string.", "previous_response_id", "invalid_type")
     req.previous_response_id = previous
-    req.ignored = [k for k in body if k not in KNOWN and k not in IGNORED and k not in REFUSED and k != "top_logprobs"]
+    req.ignored = ignored
     return req
 
 
@@ -237,29 +243,33 @@ def _effort(reasoning: Any) -> str | None:
 
 
 def _echo(body: dict[str, Any], req: ResponsesRequest) -> dict[str, Any]:
+    """What the response objects echo: every key of ``default_echo``, in its order."""
     given = body.get("reasoning")
     reasoning: dict[str, Any] = given if isinstance(given, dict) else {}
     parallel = body.get("parallel_tool_calls")
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
     return {
+        "background": False,
         "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"),
         "max_tool_calls": body.get("max_tool_calls"),
         "parallel_tool_calls": True if parallel is None else parallel,
         "previous_response_id": req.previous_response_id,
+        "prompt_cache_key": body.get("prompt_cache_key"),
         "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "safety_identifier": body.get("safety_identifier"),
         "service_tier": "default",
         "store": req.store,
-        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "temperature": 1.0 if temperature is None else temperature,
         "text": body.get("text") or {"format": {"type": "text"}},
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": body.get("tools") or [],
-        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "top_logprobs": 0,
+        "top_p": 1.0 if top_p is None else top_p,
         "truncation": body.get("truncation") or "disabled",
         "user": body.get("user"),
         "metadata": body.get("metadata") or {},
-        "prompt_cache_key": body.get("prompt_cache_key"),
-        "safety_identifier": body.get("safety_identifier"),
-        "background": False,
     }
 
 

@@ -17,7 +17,6 @@ from typing import Any
 from gateway.translate.responses_output import (
     arguments_text,
     call_item,
-    echoed,
     envelope,
     item_id,
     message_item,
@@ -29,13 +28,14 @@ from gateway.translate.responses_output import (
 )
 from gateway.translate.responses_stream import ResponsesStream
 from gateway.translate.responses_types import ResponseContext
-from gateway.upstreams.usage import usage_of_response
+from gateway.upstreams.usage import Usage, usage_of_response
 
 __all__ = ["ResponsesStream", "error_body", "to_response"]
 
 
-def to_response(chat: dict[str, Any], ctx: ResponseContext) -> dict[str, Any]:
-    """A whole chat.completion → the Responses object (``ctx.on_done`` is called with it once)."""
+def to_response(chat: dict[str, Any], ctx: ResponseContext, usage: Usage | None = None) -> dict[str, Any]:
+    """A whole chat.completion → the Responses object (``ctx.on_done`` is called with it once);
+    ``usage``: the answer's, when the caller has it already (the meter read it), else read here."""
     choices = chat.get("choices") or []
     choice: dict[str, Any] = choices[0] if choices and isinstance(choices[0], dict) else {}
     found = choice.get("message")
@@ -67,7 +67,9 @@ def to_response(chat: dict[str, Any], ctx: ResponseContext) -> dict[str, Any]:
         )
     if status != "completed" and output and "status" in output[-1]:
         output[-1]["status"] = status  # the item being written when the answer was cut
-    response = envelope(ctx, echoed(ctx), status, output, responses_usage(usage_of_response(chat)), incomplete=reason)
+    if usage is None:
+        usage = usage_of_response(chat)
+    response = envelope(ctx, status, output, responses_usage(usage), incomplete=reason)
     if ctx.on_done is not None:
         ctx.on_done(response)
     return response

@@ -15,9 +15,13 @@ needs a separate ``error`` event).
 Items are written one at a time, as OpenAI writes them: a new kind of output closes the open item.
 Each chunk is parsed once; delta events are byte templates made when their item opens. Nearly every
 chunk of an answer is one text or reasoning delta and nothing else: for those only the delta's
-JSON string is decoded (its bytes, valid JSON, go out again as they came), which more than halves
-the cost of the translation (bench/RESULTS.md, "Responses API"). A chunk the byte test is not sure
-of takes the general path, which parses it whole, so the two paths give the same events.
+JSON string is decoded (one chunk's bytes, valid JSON, go out again as they came), and the
+consecutive deltas of one item that arrive in one block go out as one delta event, their texts
+joined. So a stream costs per event while the gateway keeps up with the upstream, and per block
+(per read of the upstream's socket) when it falls behind — which is when the cost matters
+(bench/RESULTS.md, "Responses API"). Clients join deltas as they come; fewer, longer deltas give
+them the same text. A chunk the byte test is not sure of takes the general path, which parses it
+whole, so the two paths give the same events.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from gateway.metering.stream import _data, _events
 from gateway.translate.responses_output import (
     arguments_text,
     call_item,
-    echoed,
     envelope,
     failure,
     item_id,
@@ -49,11 +52,14 @@ from gateway.upstreams.usage import Usage, parse_usage
 
 _DONE = b"[DONE]"
 # a delta-only chunk of choice 0: ``{...,"choices":[{"index":0,"delta":{"<field>":"..."}`` + one of
-# the endings Moonshot / the aggregators and vLLM write while the answer is still going
+# the endings Moonshot / the aggregators and vLLM write while the answer is still going; the cuts
+# keep the string's closing quote
 _CHOICE0 = b'"choices":[{"index":0,"delta":{"'
-_ENDINGS = (b'"},"finish_reason":null}]}', b'"},"logprobs":null,"finish_reason":null}]}')
-# field name (as it follows the opening quote) -> length of ``name":``, and whether it is reasoning
-_FIELDS = ((b'content":', 9, False), (b'reasoning_content":', 19, True), (b'reasoning":', 11, True))
+_CHOICE0_LEN = len(_CHOICE0)
+_END_MOONSHOT = b'"},"finish_reason":null}]}'
+_END_VLLM = b'"},"logprobs":null,"finish_reason":null}]}'
+_CUT_MOONSHOT = 1 - len(_END_MOONSHOT)
+_CUT_VLLM = 1 - len(_END_VLLM)
 _CUT = "the upstream ended the stream before the answer was complete"
 
 
@@ -84,8 +90,8 @@ class ResponsesStream:
         "_calls",
         "_ctx",
         "_done",
-        "_echo",
         "_finish",
+        "_head",
         "_open",
         "_output",
         "_reasoned",
@@ -97,11 +103,11 @@ class ResponsesStream:
 
     def __init__(self, ctx: ResponseContext) -> None:
         self._ctx = ctx
-        self._echo = echoed(ctx)
         self._seq = 0
         self._started = False
         self._done = False
         self._rest = b""
+        self._head = b""  # the bytes every delta-only chunk of this stream begins with, once seen
         self._output: list[dict[str, Any]] = []  # every item opened so far, in output_index order
         self._open: _Item | None = None
         self._calls: dict[int, _Item] = {}  # chat tool call index -> its item
@@ -111,59 +117,102 @@ class ResponsesStream:
 
     # -- input
 
+    # False sends every chunk through the general path (tests compare the two)
+    fast = True
+
     def feed(self, block: bytes) -> bytes:
         """The Responses events for the complete chat events now available (maybe ``b""``)."""
         out: list[bytes] = []
         if not self._started:
             self._start(out)
         data = self._rest + block if self._rest else block
-        if b"\r" not in data:  # LF-only SSE, as every upstream here writes it
-            events = data.split(b"\n\n")
-            self._rest = events.pop()  # what follows the last blank line: b"" or an unfinished event
-            for event in events:
-                if not self._delta_only(event, out):
-                    self._event(_data(event), out)
+        if b"\r" in data:  # CRLF framing, which no upstream here writes: the general path
+            cut = last_boundary(data)
+            self._rest = data[cut:]
+            for event in _events(data[:cut]):
+                self._event(_data(event), out)
             return b"".join(out)
-        cut = last_boundary(data)
-        self._rest = data[cut:]
-        for event in _events(data[:cut]):
+        events = data.split(b"\n\n")
+        self._rest = events.pop()  # what follows the last blank line: b"" or an unfinished event
+        # consecutive delta-only chunks of one kind (reasoning or text) in this block become one delta
+        # event: the texts joined, as a client joins them; ``run`` is that kind (None: nothing held)
+        run: bool | None = None
+        literals: list[bytes] = []
+        texts: list[str] = []
+        fast = self.fast
+        for event in events:
+            # a delta-only chunk of choice 0 (see _CHOICE0), tested on its bytes only
+            if fast and not self._done:
+                if event.endswith(_END_MOONSHOT):
+                    end = _CUT_MOONSHOT
+                elif event.endswith(_END_VLLM):
+                    end = _CUT_VLLM
+                else:
+                    end = 0
+                # every chunk of a stream starts the same (id, object, created, model): once one head
+                # passed the tests below, the next chunk with that head needs no other
+                head = self._head
+                if end and head and event.startswith(head):
+                    at = len(head)
+                else:
+                    at = event.find(_CHOICE0) if end else -1
+                    # the fields before ``choices`` are ignored, as the general path does, unless
+                    # they are these
+                    if (
+                        at > 0
+                        and event.startswith(b"data: {")
+                        and event.find(b'"usage"', 0, at) < 0
+                        and event.find(b'"error"', 0, at) < 0
+                    ):
+                        at += _CHOICE0_LEN
+                        self._head = event[:at]
+                    else:
+                        at = -1
+                if at > 0:
+                    if event.startswith(b'content":', at):
+                        reasoning, at = False, at + 9
+                    elif event.startswith(b'reasoning_content":', at):
+                        reasoning, at = True, at + 19
+                    elif event.startswith(b'reasoning":', at):
+                        reasoning, at = True, at + 11
+                    else:
+                        at = -1
+                    if at > 0:
+                        literal = event[at:end]
+                        try:  # fails when the value is more than one string: more than one field
+                            text = orjson.loads(literal)
+                        except orjson.JSONDecodeError:
+                            text = None
+                        if type(text) is str:
+                            if text:
+                                if run is not reasoning and run is not None:
+                                    self._held(run, literals, texts, out)
+                                run = reasoning
+                                literals.append(literal)
+                                texts.append(text)
+                            continue
+            if run is not None:
+                self._held(run, literals, texts, out)
+                run = None
             self._event(_data(event), out)
+        if run is not None:
+            self._held(run, literals, texts, out)
         return b"".join(out)
 
-    def _delta_only(self, event: bytes, out: list[bytes]) -> bool:
-        """Translate ``event`` if it is a chunk with nothing but choice 0's text or reasoning delta
-        (what the general path would find in it, without parsing the chunk); else False. A ``data:``
-        line split in several (which no upstream here writes) reads the same: the other lines hold
-        the head, which is not read, or break the string, which then fails to decode."""
-        at = event.find(_CHOICE0)
-        if at < 0 or self._done or not event.startswith(b"data: {"):
-            return False
-        if event.endswith(_ENDINGS[0]):
-            end = len(_ENDINGS[0])
-        elif event.endswith(_ENDINGS[1]):
-            end = len(_ENDINGS[1])
+    def _held(self, reasoning: bool, literals: list[bytes], texts: list[str], out: list[bytes]) -> None:
+        """Write the delta chunks held by ``feed`` as one delta event, then forget them. One chunk's
+        JSON string goes out as the upstream encoded it (valid JSON); several are joined and encoded."""
+        if len(texts) == 1:
+            text, literal = texts[0], literals[0]
         else:
-            return False
-        # the fields before ``choices`` are ignored, as the general path does, unless they are these
-        if event.find(b'"usage"', 0, at) >= 0 or event.find(b'"error"', 0, at) >= 0:
-            return False
-        at += len(_CHOICE0)
-        for name, skip, reasoning in _FIELDS:
-            if event.startswith(name, at):
-                literal = event[at + skip : 1 - end]
-                try:
-                    text = orjson.loads(literal)
-                except orjson.JSONDecodeError:
-                    return False  # more than one string: more than one field
-                if type(text) is not str:
-                    return False
-                if text:
-                    if reasoning:
-                        self._reasoning(text, out, literal)
-                    else:
-                        self._text(text, out, literal)
-                return True
-        return False
+            text = "".join(texts)
+            literal = orjson.dumps(text)
+        literals.clear()
+        texts.clear()
+        if reasoning:
+            self._reasoning(text, out, literal)
+        else:
+            self._text(text, out, literal)
 
     def close(self) -> bytes:
         """The end of the relayed stream: finish the response if nothing else did."""
@@ -242,7 +291,7 @@ class ResponsesStream:
     def _start(self, out: list[bytes]) -> None:
         """``response.created`` and ``response.in_progress``: the same object, encoded once."""
         self._started = True
-        response = orjson.dumps(envelope(self._ctx, self._echo, "in_progress", [], None))
+        response = orjson.dumps(envelope(self._ctx, "in_progress", [], None))
         for kind in (b"response.created", b"response.in_progress"):
             out.append(
                 b"event: " + kind + b'\ndata: {"type":"' + kind + b'","response":' + response
@@ -405,7 +454,7 @@ class ResponsesStream:
         out: list[bytes],
     ) -> None:
         self._done = True
-        response = envelope(self._ctx, self._echo, status, self._output, usage, error=error, incomplete=reason)
+        response = envelope(self._ctx, status, self._output, usage, error=error, incomplete=reason)
         if self._ctx.on_done is not None:
             self._ctx.on_done(response)
         self._emit({"type": kind, "response": response}, out)

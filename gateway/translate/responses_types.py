@@ -13,6 +13,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def default_echo() -> dict[str, Any]:
+    """The request fields a response object repeats, with the API's values for a request that sets
+    none of them, in the API's order (fresh: objects get stored). A translated request's echo
+    (``translate/responses_request.py``) has the same keys in the same order."""
+    return {
+        "background": False,
+        "instructions": None,
+        "max_output_tokens": None,
+        "max_tool_calls": None,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "prompt_cache_key": None,
+        "reasoning": {"effort": None, "summary": None},
+        "safety_identifier": None,
+        "service_tier": "default",
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_logprobs": 0,
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "user": None,
+        "metadata": {},
+    }
+
+
 @dataclass(slots=True)
 class ToolName:
     """How a function name sent upstream maps back to what the client declared: a ``namespace``
@@ -31,11 +59,12 @@ class ResponseContext:
     model: str
     # Unix seconds, as the API's ``created_at``
     created_at: int
-    # request fields the Responses object echoes back as given (instructions, tools in the client's
-    # form, tool_choice, parallel_tool_calls, temperature, top_p, max_output_tokens, metadata, text,
-    # reasoning, store, previous_response_id, user, truncation, prompt_cache_key, ...); the answer
-    # side copies them into every response object it emits (response.created, .completed, GET)
-    echo: dict[str, Any] = field(default_factory=dict)
+    # the request fields the Responses object echoes back (instructions, tools in the client's form,
+    # tool_choice, parallel_tool_calls, temperature, top_p, max_output_tokens, metadata, text,
+    # reasoning, store, previous_response_id, user, truncation, prompt_cache_key, ...): every key of
+    # :func:`default_echo`, in its order; the answer side puts them into every response object it
+    # emits (response.created, .completed, GET) as they are
+    echo: dict[str, Any] = field(default_factory=default_echo)
     # upstream function name -> the client's name (and namespace); names absent here map to themselves
     names: dict[str, ToolName] = field(default_factory=dict)
     # the reasoning text as the client may see it arrives in the chat answer already (the tenant's
