@@ -130,8 +130,5 @@ def cluster_client(settings: RedisSettings, *, max_connections: int | None = Non
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         max_connections=settings.max_connections if max_connections is None else max_connections,
-        # one quick retry of a command whose node was unreachable (the slot map is refreshed
-        # first); the link's deadline bounds the whole batch anyway
-        cluster_error_retry_attempts=1,
         **options,
     )
