@@ -1,5 +1,5 @@
 """Real Redis deployments for tests, each started in a temp folder on free loopback ports and stopped
-afterwards: a 3-master Redis Cluster, a master + replica watched by 3 sentinels, and a TLS server
+afterwards: a 3-master Redis Cluster, a master + replicas watched by 3 sentinels, and a TLS server
 with a CA, server and client certificates made here (``cryptography``) and an ACL user."""
 
 from __future__ import annotations
@@ -116,22 +116,24 @@ class ClusterServers(Servers):
 
 
 class SentinelServers(Servers):
-    """A master, one replica, and three sentinels that monitor the master as ``MASTER``."""
+    """A master, ``replicas`` replicas, and three sentinels that monitor the master as ``MASTER``."""
 
     MASTER = "gwmaster"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, replicas: int = 1) -> None:
         super().__init__(folder)
-        self.master_port, self.replica_port = free_port(), free_port()
+        self.master_port = free_port()
+        self.replica_ports = [free_port() for _ in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.url = "sentinel://" + ",".join(f"{HOST}:{p}" for p in self.sentinel_ports) + f"/{self.MASTER}/0"
 
     def start(self) -> SentinelServers:
         self.spawn("master", plain(self.master_port))
-        self.spawn("replica", [*plain(self.replica_port), "--replicaof", HOST, str(self.master_port)])
         self.wait_answering("master", self.master_port)
-        self.wait_answering("replica", self.replica_port)
-        wait_until(lambda: self.replicas_online(self.master_port) == 1, timeout=10)
+        for port in self.replica_ports:
+            self.spawn(f"replica{port}", [*plain(port), "--replicaof", HOST, str(self.master_port)])
+            self.wait_answering(f"replica{port}", port)
+        wait_until(lambda: self.replicas_online(self.master_port) == len(self.replica_ports), timeout=10)
         for port in self.sentinel_ports:
             conf = self.folder / f"sentinel{port}.conf"
             conf.write_text(
@@ -139,7 +141,7 @@ class SentinelServers(Servers):
                 f"sentinel monitor {self.MASTER} {HOST} {self.master_port} 2\n"
                 f"sentinel down-after-milliseconds {self.MASTER} 2000\n"
                 f"sentinel failover-timeout {self.MASTER} 10000\n"
-                f"sentinel parallel-syncs {self.MASTER} 1\n"
+                f"sentinel parallel-syncs {self.MASTER} {len(self.replica_ports)}\n"
             )
             self.spawn(f"sentinel{port}", [str(conf), "--sentinel"])
 
@@ -151,7 +153,7 @@ class SentinelServers(Servers):
                     return False
                 # the sentinels find each other through hello messages later (every 2 s); a forced
                 # failover needs no vote, and the test waits for all of them to agree after it
-                if int(state["num-slaves"]) != 1:
+                if int(state["num-slaves"]) != len(self.replica_ports):
                     return False
             return True
 
@@ -167,17 +169,20 @@ class SentinelServers(Servers):
         return host.decode(), int(port)
 
     def failover(self) -> None:
-        """``SENTINEL FAILOVER``: the replica is promoted although the master is healthy."""
+        """``SENTINEL FAILOVER``: a replica is promoted although the master is healthy."""
         client(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", self.MASTER)
 
     def settled_after_failover(self, old_master: int) -> bool:
-        """Every sentinel names the new master, it is a master, and the old one replicates from it."""
-        new = self.replica_port if old_master == self.master_port else self.master_port
+        """Every sentinel names the same new master, it is a master, and a replica replicates from it
+        (the other replicas at once; the old master rejoins as one when a sentinel next sees it)."""
+        named = set()
         for port in self.sentinel_ports:
             _, p = client(port).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
-            if int(p) != new:
-                return False
-        return client(new).info("replication")["role"] == "master" and self.replicas_online(new) == 1
+            named.add(int(p))
+        if len(named) != 1 or old_master in named:
+            return False
+        new = named.pop()
+        return client(new).info("replication")["role"] == "master" and self.replicas_online(new) >= 1
 
 
 class TLSServer(Servers):

@@ -221,11 +221,14 @@ class RedisLink(Batcher):
             await conn.disconnect(nowait=True)
             fail(batch, StateUnavailable("the Redis batch was interrupted"))
             raise
-        if stale:  # talking to a replica or a node without its slots: find the master again
-            await conn.disconnect(nowait=True)
         unconfirmed = None
         if acked < self._wait:
             unconfirmed = StateUnavailable(f"only {acked} of {self._wait} replicas confirmed the writes in time")
+            # a master that lost its replicas may be the old one after a failover (it accepts writes
+            # until a sentinel demotes it): the next batch asks the sentinels again
+            stale = True
+        if stale:  # talking to a replica or a node without its slots: find the master again
+            await conn.disconnect(nowait=True)
         resolve(batch, replies, unconfirmed)
 
     async def close(self) -> None:
