@@ -18,6 +18,17 @@ links with the same ``call``/``run`` interface:
              (0.25 s socket timeouts, one retry on a connection error, health checks),
              ``execute_command``/``evalsha`` per call, NOSCRIPT handled the same way
 
+With ``--cluster-url`` a third link joins, ``cluster``: the same pipelined calls through
+``gateway.state.redis_cluster.ClusterLink`` (redis-py's ``RedisCluster`` pipeline) against a Redis
+Cluster, to show what the cluster costs against one server. The counters of a request share one
+hash slot (their families' tags), so each batch goes to one master, as in the gateway. A 3-master
+cluster on loopback for it (ports 7101-7103):
+
+  for p in 7101 7102 7103; do mkdir -p /tmp/rc/$p; (cd /tmp/rc/$p && redis-server --port $p \
+    --cluster-enabled yes --cluster-config-file nodes.conf --save '' --appendonly no --daemonize yes); done
+  redis-cli --cluster create 127.0.0.1:7101 127.0.0.1:7102 127.0.0.1:7103 --cluster-yes
+  ... bench/redis_link.py --conc 1,64 --cluster-url redis+cluster://127.0.0.1:7101
+
 Limits and caps are far too high to bite, so every request does the same work. Reported per cell:
 requests/s (4 Redis calls each), the benchmark process's CPU µs per request (``time.process_time``:
 the client side, which is what the gateway pays; Redis itself runs elsewhere) and request latency.
@@ -50,6 +61,7 @@ from redis.exceptions import NoScriptError
 
 from gateway.state.base import Limit, RateLimit
 from gateway.state.redis import RedisBudgetState, RedisRateLimitState
+from gateway.state.redis_cluster import ClusterLink
 from gateway.state.redis_link import RedisLink, RedisSettings, Script, connection_pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,6 +174,8 @@ async def main_async(args: argparse.Namespace) -> None:
     ns = f"bench-redis-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     settings = RedisSettings(args.url, ns)
     links: dict[str, Any] = {"pipelined": RedisLink(settings), "pool": PoolLink(settings, args.pool_size)}
+    if args.cluster_url:
+        links["cluster"] = ClusterLink(RedisSettings(args.cluster_url, ns))
     works = {name: Workload(link) for name, link in links.items()}
     concs = [int(c) for c in args.conc.split(",")]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
@@ -183,10 +197,11 @@ async def main_async(args: argparse.Namespace) -> None:
                     )
             loads.append(os.getloadavg())
     finally:
-        client = links["pool"].client
-        keys = [k async for k in client.scan_iter(match=ns + ":*", count=1000)]
-        for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i : i + 1000])
+        for name in ("pool", "cluster") if args.cluster_url else ("pool",):
+            client = links[name].client
+            keys = [k async for k in client.scan_iter(match=ns + ":*", count=1000)]
+            for key in keys:
+                await client.delete(key)
         for link in links.values():
             await link.close()
 
@@ -215,6 +230,15 @@ async def main_async(args: argparse.Namespace) -> None:
         gain = statistics.median(r["rps"] for r in p) / statistics.median(r["rps"] for r in q) - 1
         cpu = statistics.median(r["cpu_us"] for r in q) / statistics.median(r["cpu_us"] for r in p) - 1
         print(f"| {conc} | {gain * 100:+.1f} % | {cpu * 100:+.1f} % |")
+    if "cluster" in works:
+        print("\ncluster against one server, both pipelined (medians)\n")
+        print("| conc | cluster requests/s over one server | cluster CPU/request over one server |")
+        print("|---:|---:|---:|")
+        for conc in concs:
+            p, c = results[("pipelined", conc)], results[("cluster", conc)]
+            gain = statistics.median(r["rps"] for r in c) / statistics.median(r["rps"] for r in p) - 1
+            cpu = statistics.median(r["cpu_us"] for r in c) / statistics.median(r["cpu_us"] for r in p) - 1
+            print(f"| {conc} | {gain * 100:+.1f} % | {cpu * 100:+.1f} % |")
 
 
 def print_pack(reps: int) -> None:
@@ -235,6 +259,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per link (default 1)")
     p.add_argument("--conc", default="1,64,256", help="concurrent requests, comma-separated (default 1,64,256)")
     p.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--cluster-url", help="also measure the cluster link against this Redis Cluster")
     p.add_argument("--pool-size", type=int, default=256, help="connections of the pool variant (default 256)")
     p.add_argument("--cpu", type=int, help="pin this process to that CPU")
     args = p.parse_args()

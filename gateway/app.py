@@ -55,7 +55,7 @@ class GatewayApp:
             config.ledger_url, batch_size=ledger_cfg.batch_size, max_delay=ledger_cfg.flush_interval_s
         )
         longest = max(up.timeouts.total_s for up in config.settings.upstreams.values())
-        self.state = build_states(config.settings.state, longest)
+        self.state = build_states(config.settings.state, longest, config.path.parent)
         self.budgets = Budgets(self.state.budgets)
         self.meter = Meter(loaded.prices, self.budgets, self.ledger)
         limits = RateLimiter(self.state.rate_limits)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.config_state import StateConfig
 from gateway.dburl import parse_database_url
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
@@ -212,53 +213,6 @@ class RoutingConfig(_Strict):
     policy_reload_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
 
 
-class StateFailModes(_Strict):
-    """Per concern, what a request gets while Redis does not answer: ``closed`` refuses it with 503,
-    ``open`` serves it, counts it in this process and reconciles into Redis afterwards."""
-
-    budgets: Literal["closed", "open"] = "closed"
-    rate_limits: Literal["closed", "open"] = "closed"
-
-
-class StateConfig(_Strict):
-    """Where budgets, rate limits and the shared key-value entries live: this process's memory, or a
-    Redis that every worker and replica of a deployment shares (``namespace`` keeps deployments on
-    one Redis apart). The timeouts bound every Redis call: a Redis that does not answer costs a
-    request at most about twice their sum before the fail mode applies."""
-
-    backend: Literal["memory", "redis"] = "memory"
-    url: str | None = None
-    password_env: str | None = None
-    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "kimi-gateway"
-    connect_timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.25
-    timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.25
-    health_check_interval_s: Annotated[float, Field(ge=0)] = 10.0
-    fail: StateFailModes = Field(default_factory=StateFailModes)
-
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected redis://HOST:PORT/DB, rediss://... or unix://PATH, got {v!r}")
-        userinfo = v.split("://", 1)[1].split("@", 1)[0] if "@" in v else ""
-        if ":" in userinfo:
-            raise ValueError(
-                "the URL holds a password, and secrets never go in YAML: name the environment variable "
-                "that holds it with password_env"
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _backend_fields(self) -> StateConfig:
-        if self.backend == "redis" and not self.url:
-            raise ValueError("backend 'redis' needs url (e.g. redis://127.0.0.1:6379/0)")
-        if self.backend == "memory" and (self.url or self.password_env):
-            raise ValueError("url and password_env are for backend 'redis' only")
-        return self
-
-
 class ResponsesConfig(_Strict):
     """The Responses API: the environment variable whose value (a long random secret) derives the key
     that seals reasoning into ``encrypted_content``; unset or empty, a random key is kept in the
@@ -343,6 +297,25 @@ def _resolve_key(doc: YamlDoc, name: str, up: UpstreamConfig, env: dict[str, str
     return None, None
 
 
+def _state_problems(doc: YamlDoc, state: StateConfig, environ: dict[str, str], resolve_keys: bool) -> list[str]:
+    """What only the environment and the file system can tell about ``state:``: secrets that are
+    not set, TLS files that cannot be read (found now, not at the first request)."""
+    problems: list[str] = []
+    if resolve_keys:
+        for field, what in (("password_env", "Redis"), ("sentinel_password_env", "sentinels'")):
+            name = getattr(state, field)
+            if name and not environ.get(name):
+                message = f"environment variable {name} is not set (it must hold the {what} password)"
+                problems.append(doc.problem(("state", field), message))
+    if state.tls is not None:
+        for field in ("ca_file", "cert_file", "key_file"):
+            value = getattr(state.tls, field)
+            path = (doc.path.parent / value).resolve() if value is not None else None
+            if path is not None and not path.is_file():
+                problems.append(doc.problem(("state", "tls", field), f"no such file: {path}"))
+    return problems
+
+
 UpstreamCheck = Callable[[YamlDoc, str, UpstreamConfig], list[str]]
 """Problems (``file:line`` messages) only an upstream's adapter can see, for one named upstream."""
 
@@ -377,14 +350,7 @@ def load_config(
                 problems.append(problem)
         if check_upstream is not None:
             problems.extend(check_upstream(doc, name, up))
-    state = settings.state
-    if resolve_keys and state.password_env and not environ.get(state.password_env):
-        problems.append(
-            doc.problem(
-                ("state", "password_env"),
-                f"environment variable {state.password_env} is not set (it must hold the Redis password)",
-            )
-        )
+    problems.extend(_state_problems(doc, settings.state, environ, resolve_keys))
     loaded = LoadedConfig(file, settings, keys, doc)
     if not loaded.policies_dir.is_dir():
         problems.append(

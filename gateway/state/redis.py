@@ -9,10 +9,12 @@
   counter, checked and added for all of a request's limits in one script.
 * Key-value entries: plain strings with ``PX`` expiry; a miss when Redis does not answer.
 
-Every key starts with the deployment's namespace and has a TTL. Scripts run by SHA and are loaded
+Every key starts with the deployment's namespace and has a TTL. Scripts run by SHA and are sent
 again after a Redis restart (see ``redis_link``, which also pipelines the calls of concurrent
-requests). Scripts name keys they read from a reservation record, so Redis Cluster is not supported
-(one server, or a proxy in front of a failover pair, is). Amounts are integer nanodollars, passed and
+requests). On a Redis Cluster every script's keys share one slot: budgets carry the ``{budgets}``
+hash tag (the settlement script reads its counters' names from the reservation record, so they must
+share the record's slot), rate limits ``{rates}``; key-value entries are single keys, spread over
+the cluster (:mod:`gateway.state.redis_keys` documents each family). Amounts are integer nanodollars, passed and
 stored as decimal strings so Lua's doubles never round them (only the comparison with a cap beyond
 2^53 nanodollars, $9M, is rounded, to a few nanodollars).
 
@@ -22,6 +24,7 @@ failure raises :class:`StateUnavailable` and the caller applies the configured f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -36,11 +39,21 @@ from gateway.state.base import (
     Refusal,
     StateUnavailable,
 )
-from gateway.state.redis_link import RedisLink, RedisSettings, connect, script
+from gateway.state.redis_cluster import ClusterLink
+from gateway.state.redis_keys import BUDGETS, RATES, family
+from gateway.state.redis_link import Batcher, RedisLink, RedisSettings, script
 
 __all__ = ["RedisBudgetState", "RedisKeyValueState", "RedisRateLimitState", "RedisSettings", "connect"]
 
 log = logging.getLogger("kimi_gateway.state")
+
+
+def connect(settings: RedisSettings) -> Batcher:
+    """The link for the configured Redis: one server or Sentinel (:class:`RedisLink`), or a Cluster
+    (:class:`ClusterLink`)."""
+    if settings.resolved.topology == "cluster":
+        return ClusterLink(settings)
+    return RedisLink(settings)
 
 
 def _ms() -> int:
@@ -173,19 +186,19 @@ class RedisBudgetState(BudgetState):
     request's reservation must not expire, a dead replica's should not hold budget much longer.
     """
 
-    def __init__(self, link: RedisLink, reservation_ttl_s: float) -> None:
+    def __init__(self, link: Batcher, reservation_ttl_s: float) -> None:
         self._redis = link
-        self._ns = link.settings.namespace
+        self._prefix = family(link.settings.namespace, BUDGETS)
         self._reservation_ttl_ms = int(reservation_ttl_s * 1000)
         # a record outlives its reservation so that a late settlement still adds its spend
         self._record_ttl_ms = self._reservation_ttl_ms + 3_600_000
-        self._index = f"{self._ns}:reservations"
+        self._index = f"{self._prefix}reservations"
 
     def _key(self, key: str) -> str:
-        return f"{self._ns}:{key}"
+        return self._prefix + key
 
     def _record(self, request_id: str) -> str:
-        return f"{self._ns}:reservation:{request_id}"
+        return f"{self._prefix}reservation:{request_id}"
 
     async def reserve(self, request_id: str, limits: list[Limit], amount: int) -> Refusal | None:
         keys = [self._record(request_id), self._index]
@@ -212,7 +225,7 @@ class RedisBudgetState(BudgetState):
         await self._redis.run(_ADD_SPENT, [self._key(key)], [str(amount), int(ttl_s), "0"])
 
     async def add_spent_once(self, request_id: str, limits: list[Limit], amount: int) -> None:
-        keys = [f"{self._ns}:applied:{request_id}", *(self._key(limit.key) for limit in limits)]
+        keys = [f"{self._prefix}applied:{request_id}", *(self._key(limit.key) for limit in limits)]
         args = [str(amount), self._record_ttl_ms, *(int(limit.ttl_s) for limit in limits)]
         await self._redis.run(_ADD_ONCE, keys, args)
 
@@ -290,12 +303,12 @@ return 1
 class RedisRateLimitState(RateLimitState):
     """Request and token counters shared by every replica; each counter expires two windows after use."""
 
-    def __init__(self, link: RedisLink) -> None:
+    def __init__(self, link: Batcher) -> None:
         self._redis = link
-        self._ns = link.settings.namespace
+        self._prefix = family(link.settings.namespace, RATES)
 
     def _key(self, key: str) -> str:
-        return f"{self._ns}:{key}"
+        return self._prefix + key
 
     async def hit(self, limits: list[RateLimit], now: float) -> tuple[bool, list[RateCount]]:
         args: list[Any] = [int(now * 1000)]
@@ -324,7 +337,7 @@ class RedisKeyValueState(KeyValueState):
     deadline, not one per call. TTLs are capped at ``max_ttl_s`` so no entry lives forever.
     """
 
-    def __init__(self, link: RedisLink, max_ttl_s: float = 7 * 86400, cooldown_s: float = 1.0) -> None:
+    def __init__(self, link: Batcher, max_ttl_s: float = 7 * 86400, cooldown_s: float = 1.0) -> None:
         self._redis = link
         self._prefix = f"{link.settings.namespace}:kv:"
         self._max_ttl_ms = int(max_ttl_s * 1000)
@@ -357,6 +370,9 @@ class RedisKeyValueState(KeyValueState):
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
+        if self._redis.cluster:  # keys of different slots: one GET each, all in the same batch
+            found = await asyncio.gather(*(self._call("GET", self._prefix + k) for k in keys))
+            return [v if isinstance(v, bytes) else None for v in found]
         values = await self._call("MGET", *(self._prefix + k for k in keys))
         if values is None:
             return [None] * len(keys)

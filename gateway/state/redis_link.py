@@ -16,35 +16,40 @@ that fails fails its calls with :class:`StateUnavailable`, the connection is dro
 batch connects afresh: a restarted Redis is picked up without any action. Lua scripts run by SHA and
 are loaded again when Redis answers NOSCRIPT (after a restart its script cache is empty).
 
+With ``wait_replicas`` (Sentinel, or a master with replicas), a batch that writes ends with
+``WAIT n``: its calls succeed only once ``n`` replicas hold their writes, so a failover to one of them
+cannot lose a reservation or a settlement; unconfirmed, they fail like an unreachable Redis. One
+``WAIT`` covers the whole batch, so under load its cost is shared by many requests.
+
 The pool (``client``) stays for everything that is not on the request path (start-up ping, tests).
+The same link talks to one server, to the master Sentinel names (the pipelined connection is
+redis-py's ``SentinelManagedConnection``: it asks the sentinels where the master is on every
+connect), and through :mod:`gateway.state.redis_cluster` to a Redis Cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, RedisError, ResponseError, TryAgainError
 
 from gateway.state.base import StateUnavailable
+from gateway.state.redis_connect import RedisSettings, connection_pool, sentinel_master
 
+__all__ = ["Batcher", "RedisLink", "RedisSettings", "Script", "connection_pool", "pack", "script"]
 
-@dataclass(frozen=True, slots=True)
-class RedisSettings:
-    url: str
-    namespace: str
-    password: str | None = None
-    connect_timeout_s: float = 0.25
-    timeout_s: float = 0.25
-    max_connections: int = 64
-    health_check_interval_s: float = 10.0
+# commands that change nothing: a batch of only these needs no WAIT, and an unconfirmed WAIT does
+# not fail them
+READS = frozenset({"GET", "MGET", "PING", "PTTL", "TTL", "EXISTS"})
+# error replies that say "not now" rather than "wrong call": a replica answering (after a failover),
+# a cluster without a master for the slot, a slot being moved
+UNAVAILABLE_REPLIES = (ReadOnlyError, ClusterDownError, TryAgainError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,41 +83,22 @@ def script(source: str) -> Script:
     return Script(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-def connection_pool(
-    settings: RedisSettings, *, max_connections: int | None = None, wait_s: float | None = None
-) -> BlockingConnectionPool:
-    """The redis-py pool for ``settings``: bounded calls, one retry on a connection error.
-    ``max_connections`` and ``wait_s`` (for a free connection) default to the settings' own."""
-    return BlockingConnectionPool.from_url(
-        settings.url,
-        password=settings.password,
-        max_connections=settings.max_connections if max_connections is None else max_connections,
-        timeout=settings.timeout_s if wait_s is None else wait_s,
-        socket_timeout=settings.timeout_s,
-        socket_connect_timeout=settings.connect_timeout_s,
-        socket_keepalive=True,
-        # idle connections are pinged before reuse
-        health_check_interval=settings.health_check_interval_s,
-        # a connection that cannot be made is tried once more; a timeout is not retried (Redis is
-        # slow or hung, and waiting twice would only delay the fail mode)
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        retry_on_error=[RedisConnectionError],
-    )
+Batch = list[tuple[tuple[Any, ...], "asyncio.Future[Any]"]]
 
 
-class RedisLink:
-    """One per process: the pool, and the pipelined connection the request path uses."""
+class Batcher(ABC):
+    """Auto-pipelining: calls that arrive while a batch is on the wire go out together as the next.
+    Subclasses say how a batch is sent (:meth:`_send`, which resolves every future of the batch)."""
+
+    settings: RedisSettings
+    client: Any
+    cluster = False  # a multi-key command (MGET) must stay within one slot
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
-        pool = connection_pool(settings)
-        self.client = Redis(connection_pool=pool)
-        # no per-read socket timeout on the pipelined connection: each batch has one deadline instead
-        # (redis-py would otherwise wrap every write in a task and every read in a timer)
-        self._conn: AbstractConnection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         # connect (tried twice) + write + read, with the retry's backoff: no batch takes longer
         self.deadline_s = 2 * settings.connect_timeout_s + 2 * settings.timeout_s + 0.1
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._queue: Batch = []
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
 
@@ -137,11 +123,12 @@ class RedisLink:
         return await future
 
     async def run(self, s: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run a script by SHA; when the server does not know it (restarted, or a cluster node that
+        never ran it) send its source once with EVAL, which also caches it there."""
         try:
             return await self.call("EVALSHA", s.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self.call("SCRIPT", "LOAD", s.source)
-            return await self.call("EVALSHA", s.sha, len(keys), *keys, *args)
+            return await self.call("EVAL", s.source, len(keys), *keys, *args)
 
     async def _flush(self) -> None:
         try:
@@ -151,45 +138,99 @@ class RedisLink:
         finally:
             self._flushing = False
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    @abstractmethod
+    async def _send(self, batch: Batch) -> None:
+        """Send ``batch`` and resolve every one of its futures, within ``deadline_s``."""
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def resolve(batch: Batch, replies: list[Any], unconfirmed: StateUnavailable | None = None) -> None:
+    """Hand each call its reply: a value, its own error reply, or StateUnavailable (a "not now"
+    reply, or writes that the replicas did not confirm)."""
+    for (args, future), reply in zip(batch, replies, strict=True):
+        if future.done():  # its caller gave up (cancelled)
+            continue
+        if isinstance(reply, BaseException):
+            future.set_exception(reply)
+        elif unconfirmed is not None and str(args[0]).upper() not in READS:
+            future.set_exception(unconfirmed)
+        else:
+            future.set_result(reply)
+
+
+def fail(batch: Batch, failure: StateUnavailable) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(failure)
+
+
+def as_unavailable(reply: ResponseError) -> StateUnavailable:
+    return StateUnavailable(f"Redis cannot serve this now ({type(reply).__name__}: {reply})", maybe_ran=False)
+
+
+class RedisLink(Batcher):
+    """One per process (one server or Sentinel): the pool, and the pipelined connection the request
+    path uses."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        super().__init__(settings)
+        if settings.resolved.topology == "sentinel":
+            self.client = sentinel_master(settings)
+            pool = self.client.connection_pool
+        else:
+            pool = connection_pool(settings)
+            self.client = Redis(connection_pool=pool)
+        # no per-read socket timeout on the pipelined connection: each batch has one deadline instead
+        # (redis-py would otherwise wrap every write in a task and every read in a timer)
+        self._conn: AbstractConnection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        self._wait = settings.wait_replicas
+        if self._wait:
+            self.deadline_s += settings.timeout_s  # the replicas' confirmation
+
+    async def _send(self, batch: Batch) -> None:
         conn = self._conn
         connected = conn.is_connected
-        answered = 0
+        commands = [args for args, _ in batch]
+        wait = self._wait and any(str(args[0]).upper() not in READS for args in commands)
+        if wait:
+            commands.append(("WAIT", self._wait, max(1, int(self.settings.timeout_s * 1000))))
+        replies: list[Any] = []
+        stale = False
         try:
             async with asyncio.timeout(self.deadline_s):
                 if not connected:
                     await conn.connect()
                     connected = True
-                await conn.send_packed_command(pack([args for args, _ in batch]))
-                for _, future in batch:
+                await conn.send_packed_command(pack(commands))
+                for _ in batch:
                     try:
                         reply = await conn.read_response()
+                    except UNAVAILABLE_REPLIES as exc:
+                        reply, stale = as_unavailable(exc), True
                     except ResponseError as exc:  # an error reply: this call's, the others go on
                         reply = exc
-                    answered += 1
-                    if future.done():  # its caller gave up (cancelled)
-                        continue
-                    if isinstance(reply, ResponseError):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
+                    replies.append(reply)
+                acked = int(await conn.read_response()) if wait else self._wait
         except (RedisError, OSError, TimeoutError) as exc:
             await conn.disconnect(nowait=True)  # replies may be out of step: start afresh next batch
-            failure = StateUnavailable(f"Redis did not answer ({type(exc).__name__}: {exc})", maybe_ran=connected)
-            for _, future in batch[answered:]:
-                if not future.done():
-                    future.set_exception(failure)
+            fail(batch, StateUnavailable(f"Redis did not answer ({type(exc).__name__}: {exc})", maybe_ran=connected))
+            return
         except BaseException:
             await conn.disconnect(nowait=True)
-            for _, future in batch[answered:]:
-                if not future.done():
-                    future.set_exception(StateUnavailable("the Redis batch was interrupted"))
+            fail(batch, StateUnavailable("the Redis batch was interrupted"))
             raise
+        unconfirmed = None
+        if acked < self._wait:
+            unconfirmed = StateUnavailable(f"only {acked} of {self._wait} replicas confirmed the writes in time")
+            # a master that lost its replicas may be the old one after a failover (it accepts writes
+            # until a sentinel demotes it): the next batch asks the sentinels again
+            stale = True
+        if stale:  # talking to a replica or a node without its slots: find the master again
+            await conn.disconnect(nowait=True)
+        resolve(batch, replies, unconfirmed)
 
     async def close(self) -> None:
         await self._conn.disconnect()
         await self.client.aclose()
-
-
-def connect(settings: RedisSettings) -> RedisLink:
-    return RedisLink(settings)

@@ -1,10 +1,11 @@
 """The stats exchange on Redis: one script per exchange, so merges of racing replicas never interleave.
 
 Keys (all under the deployment's namespace, each with a TTL refreshed on every write):
-``<ns>:routestats:labels`` (a set of the candidates anyone observed), ``<ns>:routestats:up:<label>``
-(a hash per candidate) and ``<ns>:routestats:tenant:<tenant>`` (a tenant's completion average).
-The script reads and writes keys named from its arguments (like the budget scripts), so Redis Cluster
-is not supported. Numbers go in and out as strings: Redis would truncate a Lua float reply to an
+``<ns>:{routestats}:labels`` (a set of the candidates anyone observed), ``<ns>:{routestats}:up:<label>``
+(a hash per candidate) and ``<ns>:{routestats}:tenant:<tenant>`` (a tenant's completion average).
+The script reads and writes keys named from its arguments, which a Redis Cluster allows only within
+the slot of its first key: the ``{routestats}`` hash tag puts them all in that slot
+(:mod:`gateway.state.redis_keys`). Numbers go in and out as strings: Redis would truncate a Lua float reply to an
 integer.
 """
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.state.redis_link import RedisLink, script
+from gateway.state.redis_keys import ROUTESTATS, family
+from gateway.state.redis_link import Batcher, script
 from gateway.state.stats_exchange import STATS_TTL_S, Completions, Observed, Rules, SharedStat, StatsExchange
 
 # KEYS: the labels set. ARGV: prefix, now, alpha, breaker failures, cooldown s, ttl s,
@@ -92,9 +94,9 @@ def _float(x: bytes) -> float | None:
 
 
 class RedisStatsExchange(StatsExchange):
-    def __init__(self, link: RedisLink, ttl_s: float = STATS_TTL_S) -> None:
+    def __init__(self, link: Batcher, ttl_s: float = STATS_TTL_S) -> None:
         self._redis = link
-        self._prefix = f"{link.settings.namespace}:routestats:"
+        self._prefix = family(link.settings.namespace, ROUTESTATS)
         self.ttl_s = ttl_s
 
     async def exchange(

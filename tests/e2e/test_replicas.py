@@ -83,8 +83,8 @@ def test_two_replicas_enforce_one_budget_cap(tmp_path: Path, simulator: Process)
         assert sum(t["requests"] for t in totals) == 50
         # no reservation leaked: nothing open, nothing reserved, used is exactly what was spent
         r = redis_client(url)
-        assert r.zcard(f"{ns}:reservations") == 0
-        counters = [k for k in r.scan_iter(match=f"{ns}:budget:tenant-a:*") if not k.endswith(b":open")]
+        assert r.zcard(f"{ns}:{{budgets}}:reservations") == 0
+        counters = [k for k in r.scan_iter(match=f"{ns}:{{budgets}}:budget:tenant-a:*") if not k.endswith(b":open")]
         assert counters and all(int(r.hget(k, "reserved") or 0) == 0 for k in counters)
         [tenant] = httpx.get(procs[1].url + "/v1/budget", headers=AUTH).json()["data"]
         daily = next(w for w in tenant["windows"] if w["window"] == "daily")

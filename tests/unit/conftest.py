@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +96,36 @@ async def redis_backend(namespace: str | None = None) -> Backend:
     return Backend("redis", link)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a 3-master Redis Cluster of this test session's own (started once, ~2 s)."""
+    from tests.redis_servers import ClusterServers
+
+    servers = ClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield servers.start().url
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "memory":
         yield Backend("memory")
         return
-    b = await redis_backend()
+    if request.param == "redis-cluster":
+        from gateway.state.redis import RedisSettings, connect
+
+        url = request.getfixturevalue("redis_cluster")
+        b = Backend("redis-cluster", connect(RedisSettings(url, f"kgtest-{uuid.uuid4().hex[:12]}", timeout_s=1.0)))
+    else:
+        b = await redis_backend()
     try:
         yield b
     finally:

@@ -15,7 +15,8 @@ Layers, from the top (a module may import its own layer and the ones below, neve
    ``routing/``, ``metering/``, ``reasoning/``, ``tools/``, ``transforms/``, ``translate/``, ``capture/``,
    ``responses/``, ``auth``, ``ratelimit``
 2. what the stages stand on: ``upstreams/``, ``state/``, ``policy/``, ``storage/``
-1. foundation: ``config``, ``dburl``, ``yamlfile``, ``errors``, ``observability``, ``asgi``, ``data/``
+1. foundation: ``config`` (and ``config_state``), ``dburl``, ``redisurl``, ``yamlfile``, ``errors``,
+   ``observability``, ``asgi``, ``data/``
 
 The simulated upstream (the top-level ``simulator`` package) is reached from the gateway through
 one adapter, ``gateway.upstreams.simulated``, and itself uses only the foundation.
@@ -59,6 +60,8 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("gateway", "gateway.config", "gateway.yamlfile", "gateway.errors", "gateway.observability"), 1),
     "gateway.asgi": 1,
     "gateway.dburl": 1,
+    "gateway.redisurl": 1,
+    "gateway.config_state": 1,
     "gateway.data": 1,
 }
 SIMULATOR_ADAPTER = "gateway.upstreams.simulated"

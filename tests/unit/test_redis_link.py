@@ -12,7 +12,8 @@ import pytest
 from redis.exceptions import ResponseError
 
 from gateway.state.base import StateUnavailable
-from gateway.state.redis_link import RedisSettings, connect, pack, script
+from gateway.state.redis import connect
+from gateway.state.redis_link import RedisSettings, pack, script
 from tests.e2e.redis_helpers import RedisServer
 
 pytestmark = pytest.mark.redis

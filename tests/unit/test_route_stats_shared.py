@@ -197,9 +197,9 @@ async def test_every_shared_key_is_namespaced_and_expires() -> None:
         ns = backend.settings.namespace
         keys = sorted([k async for k in backend.client.scan_iter(match=ns + ":*")])
         assert keys == [
-            f"{ns}:routestats:labels".encode(),
-            f"{ns}:routestats:tenant:t1".encode(),
-            f"{ns}:routestats:up:{LABEL}".encode(),
+            f"{ns}:{{routestats}}:labels".encode(),
+            f"{ns}:{{routestats}}:tenant:t1".encode(),
+            f"{ns}:{{routestats}}:up:{LABEL}".encode(),
         ]
         for key in keys:
             assert 0 < await backend.client.ttl(key) <= 3600
