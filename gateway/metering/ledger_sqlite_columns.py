@@ -25,6 +25,7 @@ ROW_COLUMNS = (
     "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
     "reasoning_tokens", "tool_calls_billed", "cost_nanos", "cache_savings_nanos", "price_version",
     "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
+    "upstream_key",
 )  # fmt: skip
 RES_COLUMNS = (
     "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
@@ -63,18 +64,19 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
         r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
         1 if r.stream else 0, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens,
         r.tool_calls_billed, cost, savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome,
-        1 if r.estimated else 0, reason, route, r.endpoint,
+        1 if r.estimated else 0, reason, route, r.endpoint, opt_text(r.upstream_key),
     )  # fmt: skip
 
 
 def decode_row(v: Sequence[Any]) -> LedgerRow:
     (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
      completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route, endpoint) = v  # fmt: skip
+     reason, route, endpoint, upstream_key) = v  # fmt: skip
     return LedgerRow(
         rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, bool(stream), prompt,
         cached, completion, reasoning, tools, from_nanos(cost), from_nanos(savings), price_version, ttft, latency,
         status, outcome, bool(estimated), reason, route, endpoint=endpoint,
+        upstream_key=upstream_key,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.config import StateConfig
 from gateway.state.base import BudgetState, KeyValueState, RateLimitState, StateUnavailable
+from gateway.state.key_quota import KeyQuotaState, MemoryKeyQuotaState
 from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState, MemoryRateLimitState
 from gateway.state.stats_exchange import StatsExchange
 
@@ -25,6 +26,8 @@ class States:
     link: Any = field(default=None)  # the Redis link (pool + pipelined connection) when shared
     # where replicas pool upstream statistics and breakers (None: this process is on its own)
     stats: StatsExchange | None = None
+    # the quotas of upstream key pools (requests, tokens, in flight, cool-downs per key)
+    key_quotas: KeyQuotaState = field(default_factory=MemoryKeyQuotaState)
 
     async def open(self) -> None:
         """Say where state lives; a Redis that does not answer yet is logged, not fatal (the fail
@@ -38,7 +41,7 @@ class States:
             log.warning("state: %s is not answering yet (%s); fail modes apply until it does", self.description, exc)
 
     async def close(self) -> None:
-        for state in (self.budgets, self.rate_limits, self.kv):
+        for state in (self.budgets, self.rate_limits, self.kv, self.key_quotas):
             with contextlib.suppress(StateUnavailable):
                 await state.close()
         if self.link is not None:
@@ -58,6 +61,7 @@ def build_states(config: StateConfig, longest_request_s: float) -> States:
         RedisSettings,
         connect,
     )
+    from gateway.state.redis_keys import RedisKeyQuotaState
     from gateway.state.redis_stats import RedisStatsExchange
 
     assert config.url is not None  # the config model requires it for redis
@@ -77,4 +81,5 @@ def build_states(config: StateConfig, longest_request_s: float) -> States:
         description=f"redis {config.url} (namespace {config.namespace!r})",
         link=link,
         stats=RedisStatsExchange(link),
+        key_quotas=RedisKeyQuotaState(link),
     )

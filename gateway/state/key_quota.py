@@ -231,9 +231,7 @@ class MemoryKeyQuotaState(KeyQuotaState):
             book = self._book(key.id)
             book.purge(now)
             out.append(
-                KeyView(
-                    book.requests, book.tokens, len(book.flight), max(0.0, book.cooled - now), book.revoked > now
-                )
+                KeyView(book.requests, book.tokens, len(book.flight), max(0.0, book.cooled - now), book.revoked > now)
             )
         return out
 

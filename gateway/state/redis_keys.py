@@ -215,4 +215,3 @@ class RedisKeyQuotaState(KeyQuotaState):
             q, t, flight, cooled, revoked = (int(v) for v in out[5 * i : 5 * i + 5])
             views.append(KeyView(q, t, flight, max(0.0, (cooled - ms) / 1000), revoked > ms))
         return views
-

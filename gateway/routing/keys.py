@@ -1,0 +1,314 @@
+"""Choosing the provider key of an upstream's key pool for one attempt.
+
+Provider prompt caches are scoped per key (per account or project), so where a conversation's turns
+go within the pool decides what they cost: cached input is a quarter of the price. ``cache_aware``
+(the default) keeps a conversation on the key that served its prefix while that key has quota, and
+spreads new conversations by weighted round-robin; ``round_robin`` ignores caches; ``least_loaded``
+takes the key with the smallest used share of its limits. Whatever the order, a key is chosen only
+when the request fits what remains of its quota (:mod:`gateway.state.key_quota`, shared by replicas
+when the state is Redis): the gateway never sends a key more than its tier allows.
+
+A 429 rests the key for its ``Retry-After`` (or a backoff that doubles while it keeps answering
+429) and the pipeline tries another key of the same upstream; a 401/403 takes the key out for an
+hour (a warning and ``gateway_upstream_key_revoked``) and leaves the others alone. When no key has
+room the upstream counts as unavailable for this request and the usual failover applies.
+
+Keys are named by their configured labels only; the secret never leaves the upstream adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.config import LoadedConfig
+from gateway.routing.metrics import (
+    KEY_COOLDOWNS,
+    KEY_RATE_LIMITED,
+    KEY_REQUESTS,
+    KEY_REVOKED,
+    KEY_TOKENS,
+    KEYS_EXHAUSTED,
+)
+from gateway.state.base import StateUnavailable
+from gateway.state.key_quota import KeyGrant, KeyLimits, KeyQuotaState, KeyView, MemoryKeyQuotaState
+from gateway.upstreams.rate_headers import RateHeaders
+from gateway.upstreams.usage import Usage
+
+log = logging.getLogger("kimi_gateway.keys")
+
+REVOKED_S = 3600.0  # a refused key is probed again after an hour (a rotated secret is a new key at once)
+MAX_BACKOFF_S = 300.0
+_WHY = {
+    "cooling": "cooling down after a 429",
+    "revoked": "refused by the provider (401/403)",
+    "rpm": "at its requests per minute",
+    "tpm": "at its tokens per minute",
+    "concurrency": "at its concurrent requests",
+    "too_large": "the request exceeds its tokens per minute",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKeySpec:
+    label: str
+    limits: KeyLimits
+    weight: float = 1.0
+
+
+@dataclass(slots=True)
+class Pool:
+    """One upstream's keys and how to choose among them; the round-robin position is per process."""
+
+    upstream: str
+    keys: tuple[PoolKeySpec, ...]
+    selection: str = "cache_aware"
+    backoff_s: float = 5.0
+    lease_s: float = 960.0  # a request in flight holds its slot at most this long (the upstream's total_s + 60)
+    _current: list[float] = field(default_factory=list)
+    _strikes: dict[str, int] = field(default_factory=dict)  # consecutive 429s per key label
+
+    def rotation(self) -> list[int]:
+        """Key positions in smooth weighted round-robin order: the next key first."""
+        keys = self.keys
+        if not self._current:
+            self._current = [0.0] * len(keys)
+        current = self._current
+        total = 0.0
+        for i, key in enumerate(keys):
+            current[i] += key.weight
+            total += key.weight
+        first = max(range(len(keys)), key=current.__getitem__)
+        current[first] -= total
+        return [first, *(i for i in sorted(range(len(keys)), key=lambda i: -current[i]) if i != first)]
+
+
+@dataclass(slots=True)
+class Lease:
+    """A key held for one attempt: released once when the attempt ends."""
+
+    pool: Pool
+    key: PoolKeySpec
+    lease_id: str
+    held: int  # prompt tokens of this conversation's prefix the key served recently
+    reason: str
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NoKey:
+    """No key of the pool has room: why, per key, and the seconds until the soonest may (None: never)."""
+
+    reason: str
+    wait_s: float | None
+
+
+def pools_from_config(config: LoadedConfig) -> dict[str, Pool]:
+    out: dict[str, Pool] = {}
+    for name, keys in config.key_pools.items():
+        up = config.settings.upstreams[name]
+        specs = tuple(
+            PoolKeySpec(
+                k.label, KeyLimits(f"{name}/{k.label}/{k.fingerprint}", k.rpm, k.tpm, k.max_concurrency), k.weight
+            )
+            for k in keys
+        )
+        out[name] = Pool(name, specs, up.key_selection, up.key_backoff_s, up.timeouts.total_s + 60)
+    return out
+
+
+def held_by_key(held: Mapping[str, int], label: str) -> dict[str, int]:
+    """The pool keys of candidate ``label`` holding this conversation's prefix (affinity entries
+    ``<label>#<key>``), with their tokens."""
+    prefix = label + "#"
+    return {k[len(prefix) :]: v for k, v in held.items() if k.startswith(prefix)}
+
+
+class KeyPicker:
+    """The pools of every upstream that has one, over the configured state (shared by replicas with
+    Redis; a Redis that does not answer is replaced by this process's own count until it does)."""
+
+    def __init__(self, pools: dict[str, Pool], state: KeyQuotaState, wall: Callable[[], float] = time.time) -> None:
+        self.pools = pools
+        self.state = state
+        self.wall = wall
+        self._local = MemoryKeyQuotaState()
+        self._warned_at = 0.0
+
+    def pool(self, upstream: str) -> Pool | None:
+        return self.pools.get(upstream)
+
+    async def _acquire(self, keys: list[KeyLimits], tokens: int, lease: str, lease_s: float, least: bool) -> KeyGrant:
+        now = self.wall()
+        try:
+            return await self.state.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
+        except StateUnavailable as exc:
+            if now - self._warned_at > 5:
+                self._warned_at = now
+                log.warning("key pool state unavailable, counting key quotas in this process alone: %s", exc)
+            return await self._local.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
+
+    def order(self, pool: Pool, held: Mapping[str, int]) -> list[int]:
+        """The keys in the order to try: holders of the prefix first (cache_aware), then the rotation."""
+        rotation = pool.rotation()
+        if pool.selection != "cache_aware" or not held:
+            return rotation
+        holders = sorted((i for i in rotation if pool.keys[i].label in held), key=lambda i: -held[pool.keys[i].label])
+        return [*holders, *(i for i in rotation if pool.keys[i].label not in held)]
+
+    async def take(
+        self, pool: Pool, held: Mapping[str, int], tokens: int, lease_id: str, skip: frozenset[str] = frozenset()
+    ) -> Lease | NoKey:
+        """Hold a key for an attempt of ``tokens`` (prompt bound + max_tokens), passing over ``skip``
+        (keys this request already failed on)."""
+        order = [i for i in self.order(pool, held) if pool.keys[i].label not in skip]
+        if not order:
+            return NoKey("every key of the pool failed for this request", None)
+        specs = [pool.keys[i] for i in order]
+        grant = await self._acquire(
+            [s.limits for s in specs], tokens, lease_id, pool.lease_s, pool.selection == "least_loaded"
+        )
+        passed = [f"{s.label} {_WHY.get(r, r)}" for s, r in zip(specs, grant.reasons, strict=False) if r]
+        if grant.index is None:
+            KEYS_EXHAUSTED.labels(pool.upstream).inc()
+            return NoKey("no key has room: " + ", ".join(passed), grant.wait_s)
+        key = specs[grant.index]
+        KEY_REQUESTS.labels(pool.upstream, key.label).inc()
+        tokens_held = held.get(key.label, 0)
+        return Lease(pool, key, lease_id, tokens_held, _reason(pool, key, tokens_held, held, passed))
+
+    async def release(self, lease: Lease, usage: Usage | None) -> None:
+        """The attempt ended: free the key's in-flight slot and count what the provider reported."""
+        if lease.released:
+            return
+        lease.released = True
+        pool, key = lease.pool, lease.key
+        if usage is not None:
+            KEY_TOKENS.labels(pool.upstream, key.label, "prompt").inc(usage.prompt_tokens)
+            KEY_TOKENS.labels(pool.upstream, key.label, "cached").inc(usage.cached_tokens)
+            KEY_TOKENS.labels(pool.upstream, key.label, "completion").inc(usage.completion_tokens)
+        await self._both(lambda s: s.release(key.limits, lease.lease_id))
+
+    async def _both(self, call: Callable[[KeyQuotaState], Awaitable[None]]) -> None:
+        """A change applied to the shared state and to this process's fallback count."""
+        with contextlib.suppress(StateUnavailable):
+            await call(self.state)
+        await call(self._local)
+
+    async def refused(self, lease: Lease, status: int, retry_after: str | None) -> str:
+        """The provider refused the attempt's key: rest it (429) or take it out (401/403); returns the
+        route-reason text."""
+        pool, key = lease.pool, lease.key
+        now = self.wall()
+        if status in (401, 403):
+            KEY_REVOKED.labels(pool.upstream, key.label).inc()
+            log.warning(
+                "ALERT upstream %s refused pool key %s (HTTP %d): the key is taken out for %g s; the pool's "
+                "other keys keep serving. Replace or re-enable the key.",
+                pool.upstream,
+                key.label,
+                status,
+                REVOKED_S,
+            )
+            await self._both(lambda s: s.revoke(key.limits, now + REVOKED_S))
+            return f"key {key.label} refused (HTTP {status})"
+        KEY_RATE_LIMITED.labels(pool.upstream, key.label).inc()
+        strikes = pool._strikes[key.label] = pool._strikes.get(key.label, 0) + 1
+        wait = _retry_after_s(retry_after)
+        if wait is None:
+            wait = min(MAX_BACKOFF_S, pool.backoff_s * 2 ** (strikes - 1))
+        KEY_COOLDOWNS.labels(pool.upstream, key.label, "429").inc()
+        log.info("upstream %s: pool key %s answered 429; resting it %g s", pool.upstream, key.label, wait)
+        await self._both(lambda s: s.cool(key.limits, now + wait))
+        return f"key {key.label} rate limited (429, resting {wait:g} s)"
+
+    async def observed(self, lease: Lease, rate: RateHeaders | None) -> None:
+        """A key answered: forget its 429 streak, and take in the provider's view of its quota."""
+        pool, key = lease.pool, lease.key
+        pool._strikes.pop(key.label, None)
+        if rate is None:
+            return
+        now = self.wall()
+        limits = key.limits
+        spent = (rate.remaining_requests == 0, rate.remaining_tokens == 0)
+        if any(spent):
+            reset = max(
+                (rate.reset_requests_s or 0.0) if spent[0] else 0.0, (rate.reset_tokens_s or 0.0) if spent[1] else 0.0
+            )
+            if reset > 0:
+                KEY_COOLDOWNS.labels(pool.upstream, key.label, "provider_headers").inc()
+                await self._both(lambda s: s.cool(limits, now + reset))
+        extra_requests = extra_tokens = 0
+        views = await self._views(pool, [limits], now)
+        if views:
+            view = views[0]
+            if limits.rpm and rate.remaining_requests is not None:
+                extra_requests = (limits.rpm - rate.remaining_requests) - view.requests
+            if limits.tpm and rate.remaining_tokens is not None:
+                extra_tokens = (limits.tpm - rate.remaining_tokens) - view.tokens
+        if extra_requests > 0 or extra_tokens > 0:
+            expires = max(rate.reset_requests_s or 0.0, rate.reset_tokens_s or 0.0) or 60.0
+            await self._both(
+                lambda s: s.correct(limits, now, max(0, extra_requests), max(0, extra_tokens), min(expires, 60.0))
+            )
+
+    async def _views(self, pool: Pool, keys: list[KeyLimits], now: float) -> list[KeyView]:
+        try:
+            return await self.state.view(keys, now)
+        except StateUnavailable:
+            return await self._local.view(keys, now)
+
+    async def preview(self, pool: Pool, held: Mapping[str, int]) -> list[dict[str, object]]:
+        """Every key of the pool in the order a request would try them, with its quota now and the
+        prefix tokens it holds (route/explain); takes nothing."""
+        now = self.wall()
+        current = list(pool._current)
+        order = self.order(pool, held)
+        pool._current = current  # a preview must not move the rotation
+        specs = [pool.keys[i] for i in order]
+        views = await self._views(pool, [s.limits for s in specs], now)
+        out: list[dict[str, object]] = []
+        for spec, view in zip(specs, views, strict=True):
+            limits = spec.limits
+            out.append(
+                {
+                    "key": spec.label,
+                    "held_prefix_tokens": held.get(spec.label, 0),
+                    "requests_last_minute": view.requests,
+                    "tokens_last_minute": view.tokens,
+                    "in_flight": view.in_flight,
+                    "rpm": limits.rpm,
+                    "tpm": limits.tpm,
+                    "max_concurrency": limits.max_concurrency,
+                    "cooling_s": round(view.cooling_s, 3),
+                    "revoked": view.revoked,
+                }
+            )
+        return out
+
+
+def _reason(pool: Pool, key: PoolKeySpec, tokens: int, held: Mapping[str, int], passed: list[str]) -> str:
+    if tokens:
+        why = f"holds this conversation's prefix ({tokens} tokens)"
+    elif pool.selection == "cache_aware" and held:
+        holder = max(held, key=held.__getitem__)
+        why = f"{holder} holds the prefix but has no room"
+    elif pool.selection == "least_loaded":
+        why = "least loaded"
+    else:
+        why = "round-robin"
+    skipped = f"; passed over {', '.join(passed)}" if passed else ""
+    return f"key {key.label} ({why}{skipped})"
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return min(MAX_BACKOFF_S, max(0.0, seconds))
