@@ -43,7 +43,7 @@ log = logging.getLogger("kimi_gateway.keys")
 REVOKED_S = 3600.0  # a refused key is probed again after an hour (a rotated secret is a new key at once)
 MAX_BACKOFF_S = 300.0
 _WHY = {
-    "cooling": "cooling down after a 429",
+    "cooling": "cooling down (a 429, or the provider said its quota is spent)",
     "revoked": "refused by the provider (401/403)",
     "rpm": "at its requests per minute",
     "tpm": "at its tokens per minute",
@@ -261,9 +261,10 @@ class KeyPicker:
         except StateUnavailable:
             return await self._local.view(keys, now)
 
-    async def preview(self, pool: Pool, held: Mapping[str, int]) -> list[dict[str, object]]:
-        """Every key of the pool in the order a request would try them, with its quota now and the
-        prefix tokens it holds (route/explain); takes nothing."""
+    async def preview(self, pool: Pool, held: Mapping[str, int], tokens: int) -> dict[str, object]:
+        """The key a request of ``tokens`` would go out with, and why; every key of the pool in the
+        order it would try them, with its quota now and the prefix tokens it holds (route/explain).
+        Takes nothing."""
         now = self.wall()
         current = list(pool._current)
         order = self.order(pool, held)
@@ -271,11 +272,19 @@ class KeyPicker:
         specs = [pool.keys[i] for i in order]
         views = await self._views(pool, [s.limits for s in specs], now)
         out: list[dict[str, object]] = []
+        chosen: PoolKeySpec | None = None
+        passed: list[str] = []
         for spec, view in zip(specs, views, strict=True):
             limits = spec.limits
+            refusal = _refusal(view, limits, tokens)
+            if refusal and chosen is None:
+                passed.append(f"{spec.label} {_WHY[refusal]}")
+            elif chosen is None:
+                chosen = spec
             out.append(
                 {
                     "key": spec.label,
+                    "has_room": not refusal,
                     "held_prefix_tokens": held.get(spec.label, 0),
                     "requests_last_minute": view.requests,
                     "tokens_last_minute": view.tokens,
@@ -287,7 +296,31 @@ class KeyPicker:
                     "revoked": view.revoked,
                 }
             )
-        return out
+        if chosen is None:
+            reason = "no key has room: " + ", ".join(passed)
+        else:
+            reason = _reason(pool, chosen, held.get(chosen.label, 0), held, passed)
+        return {
+            "selection": pool.selection,
+            "key": chosen.label if chosen is not None else None,
+            "reason": reason,
+            "keys": out,
+        }
+
+
+def _refusal(view: KeyView, key: KeyLimits, tokens: int) -> str:
+    """Why a key would pass a request over now, as :meth:`KeyQuotaState.acquire` decides ("" = it fits)."""
+    if view.revoked:
+        return "revoked"
+    if view.cooling_s > 0:
+        return "cooling"
+    if key.max_concurrency is not None and view.in_flight >= key.max_concurrency:
+        return "concurrency"
+    if key.rpm is not None and view.requests + 1 > key.rpm:
+        return "rpm"
+    if key.tpm is not None and view.tokens + tokens > key.tpm:
+        return "too_large" if tokens > key.tpm else "tpm"
+    return ""
 
 
 def _reason(pool: Pool, key: PoolKeySpec, tokens: int, held: Mapping[str, int], passed: list[str]) -> str:
