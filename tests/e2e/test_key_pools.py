@@ -214,4 +214,4 @@ def test_explain_names_the_key_a_conversation_would_use_and_why(gateway: Process
     choice = plan["plan"][0]["key_choice"]
     assert choice["selection"] == "cache_aware" and choice["key"] == used
     assert "holds this conversation's prefix" in choice["reason"]
-    assert [k["key"] for k in choice["keys"]][0] == used and choice["keys"][0]["held_prefix_tokens"] > 900
+    assert choice["keys"][0]["key"] == used and choice["keys"][0]["held_prefix_tokens"] > 900
