@@ -17,7 +17,7 @@ import pytest
 
 from simulator.keys import key_label
 from tests.conftest import Process, hashed, start_gateway, start_simulator, write_gateway
-from tests.waiting import wait_until
+from tests.waiting import settled, wait_until
 
 KEY = "sk-tenant-key-pools"
 POOLS: dict[str, dict[str, str]] = {
@@ -215,3 +215,21 @@ def test_explain_names_the_key_a_conversation_would_use_and_why(gateway: Process
     assert choice["selection"] == "cache_aware" and choice["key"] == used
     assert "holds this conversation's prefix" in choice["reason"]
     assert choice["keys"][0]["key"] == used and choice["keys"][0]["held_prefix_tokens"] > 900
+
+
+def test_the_ledger_records_the_key_label_and_spend_groups_by_it(gateway: Process) -> None:
+    messages = [{"role": "system", "content": SYSTEM + "ledger"}, {"role": "user", "content": "go"}]
+    for stream in (False, True):
+        r, _ = chat(gateway, "sticky", messages, stream)
+        assert r.status_code == 200
+    spend = settled(
+        lambda: httpx.get(
+            gateway.url + "/v1/spend",
+            params={"group_by": "upstream,upstream_key"},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+    ).json()
+    rows = {(g["upstream"], g["upstream_key"]): g["requests"] for g in spend["data"]}
+    assert sum(n for (upstream, _), n in rows.items() if upstream == "sticky") >= 2
+    assert {key for (upstream, key) in rows if upstream in POOLS} <= {"a", "b", "c"}
+    assert all(secret not in str(spend) for keys in POOLS.values() for secret in keys.values())
