@@ -27,7 +27,7 @@ from gateway.reasoning.inbound import prepare_reasoning
 from gateway.relay import correct_rate, read_whole, relay_stream, relay_whole
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
-from gateway.routing.keys import NoKey, Pool, held_by_key
+from gateway.routing.keys import NoKey, Pool, held_by_key, key_tokens
 from gateway.routing.metrics import FAILOVERS
 from gateway.routing.router import RETIRED, Plan, remaining_fraction
 from gateway.tools.inbound import prepare_tools
@@ -208,12 +208,15 @@ async def _call_pooled(rt: Runtime, ex: Exchange, plan: Plan, option: Option, po
     assert keys is not None
     m = ex.metered
     held = held_by_key(plan.held, option.label)
-    tokens = upper_bound_tokens(ex.raw) + (requested_max_tokens(ex.body) or ex.tenant.default_max_tokens)
+    max_tokens = requested_max_tokens(ex.body) or ex.tenant.default_max_tokens
+    tokens = upper_bound_tokens(ex.raw) + max_tokens
+    per_key = key_tokens(len(ex.raw), max_tokens, held, held_by_key(plan.held_bytes, option.label))
     base = ex.route_reason
     notes: list[str] = []
     failed: set[str] = set()
     while True:
-        lease = await keys.take(pool, held, tokens, f"{ex.request_id}:{option.index}:{len(failed)}", frozenset(failed))
+        lease_id = f"{ex.request_id}:{option.index}:{len(failed)}"
+        lease = await keys.take(pool, held, tokens, lease_id, frozenset(failed), max_tokens, per_key)
         if isinstance(lease, NoKey):
             ex.route_reason = m.route_reason = base + "".join(f"; {n}" for n in notes) + f"; {lease.reason}"
             raise CandidateFailed(_no_key_error(option.candidate, lease), KEYS_EXHAUSTED)

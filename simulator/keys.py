@@ -151,6 +151,21 @@ class KeyQuotas:
         counters.max_in_flight = max(counters.max_in_flight, window.in_flight)
         return Admission(200, self._headers(limit, window, now))
 
+    def has_room(self, key: str, tokens: int) -> bool:
+        """Whether ``admit`` would take a request of ``tokens`` on ``key`` now (counts nothing)."""
+        if key in self.revoked:
+            return False
+        limit = self.limits.get(key)
+        if limit is None:
+            return True
+        window = self._windows.setdefault(key, _Window())
+        window.purge(self.clock())
+        return not (
+            (limit.max_concurrency is not None and window.in_flight >= limit.max_concurrency)
+            or (limit.rpm is not None and len(window.log) + 1 > limit.rpm)
+            or (limit.tpm is not None and window.tokens + tokens > limit.tpm)
+        )
+
     def release(self, key: str) -> None:
         window = self._windows.get(key)
         if window is not None and window.in_flight > 0:

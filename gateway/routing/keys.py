@@ -95,6 +95,8 @@ class Lease:
     lease_id: str
     held: int  # prompt tokens of this conversation's prefix the key served recently
     reason: str
+    tokens: int = 0  # counted against the key's tokens per minute: a bound on the prompt + max_tokens
+    max_tokens: int = 0
     released: bool = False
 
 
@@ -120,6 +122,19 @@ def pools_from_config(config: LoadedConfig) -> dict[str, Pool]:
     return out
 
 
+def key_tokens(raw_len: int, max_tokens: int, held: Mapping[str, int], held_bytes: Mapping[str, int]) -> dict[str, int]:
+    """Per pool key holding this conversation's prefix, a tighter bound on the request's tokens:
+    the provider's own count of that prefix (as it reported it) plus the bytes/2 bound on the rest.
+    Without it every key would count the whole prompt at bytes/2, about twice what the provider
+    counts, and a busy pool would refuse requests its keys still had room for."""
+    out: dict[str, int] = {}
+    for label, tokens in held.items():
+        size = held_bytes.get(label)
+        if size is not None and tokens > 0:
+            out[label] = tokens + max(0, raw_len - size) // 2 + 16 + max_tokens
+    return out
+
+
 def held_by_key(held: Mapping[str, int], label: str) -> dict[str, int]:
     """The pool keys of candidate ``label`` holding this conversation's prefix (affinity entries
     ``<label>#<key>``), with their tokens."""
@@ -141,7 +156,9 @@ class KeyPicker:
     def pool(self, upstream: str) -> Pool | None:
         return self.pools.get(upstream)
 
-    async def _acquire(self, keys: list[KeyLimits], tokens: int, lease: str, lease_s: float, least: bool) -> KeyGrant:
+    async def _acquire(
+        self, keys: list[KeyLimits], tokens: list[int], lease: str, lease_s: float, least: bool
+    ) -> KeyGrant:
         now = self.wall()
         try:
             return await self.state.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
@@ -160,16 +177,26 @@ class KeyPicker:
         return [*holders, *(i for i in rotation if pool.keys[i].label not in held)]
 
     async def take(
-        self, pool: Pool, held: Mapping[str, int], tokens: int, lease_id: str, skip: frozenset[str] = frozenset()
+        self,
+        pool: Pool,
+        held: Mapping[str, int],
+        tokens: int,
+        lease_id: str,
+        skip: frozenset[str] = frozenset(),
+        max_tokens: int = 0,
+        key_tokens: Mapping[str, int] | None = None,
     ) -> Lease | NoKey:
-        """Hold a key for an attempt of ``tokens`` (prompt bound + max_tokens), passing over ``skip``
-        (keys this request already failed on)."""
+        """Hold a key for an attempt of ``tokens`` (a bound on the prompt + ``max_tokens``; a tighter
+        one per key label in ``key_tokens``), passing over ``skip`` (keys this request already
+        failed on)."""
         order = [i for i in self.order(pool, held) if pool.keys[i].label not in skip]
         if not order:
             return NoKey("every key of the pool failed for this request", None)
         specs = [pool.keys[i] for i in order]
+        per_key = key_tokens or {}
+        needs = [min(tokens, per_key.get(s.label, tokens)) for s in specs]
         grant = await self._acquire(
-            [s.limits for s in specs], tokens, lease_id, pool.lease_s, pool.selection == "least_loaded"
+            [s.limits for s in specs], needs, lease_id, pool.lease_s, pool.selection == "least_loaded"
         )
         passed = [f"{s.label} {_WHY.get(r, r)}" for s, r in zip(specs, grant.reasons, strict=False) if r]
         if grant.index is None:
@@ -178,7 +205,8 @@ class KeyPicker:
         key = specs[grant.index]
         KEY_REQUESTS.labels(pool.upstream, key.label).inc()
         tokens_held = held.get(key.label, 0)
-        return Lease(pool, key, lease_id, tokens_held, _reason(pool, key, tokens_held, held, passed))
+        reason = _reason(pool, key, tokens_held, held, passed)
+        return Lease(pool, key, lease_id, tokens_held, reason, needs[grant.index], max_tokens)
 
     async def release(self, lease: Lease, usage: Usage | None) -> None:
         """The attempt ended: free the key's in-flight slot and count what the provider reported."""
@@ -186,11 +214,17 @@ class KeyPicker:
             return
         lease.released = True
         pool, key = lease.pool, lease.key
-        if usage is not None:
-            KEY_TOKENS.labels(pool.upstream, key.label, "prompt").inc(usage.prompt_tokens)
-            KEY_TOKENS.labels(pool.upstream, key.label, "cached").inc(usage.cached_tokens)
-            KEY_TOKENS.labels(pool.upstream, key.label, "completion").inc(usage.completion_tokens)
         await self._both(lambda s: s.release(key.limits, lease.lease_id))
+        if usage is None:
+            return
+        KEY_TOKENS.labels(pool.upstream, key.label, "prompt").inc(usage.prompt_tokens)
+        KEY_TOKENS.labels(pool.upstream, key.label, "cached").inc(usage.cached_tokens)
+        KEY_TOKENS.labels(pool.upstream, key.label, "completion").inc(usage.completion_tokens)
+        # the provider counts its own prompt tokens plus max_tokens: the minute holds that from now on,
+        # not the bound the grant took (twice the prompt, for English), so the key's room comes back
+        actual = usage.prompt_tokens + lease.max_tokens
+        if usage.prompt_tokens and actual < lease.tokens:
+            await self._both(lambda s: s.adjust(key.limits, lease.lease_id, lease.tokens, actual))
 
     async def _both(self, call: Callable[[KeyQuotaState], Awaitable[None]]) -> None:
         """A change applied to the shared state and to this process's fallback count."""

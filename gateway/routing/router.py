@@ -63,6 +63,7 @@ class Plan:
     estimated: bool = False
     failed: dict[str, str] = field(default_factory=dict)  # label -> failure kind, filled while trying
     held: dict[str, int] = field(default_factory=dict)  # label -> prompt tokens of this prefix it served
+    held_bytes: dict[str, int] = field(default_factory=dict)  # label -> that prefix's canonical bytes
     holder: str | None = None  # the live candidate holding the conversation's longest prefix
     kept: bool = False  # the holder was moved first, against the strategy's own order (affinity)
 
@@ -135,13 +136,15 @@ class Router:
         self.loads: dict[str, Any] = {}
         self._default = Traits(Speed(1.5, 40.0))
         self.keys: KeyPicker | None = None  # upstreams with a key pool (routing/keys.py)
-        self._sticky: frozenset[str] = frozenset()  # of those, the ones that keep a prefix on its key
+        # of those, every one: where the prefix is held bounds a request's tokens per key, and a
+        # cache_aware pool keeps the prefix on its key
+        self._pooled: frozenset[str] = frozenset()
 
     def use_keys(self, keys: KeyPicker | None) -> None:
         """Route over these key pools (None: every upstream has one key)."""
         self.keys = keys if keys is not None and keys.pools else None
         pools = self.keys.pools if self.keys is not None else {}
-        self._sticky = frozenset(name for name, pool in pools.items() if pool.selection == "cache_aware")
+        self._pooled = frozenset(pools)
 
     @classmethod
     def from_config(
@@ -223,9 +226,9 @@ class Router:
             )
         if (
             plan.chain is None
-            and self._sticky
+            and self._pooled
             and self.cache_aware
-            and any(o.candidate.upstream in self._sticky for o in live)
+            and any(o.candidate.upstream in self._pooled for o in live)
         ):
             await self._prefixes(plan, tenant, body)  # the key that holds the prefix, for the key pick
         if needs_estimates or strategy == "pinned":
@@ -292,7 +295,7 @@ class Router:
         """Where this conversation's prefix is held: per candidate label, and per pool key as
         ``<label>#<key>`` (a candidate holds what its best key holds)."""
         plan.chain = affinity.prefix_chain(body)
-        held = await affinity.held_prefixes(self.kv, tenant.name, plan.chain, self.wall())
+        held = await affinity.held_prefixes(self.kv, tenant.name, plan.chain, self.wall(), plan.held_bytes)
         if self.keys is not None:
             for label, tokens in list(held.items()):
                 base, sep, _ = label.partition("#")

@@ -19,6 +19,7 @@ import collections
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 WINDOW_S = 60.0
 MARGIN_S = 0.5  # the provider sees a request after the gateway counted it, and forgets it later too
@@ -73,16 +74,30 @@ class KeyView:
 class KeyQuotaState(ABC):
     @abstractmethod
     async def acquire(
-        self, keys: Sequence[KeyLimits], tokens: int, lease: str, now: float, lease_s: float, *, least_loaded: bool
+        self,
+        keys: Sequence[KeyLimits],
+        tokens: Sequence[int],
+        lease: str,
+        now: float,
+        lease_s: float,
+        *,
+        least_loaded: bool,
     ) -> KeyGrant:
         """Atomically pick a key that is neither cooling nor revoked and has room for one more request
-        of ``tokens`` (rpm, tpm, concurrency), and count it there: the first in ``keys``' order, or the
-        least loaded when ``least_loaded``. ``lease`` names the request in flight until
+        of ``tokens[i]`` on key ``i`` (rpm, tpm, concurrency; a key holding the conversation's prefix
+        knows more of its prompt, so the bound differs per key), and count it there: the first in
+        ``keys``' order, or the least loaded when ``least_loaded``. ``lease`` names the request in flight until
         :meth:`release` (or until ``lease_s`` passes: a replica that died does not hold slots)."""
 
     @abstractmethod
     async def release(self, key: KeyLimits, lease: str) -> None:
         """The request under ``lease`` ended: free its in-flight slot (its minute's counts stay)."""
+
+    @abstractmethod
+    async def adjust(self, key: KeyLimits, lease: str, granted: int, actual: int) -> None:
+        """The request under ``lease`` was granted ``granted`` tokens (a bound on its prompt) and the
+        provider counted ``actual`` (its reported prompt plus max_tokens): count that instead, for
+        the rest of the minute. A lease no longer in the window is left alone."""
 
     @abstractmethod
     async def cool(self, key: KeyLimits, until: float) -> None:
@@ -108,10 +123,12 @@ class KeyQuotaState(ABC):
 class _Book:
     """One key's counters in memory: the minute's grants (expiry, requests, tokens) oldest first."""
 
-    __slots__ = ("cooled", "flight", "log", "requests", "revoked", "tokens")
+    __slots__ = ("cooled", "flight", "grants", "log", "requests", "revoked", "tokens")
 
     def __init__(self) -> None:
-        self.log: collections.deque[tuple[float, int, int]] = collections.deque()
+        # [expiry, requests, tokens, lease]: tokens change when a grant is adjusted to the actual count
+        self.log: collections.deque[list[Any]] = collections.deque()
+        self.grants: dict[str, list[Any]] = {}  # lease -> its log entry
         self.requests = 0
         self.tokens = 0
         self.flight: dict[str, float] = {}  # lease -> expiry
@@ -121,9 +138,11 @@ class _Book:
     def purge(self, now: float) -> None:
         log = self.log
         while log and log[0][0] <= now:
-            _, requests, tokens = log.popleft()
+            _, requests, tokens, lease = log.popleft()
             self.requests -= requests
             self.tokens -= tokens
+            if lease is not None:
+                self.grants.pop(lease, None)
         if self.flight:
             for lease in [k for k, t in self.flight.items() if t <= now]:
                 del self.flight[lease]
@@ -147,7 +166,7 @@ class _Book:
     def _until(self, now: float, fits: object) -> float:
         """Seconds until enough of the log expires that ``fits(freed requests, freed tokens)``."""
         freed_r = freed_t = 0
-        for expires, requests, tokens in self.log:
+        for expires, requests, tokens, _ in self.log:
             freed_r += requests
             freed_t += tokens
             if fits(freed_r, freed_t):  # type: ignore[operator]
@@ -168,7 +187,14 @@ class MemoryKeyQuotaState(KeyQuotaState):
         return book
 
     async def acquire(
-        self, keys: Sequence[KeyLimits], tokens: int, lease: str, now: float, lease_s: float, *, least_loaded: bool
+        self,
+        keys: Sequence[KeyLimits],
+        tokens: Sequence[int],
+        lease: str,
+        now: float,
+        lease_s: float,
+        *,
+        least_loaded: bool,
     ) -> KeyGrant:
         reasons: list[str] = []
         best: int | None = None
@@ -177,7 +203,7 @@ class MemoryKeyQuotaState(KeyQuotaState):
         for i, key in enumerate(keys):
             book = self._book(key.id)
             book.purge(now)
-            reason, until = book.refusal(key, tokens, now)
+            reason, until = book.refusal(key, tokens[i], now)
             reasons.append(reason)
             if reason:
                 if until is not None:
@@ -186,15 +212,18 @@ class MemoryKeyQuotaState(KeyQuotaState):
             if not least_loaded:
                 best = i
                 break
-            load = _load(book, key, tokens)
+            load = _load(book, key, tokens[i])
             if best is None or load < best_load:
                 best, best_load = i, load
         if best is None:
             return KeyGrant(None, tuple(reasons), wait)
         book = self._books[keys[best].id]
-        book.log.append((now + WINDOW_S + MARGIN_S, 1, tokens))
+        granted = tokens[best]
+        entry = [now + WINDOW_S + MARGIN_S, 1, granted, lease]
+        book.log.append(entry)
+        book.grants[lease] = entry
         book.requests += 1
-        book.tokens += tokens
+        book.tokens += granted
         book.flight[lease] = now + lease_s
         return KeyGrant(best, tuple(reasons) + ("",) * (len(keys) - len(reasons)))
 
@@ -202,6 +231,15 @@ class MemoryKeyQuotaState(KeyQuotaState):
         book = self._books.get(key.id)
         if book is not None:
             book.flight.pop(lease, None)
+
+    async def adjust(self, key: KeyLimits, lease: str, granted: int, actual: int) -> None:
+        book = self._books.get(key.id)
+        entry = book.grants.get(lease) if book is not None else None
+        if book is None or entry is None:
+            return
+        actual = max(0, actual)
+        book.tokens += actual - entry[2]
+        entry[2] = actual
 
     async def cool(self, key: KeyLimits, until: float) -> None:
         book = self._book(key.id)
@@ -215,15 +253,16 @@ class MemoryKeyQuotaState(KeyQuotaState):
         if requests <= 0 and tokens <= 0:
             return
         book = self._book(key.id)
-        entry = (now + expires_s, max(0, requests), max(0, tokens))
+        requests, tokens = max(0, requests), max(0, tokens)
+        entry: list[Any] = [now + expires_s, requests, tokens, None]
         # keep the log ordered by expiry: a correction usually expires before the newest grants
         log = book.log
         at = len(log)
         while at and log[at - 1][0] > entry[0]:
             at -= 1
         log.insert(at, entry)
-        book.requests += entry[1]
-        book.tokens += entry[2]
+        book.requests += requests
+        book.tokens += tokens
 
     async def view(self, keys: Sequence[KeyLimits], now: float) -> list[KeyView]:
         out = []

@@ -55,20 +55,21 @@ local function keep(key, ms)
 end
 """
 
-# KEYS: per key hash, window, flight; ARGV: now ms, tokens, lease, lease ms, least (1/0), window ms,
-# unknown-wait ms, then per key rpm, tpm, max concurrency (0 = unknown).
+# KEYS: per key hash, window, flight; ARGV: now ms, (unused), lease, lease ms, least (1/0), window ms,
+# unknown-wait ms, then per key rpm, tpm, max concurrency (0 = unknown), tokens of this request.
 # Returns {chosen (0: none), wait ms (-1: never), reason per key...}
 _ACQUIRE = script(
     _COMMON
     + """
-local now, tokens, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now, lease = tonumber(ARGV[1]), ARGV[3]
 local least, window = ARGV[5] == '1', tonumber(ARGV[6])
 local n = #KEYS / 3
-local reasons, best, best_load, wait = {}, 0, 0, -1
+local reasons, best, best_load, wait, granted = {}, 0, 0, -1, 0
 local function waited(ms) if ms >= 0 and (wait < 0 or ms < wait) then wait = ms end end
 for i = 1, n do
   local h, w, f = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local rpm, tpm, conc = tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i])
+  local rpm, tpm, conc = tonumber(ARGV[4 + 4 * i]), tonumber(ARGV[5 + 4 * i]), tonumber(ARGV[6 + 4 * i])
+  local tokens = tonumber(ARGV[7 + 4 * i])
   local q, t, c, r, flight = purge(h, w, f, now)
   local reason = ''
   if r > now then reason = 'revoked'; waited(r - now)
@@ -80,7 +81,7 @@ for i = 1, n do
   end
   reasons[i] = reason
   if reason == '' then
-    if not least then best = i; break end
+    if not least then best = i; granted = tokens; break end
     local load = flight + 1
     if rpm > 0 or tpm > 0 or conc > 0 then
       load = 0
@@ -88,7 +89,7 @@ for i = 1, n do
       if tpm > 0 then load = math.max(load, (t + tokens) / tpm) end
       if conc > 0 then load = math.max(load, (flight + 1) / conc) end
     end
-    if best == 0 or load < best_load then best, best_load = i, load end
+    if best == 0 or load < best_load then best, best_load, granted = i, load, tokens end
   end
 end
 for i = #reasons + 1, n do reasons[i] = '' end
@@ -98,9 +99,9 @@ if best == 0 then
   return out
 end
 local h, w, f = KEYS[3 * best - 2], KEYS[3 * best - 1], KEYS[3 * best]
-redis.call('ZADD', w, now + window, lease .. ':1:' .. tokens)
+redis.call('ZADD', w, now + window, lease .. ':1:' .. string.format('%d', granted))
 redis.call('HINCRBY', h, 'q', 1)
-redis.call('HINCRBY', h, 't', tokens)
+redis.call('HINCRBY', h, 't', string.format('%d', granted))
 redis.call('ZADD', f, now + tonumber(ARGV[4]), lease)
 keep(h, window * 2)
 keep(w, window * 2)
@@ -121,6 +122,18 @@ redis.call('HINCRBY', KEYS[1], 'q', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 't', ARGV[3])
 keep(KEYS[1], 2 * tonumber(ARGV[4]))
 keep(KEYS[2], 2 * tonumber(ARGV[4]))
+return 1
+"""
+)
+
+# KEYS: hash, window; ARGV: old member, new member, token delta
+_ADJUST = script(
+    """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[2], score, ARGV[2])
+if tonumber(redis.call('HINCRBY', KEYS[1], 't', ARGV[3])) < 0 then redis.call('HSET', KEYS[1], 't', 0) end
 return 1
 """
 )
@@ -170,16 +183,23 @@ class RedisKeyQuotaState(KeyQuotaState):
         return names
 
     async def acquire(
-        self, keys: Sequence[KeyLimits], tokens: int, lease: str, now: float, lease_s: float, *, least_loaded: bool
+        self,
+        keys: Sequence[KeyLimits],
+        tokens: Sequence[int],
+        lease: str,
+        now: float,
+        lease_s: float,
+        *,
+        least_loaded: bool,
     ) -> KeyGrant:
         names: list[str] = []
         args: list[Any] = [
-            _ms(now), tokens, lease, _ms(lease_s), 1 if least_loaded else 0, _ms(WINDOW_S + MARGIN_S),
+            _ms(now), 0, lease, _ms(lease_s), 1 if least_loaded else 0, _ms(WINDOW_S + MARGIN_S),
             _ms(UNKNOWN_WAIT_S),
         ]  # fmt: skip
-        for key in keys:
+        for key, need in zip(keys, tokens, strict=True):
             names.extend(self._keys(key.id))
-            args += [key.rpm or 0, key.tpm or 0, key.max_concurrency or 0]
+            args += [key.rpm or 0, key.tpm or 0, key.max_concurrency or 0, int(need)]
         out = await self._redis.run(_ACQUIRE, names, args)
         chosen, wait = int(out[0]), int(out[1])
         reasons = tuple(r.decode() if isinstance(r, bytes) else str(r) for r in out[2:])
@@ -189,6 +209,11 @@ class RedisKeyQuotaState(KeyQuotaState):
 
     async def release(self, key: KeyLimits, lease: str) -> None:
         await self._redis.call("ZREM", self._keys(key.id)[2], lease)
+
+    async def adjust(self, key: KeyLimits, lease: str, granted: int, actual: int) -> None:
+        h, w, _ = self._keys(key.id)
+        actual = max(0, actual)
+        await self._redis.run(_ADJUST, [h, w], [f"{lease}:1:{granted}", f"{lease}:1:{actual}", actual - granted])
 
     async def _mark(self, key: KeyLimits, field: str, until: float) -> None:
         ttl = max(0, _ms(until - time.time())) + _ms(2 * WINDOW_S)  # outlasts the mark, then goes

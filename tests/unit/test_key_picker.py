@@ -130,3 +130,24 @@ def test_rate_limit_headers_are_read_in_every_duration_form() -> None:
     }
     assert parse_rate_headers(headers.get) == RateHeaders(200, 199, 0.3, None, 1_999_000, None)
     assert parse_rate_headers({}.get) is None
+
+
+def test_a_key_holding_the_prefix_bounds_the_prompt_by_what_the_provider_counted() -> None:
+    from gateway.routing.keys import key_tokens
+
+    # 40,000 bytes of prompt, of which key a served the first 36,000 and the provider counted 9,000
+    bounds = key_tokens(40_000, 1000, {"a": 9000, "b": 0}, {"a": 36_000, "b": 100})
+    assert bounds == {"a": 9000 + 4000 // 2 + 16 + 1000}  # b holds nothing: the whole-prompt bound applies
+
+
+async def test_the_grant_shrinks_to_the_providers_prompt_once_the_answer_is_in() -> None:
+    from gateway.upstreams.usage import Usage
+
+    p, wall = picker()
+    up = Pool("up", (PoolKeySpec("a", KeyLimits("up/a/fp", tpm=30_000)),))
+    lease = await p.take(up, {}, 25_000, "r1", max_tokens=1000)
+    assert isinstance(lease, Lease) and lease.tokens == 25_000
+    assert isinstance(await p.take(up, {}, 25_000, "r2", max_tokens=1000), NoKey)
+    await p.release(lease, Usage(prompt_tokens=11_000, completion_tokens=10))
+    assert (await p.state.view([up.keys[0].limits], wall()))[0].tokens == 12_000
+    assert isinstance(await p.take(up, {}, 15_000, "r3", max_tokens=1000), Lease)
