@@ -59,6 +59,19 @@ class PoolKeySpec:
     weight: float = 1.0
 
 
+class _KeyMetrics:
+    """One key's metric children, looked up once (a ``labels()`` call per request costs a lock and a
+    dict lookup per counter)."""
+
+    __slots__ = ("cached", "completion", "prompt", "requests")
+
+    def __init__(self, upstream: str, label: str) -> None:
+        self.requests = KEY_REQUESTS.labels(upstream, label)
+        self.prompt = KEY_TOKENS.labels(upstream, label, "prompt")
+        self.cached = KEY_TOKENS.labels(upstream, label, "cached")
+        self.completion = KEY_TOKENS.labels(upstream, label, "completion")
+
+
 @dataclass(slots=True)
 class Pool:
     """One upstream's keys and how to choose among them; the round-robin position is per process."""
@@ -71,19 +84,22 @@ class Pool:
     _current: list[float] = field(default_factory=list)
     _strikes: dict[str, int] = field(default_factory=dict)  # consecutive 429s per key label
 
-    def rotation(self) -> list[int]:
-        """Key positions in smooth weighted round-robin order: the next key first."""
+    def rotation(self, advance: bool = True) -> list[int]:
+        """Key positions in smooth weighted round-robin order, the next key first; ``advance`` moves
+        the rotation on (a request the order is for), else it only reads it."""
         keys = self.keys
         if not self._current:
             self._current = [0.0] * len(keys)
         current = self._current
+        if not advance:
+            return sorted(range(len(keys)), key=current.__getitem__, reverse=True)
         total = 0.0
         for i, key in enumerate(keys):
             current[i] += key.weight
             total += key.weight
-        first = max(range(len(keys)), key=current.__getitem__)
-        current[first] -= total
-        return [first, *(i for i in sorted(range(len(keys)), key=lambda i: -current[i]) if i != first)]
+        order = sorted(range(len(keys)), key=current.__getitem__, reverse=True)  # stable: ties keep order
+        current[order[0]] -= total
+        return order
 
 
 @dataclass(slots=True)
@@ -150,8 +166,15 @@ class KeyPicker:
         self.pools = pools
         self.state = state
         self.wall = wall
-        self._local = MemoryKeyQuotaState()
+        # where quotas are counted while the shared state does not answer (None: the state is this
+        # process's memory already, nothing to fall back to)
+        self._local: MemoryKeyQuotaState | None = (
+            None if isinstance(state, MemoryKeyQuotaState) else MemoryKeyQuotaState()
+        )
         self._warned_at = 0.0
+        self._metrics = {
+            (name, key.label): _KeyMetrics(name, key.label) for name, pool in pools.items() for key in pool.keys
+        }
 
     def pool(self, upstream: str) -> Pool | None:
         return self.pools.get(upstream)
@@ -160,21 +183,29 @@ class KeyPicker:
         self, keys: list[KeyLimits], tokens: list[int], lease: str, lease_s: float, least: bool
     ) -> KeyGrant:
         now = self.wall()
+        local = self._local
+        if local is None:
+            return await self.state.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
         try:
             return await self.state.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
         except StateUnavailable as exc:
             if now - self._warned_at > 5:
                 self._warned_at = now
                 log.warning("key pool state unavailable, counting key quotas in this process alone: %s", exc)
-            return await self._local.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
+            return await local.acquire(keys, tokens, lease, now, lease_s, least_loaded=least)
 
     def order(self, pool: Pool, held: Mapping[str, int]) -> list[int]:
-        """The keys in the order to try: holders of the prefix first (cache_aware), then the rotation."""
-        rotation = pool.rotation()
+        """The keys in the order to try: holders of the prefix first (cache_aware), then the rotation.
+        Only a conversation no key holds moves the rotation on: new conversations follow the weights."""
+        keys = pool.keys
         if pool.selection != "cache_aware" or not held:
-            return rotation
-        holders = sorted((i for i in rotation if pool.keys[i].label in held), key=lambda i: -held[pool.keys[i].label])
-        return [*holders, *(i for i in rotation if pool.keys[i].label not in held)]
+            return pool.rotation()
+        rotation = pool.rotation(advance=False)
+        holders = [i for i in rotation if keys[i].label in held]
+        if not holders:
+            return pool.rotation()
+        holders.sort(key=lambda i: -held[keys[i].label])
+        return [*holders, *(i for i in rotation if keys[i].label not in held)]
 
     async def take(
         self,
@@ -203,7 +234,7 @@ class KeyPicker:
             KEYS_EXHAUSTED.labels(pool.upstream).inc()
             return NoKey("no key has room: " + ", ".join(passed), grant.wait_s)
         key = specs[grant.index]
-        KEY_REQUESTS.labels(pool.upstream, key.label).inc()
+        self._metrics[pool.upstream, key.label].requests.inc()
         tokens_held = held.get(key.label, 0)
         reason = _reason(pool, key, tokens_held, held, passed)
         return Lease(pool, key, lease_id, tokens_held, reason, needs[grant.index], max_tokens)
@@ -217,9 +248,10 @@ class KeyPicker:
         await self._both(lambda s: s.release(key.limits, lease.lease_id))
         if usage is None:
             return
-        KEY_TOKENS.labels(pool.upstream, key.label, "prompt").inc(usage.prompt_tokens)
-        KEY_TOKENS.labels(pool.upstream, key.label, "cached").inc(usage.cached_tokens)
-        KEY_TOKENS.labels(pool.upstream, key.label, "completion").inc(usage.completion_tokens)
+        metrics = self._metrics[pool.upstream, key.label]
+        metrics.prompt.inc(usage.prompt_tokens)
+        metrics.cached.inc(usage.cached_tokens)
+        metrics.completion.inc(usage.completion_tokens)
         # the provider counts its own prompt tokens plus max_tokens: the minute holds that from now on,
         # not the bound the grant took (twice the prompt, for English), so the key's room comes back
         actual = usage.prompt_tokens + lease.max_tokens
@@ -228,9 +260,13 @@ class KeyPicker:
 
     async def _both(self, call: Callable[[KeyQuotaState], Awaitable[None]]) -> None:
         """A change applied to the shared state and to this process's fallback count."""
+        local = self._local
+        if local is None:
+            await call(self.state)
+            return
         with contextlib.suppress(StateUnavailable):
             await call(self.state)
-        await call(self._local)
+        await call(local)
 
     async def refused(self, lease: Lease, status: int, retry_after: str | None) -> str:
         """The provider refused the attempt's key: rest it (429) or take it out (401/403); returns the
@@ -293,6 +329,8 @@ class KeyPicker:
         try:
             return await self.state.view(keys, now)
         except StateUnavailable:
+            if self._local is None:
+                raise
             return await self._local.view(keys, now)
 
     async def preview(self, pool: Pool, held: Mapping[str, int], tokens: int) -> dict[str, object]:
