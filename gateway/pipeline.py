@@ -214,11 +214,16 @@ async def _call_pooled(rt: Runtime, ex: Exchange, plan: Plan, option: Option, po
     base = ex.route_reason
     notes: list[str] = []
     failed: set[str] = set()
+    statuses: set[int] = set()
     while True:
         lease_id = f"{ex.request_id}:{option.index}:{len(failed)}"
         lease = await keys.take(pool, held, tokens, lease_id, frozenset(failed), max_tokens, per_key)
         if isinstance(lease, NoKey):
             ex.route_reason = m.route_reason = base + "".join(f"; {n}" for n in notes) + f"; {lease.reason}"
+            if lease.revoked or (statuses and statuses <= {401, 403} and len(failed) == len(pool.keys)):
+                # every key refused: the operator must fix the pool (the same answer as one bad key)
+                error = upstream_error(option.candidate, 401, b"", None)
+                raise CandidateFailed(error, KEYS_EXHAUSTED)
             raise CandidateFailed(_no_key_error(option.candidate, lease), KEYS_EXHAUSTED)
         ex.key_lease, option.key, option.held_tokens = lease, lease.key.label, lease.held
         m.upstream_key = lease.key.label
@@ -228,6 +233,7 @@ async def _call_pooled(rt: Runtime, ex: Exchange, plan: Plan, option: Option, po
         except CandidateFailed as failure:
             if failure.kind not in _KEY_REFUSALS:
                 raise
+            statuses.add(int(failure.kind))
             notes.append(await keys.refused(lease, int(failure.kind), failure.retry_after))
             await _release_key(rt, ex)
             failed.add(lease.key.label)

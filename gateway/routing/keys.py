@@ -122,6 +122,7 @@ class NoKey:
 
     reason: str
     wait_s: float | None
+    revoked: bool = False  # every key is out after a 401/403: an operator's problem, not a busy pool
 
 
 def pools_from_config(config: LoadedConfig) -> dict[str, Pool]:
@@ -232,7 +233,8 @@ class KeyPicker:
         passed = [f"{s.label} {_WHY.get(r, r)}" for s, r in zip(specs, grant.reasons, strict=False) if r]
         if grant.index is None:
             KEYS_EXHAUSTED.labels(pool.upstream).inc()
-            return NoKey("no key has room: " + ", ".join(passed), grant.wait_s)
+            revoked = all(r == "revoked" for r in grant.reasons)
+            return NoKey("no key has room: " + ", ".join(passed), grant.wait_s, revoked)
         key = specs[grant.index]
         self._metrics[pool.upstream, key.label].requests.inc()
         tokens_held = held.get(key.label, 0)

@@ -22,7 +22,10 @@ from tests.waiting import settled, wait_until
 KEY = "sk-tenant-key-pools"
 POOLS: dict[str, dict[str, str]] = {
     pool: {label: f"sk-{pool}-{label}-{uuid.uuid4().hex}" for label in ("a", "b", "c")}
-    for pool in ("quota", "quotas", "storm", "storms", "revoked", "revokeds", "sticky", "stickys", "rr", "rrs")
+    for pool in (
+        *("quota", "quotas", "storm", "storms", "revoked", "revokeds", "sticky", "stickys", "rr", "rrs"),
+        *("dead", "deads"),
+    )
 }
 GATEWAY_RPM = 3  # what the config tells the gateway about each key of the quota pools
 SYSTEM = "You are a careful coding agent. " * 120  # about 1,000 tokens: cached by the provider
@@ -50,7 +53,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     limits: dict[str, Any] = {}
     for pool in ("quota", "quotas"):  # the provider's limits match what the gateway was told
         limits.update({secret: {"rpm": GATEWAY_RPM} for secret in POOLS[pool].values()})
-    revoked = [POOLS["revoked"]["b"], POOLS["revokeds"]["b"]]
+    revoked = [POOLS["revoked"]["b"], POOLS["revokeds"]["b"], *POOLS["dead"].values(), *POOLS["deads"].values()]
     assert httpx.post(proc.url + "/_sim/keys", json={"limits": limits, "revoked": revoked}).status_code == 200
     # a 429 storm on key a of the storm pools: every request sent with it is refused
     storms = [{"status": 429, "retry_after": 20, "key": POOLS[p]["a"], "count": -1} for p in ("storm", "storms")]
@@ -235,3 +238,19 @@ def test_the_ledger_records_the_key_label_and_spend_groups_by_it(gateway: Proces
     # a request no key had room for (the quota tests' last ones) went out over no key
     assert {key for (upstream, key) in rows if upstream in POOLS} <= {"a", "b", "c", None}
     assert all(secret not in str(spend) for keys in POOLS.values() for secret in keys.values())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_pool_whose_every_key_is_refused_answers_like_one_bad_key(
+    gateway: Process, sim: Process, stream: bool
+) -> None:
+    pool = "deads" if stream else "dead"
+    r, text = chat(gateway, pool, [{"role": "user", "content": "anyone?"}], stream)
+    assert r.status_code == 502
+    error = (r.json() if not stream else httpx.Response(502, content=text).json())["error"]
+    assert error["code"] == "upstream_auth_failed" and "credentials" in error["message"]
+    assert all(secret not in text for secret in POOLS[pool].values())
+    assert [s["unauthorized"] for s in sim_keys(sim, pool).values()] == [1, 1, 1]
+    again, _ = chat(gateway, pool, [{"role": "user", "content": "still?"}], stream)  # taken out: nothing is sent
+    assert again.status_code == 502
+    assert [s["unauthorized"] for s in sim_keys(sim, pool).values()] == [1, 1, 1]
