@@ -169,9 +169,7 @@ class KeyPicker:
         self.wall = wall
         # where quotas are counted while the shared state does not answer (None: the state is this
         # process's memory already, nothing to fall back to)
-        self._local: MemoryKeyQuotaState | None = (
-            None if isinstance(state, MemoryKeyQuotaState) else MemoryKeyQuotaState()
-        )
+        self._local: MemoryKeyQuotaState | None = None if type(state) is MemoryKeyQuotaState else MemoryKeyQuotaState()
         self._warned_at = 0.0
         self._metrics = {
             (name, key.label): _KeyMetrics(name, key.label) for name, pool in pools.items() for key in pool.keys

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from gateway.routing.keys import KeyPicker, Lease, NoKey, Pool, PoolKeySpec
-from gateway.state.key_quota import KeyLimits, MemoryKeyQuotaState
+from gateway.state.key_quota import KeyGrant, KeyLimits, MemoryKeyQuotaState
 from gateway.upstreams.rate_headers import RateHeaders, duration_s, parse_rate_headers
 
 
@@ -151,3 +151,24 @@ async def test_the_grant_shrinks_to_the_providers_prompt_once_the_answer_is_in()
     await p.release(lease, Usage(prompt_tokens=11_000, completion_tokens=10))
     assert (await p.state.view([up.keys[0].limits], wall()))[0].tokens == 12_000
     assert isinstance(await p.take(up, {}, 15_000, "r3", max_tokens=1000), Lease)
+
+
+async def test_a_shared_state_that_does_not_answer_is_replaced_by_this_processs_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway.state.base import StateUnavailable
+
+    class Down(MemoryKeyQuotaState):
+        async def acquire(self, *args: object, **kwargs: object) -> KeyGrant:  # type: ignore[override]
+            raise StateUnavailable("redis down")
+
+        async def release(self, key: KeyLimits, lease: str) -> None:
+            raise StateUnavailable("redis down")
+
+    up = pool(rpm=1)
+    p = KeyPicker({"up": up}, Down(), Wall())  # any state but plain memory gets a local count beside it
+    with caplog.at_level("WARNING"):
+        leases = [await p.take(up, {}, 10, f"r{i}") for i in range(4)]
+    assert [isinstance(lease, Lease) for lease in leases] == [True, True, True, False]  # rpm 1 on 3 keys
+    assert "counting key quotas in this process alone" in caplog.text
+    await p.release(leases[0], None)  # type: ignore[arg-type]
