@@ -12,6 +12,7 @@ endpoint, so differences between rows are the endpoints' own; ratios overstate e
 
   .venv/bin/python bench/instructions.py                       # every endpoint, stream and not
   .venv/bin/python bench/instructions.py --cases chat,responses --low 400 --high 1200
+  .venv/bin/python bench/instructions.py --cases chat --pool   # the upstream behind a pool of 3 keys
 
 Needs ``valgrind`` on the PATH. Prints a markdown table.
 """
@@ -43,7 +44,19 @@ BASE = {"responses": "chat", "responses stream": "chat stream"}
 BASE |= {"messages": "chat", "messages stream": "chat stream"}
 
 
-def drive(case: str, n: int, upstream_port: int) -> None:
+POOL = "    key_selection: cache_aware\n    api_keys:\n" + "".join(
+    f"      - {{env: BENCH_POOL_{k}, label: {k.lower()}}}\n" for k in "ABC"
+)
+
+
+def with_pool(config: Path) -> None:
+    """The bench upstream behind a pool of three keys (memory state), each key's variable set."""
+    config.write_text(config.read_text() + POOL)
+    for k in "ABC":
+        os.environ[f"BENCH_POOL_{k}"] = f"sk-bench-pool-{k.lower()}"
+
+
+def drive(case: str, n: int, upstream_port: int, pool: bool = False) -> None:
     """The measured process: ``n`` requests of ``case`` through the app, 16 at a time."""
     sys.path.insert(0, str(HERE))
     from overhead import KEY, write_config  # type: ignore[import-not-found]
@@ -54,6 +67,8 @@ def drive(case: str, n: int, upstream_port: int) -> None:
     path, body_file = CASES[case]
     body = body_file.read_bytes()
     config = write_config(Path(tempfile.mkdtemp()), 1, upstream_port, True)
+    if pool:
+        with_pool(config)
     auth = (b"x-api-key", KEY.encode()) if path == "/v1/messages" else (b"authorization", b"Bearer " + KEY.encode())
     headers = [auth, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
@@ -91,13 +106,14 @@ def drive(case: str, n: int, upstream_port: int) -> None:
     asyncio.run(main())
 
 
-def count(python: str, case: str, n: int, port: int) -> int:
+def count(python: str, case: str, n: int, port: int, pool: bool = False) -> int:
     """Instructions of a whole driver run of ``n`` requests."""
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             [
                 *("valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", python, __file__),
                 *("--drive", case, "--n", str(n), "--port", str(port)),
+                *(("--pool",) if pool else ()),
             ],
             capture_output=True,
             text=True,
@@ -117,11 +133,12 @@ def main() -> None:
     ap.add_argument("--low", type=int, default=400)
     ap.add_argument("--high", type=int, default=1200)
     ap.add_argument("--port", type=int, default=19555)
+    ap.add_argument("--pool", action="store_true", help="the upstream behind a pool of three keys")
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.drive:
-        drive(args.drive, args.n, args.port)
+        drive(args.drive, args.n, args.port, args.pool)
         return
     fake = REPO.parent / "shared" / "bench" / "fake_upstream.py"
     upstream = subprocess.Popen([args.python, str(fake), "--port", str(args.port)], stdout=subprocess.DEVNULL)
@@ -129,8 +146,9 @@ def main() -> None:
         time.sleep(1.0)
         per: dict[str, int] = {}
         for case in args.cases.split(","):
-            high = count(args.python, case, args.high, args.port)
-            per[case] = (high - count(args.python, case, args.low, args.port)) // (args.high - args.low)
+            high = count(args.python, case, args.high, args.port, args.pool)
+            low = count(args.python, case, args.low, args.port, args.pool)
+            per[case] = (high - low) // (args.high - args.low)
             print(f"{case}: {per[case]:,}", file=sys.stderr)
     finally:
         upstream.terminate()

@@ -65,7 +65,7 @@ class GatewayApp:
             self.upstreams,
             self.meter,
             kv,
-            Router.from_config(config, loaded.prices, kv, exchange=self.state.stats),
+            Router.from_config(config, loaded.prices, kv, exchange=self.state.stats, key_state=self.state.key_quotas),
             limits=limits,
         )
         self.runtime.capture = capture_store_from_url(config.ledger_url)  # beside the ledger

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.config_state import StateConfig
 from gateway.dburl import parse_database_url
+from gateway.upstream_keys import KeySelection, PoolKey, ResolvedKey, check_pool, resolve_pool, resolve_single
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
 SECRET_KEYS = ("api_key", "apikey", "key", "token", "password", "secret", "authorization")
@@ -97,6 +98,11 @@ class UpstreamConfig(_Strict):
     base_url: str | None = None
     api_key_env: str | None = None
     api_key_file: str | None = None
+    # a pool of provider keys (gateway/upstream_keys.py), and how a request picks one of them
+    api_keys: list[PoolKey] | None = None
+    key_selection: KeySelection = "cache_aware"
+    # a key that answered 429 without Retry-After rests this long (doubling while it keeps answering 429)
+    key_backoff_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     headers: dict[str, str] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 512
@@ -173,6 +179,12 @@ class UpstreamConfig(_Strict):
             raise ValueError("an upstream of kind 'simulated' runs in-process: no base_url or key")
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
+        if self.api_keys is not None:
+            if self.kind != "openai":
+                raise ValueError("api_keys (a key pool) is for kind 'openai' only")
+            if not self.api_keys:
+                raise ValueError("api_keys lists no key; remove it or name at least one")
+            check_pool(self.api_keys, bool(self.api_key_env or self.api_key_file))
         if self.vllm_metrics and self.kind != "openai":
             raise ValueError("vllm_metrics scrapes a server over HTTP: only for kind 'openai'")
         unknown = sorted(set(self.shaping) - set(self.models))
@@ -248,13 +260,22 @@ class GatewayConfig(_Strict):
 
 
 class LoadedConfig:
-    """A validated config plus what it resolved: its file, the policy folder, upstream keys."""
+    """A validated config plus what it resolved: its file, the policy folder, upstream keys (one per
+    upstream in ``api_keys``, a pool's in ``key_pools``)."""
 
-    def __init__(self, path: Path, settings: GatewayConfig, api_keys: dict[str, str | None], doc: YamlDoc) -> None:
+    def __init__(
+        self,
+        path: Path,
+        settings: GatewayConfig,
+        api_keys: dict[str, str | None],
+        doc: YamlDoc,
+        key_pools: dict[str, list[ResolvedKey]] | None = None,
+    ) -> None:
         self.path = path
         self.settings = settings
         self.api_keys = api_keys
         self.doc = doc
+        self.key_pools: dict[str, list[ResolvedKey]] = key_pools or {}
 
     @property
     def policies_dir(self) -> Path:
@@ -271,30 +292,6 @@ class LoadedConfig:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
             return "sqlite:///" + str((self.path.parent / url.removeprefix("sqlite:///")).resolve())
         return url
-
-
-def _resolve_key(doc: YamlDoc, name: str, up: UpstreamConfig, env: dict[str, str]) -> tuple[str | None, str | None]:
-    """The upstream's API key, or a problem line naming the key path."""
-    if up.api_key_env:
-        value = env.get(up.api_key_env)
-        if not value:
-            return None, doc.problem(
-                ("upstreams", name, "api_key_env"),
-                f"environment variable {up.api_key_env} is not set (it must hold this upstream's API key)",
-            )
-        return value.strip(), None
-    if up.api_key_file:
-        key_path = (doc.path.parent / up.api_key_file).resolve()
-        try:
-            value = key_path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            return None, doc.problem(
-                ("upstreams", name, "api_key_file"), f"cannot read {key_path}: {exc.strerror or exc}"
-            )
-        if not value:
-            return None, doc.problem(("upstreams", name, "api_key_file"), f"{key_path} is empty")
-        return value, None
-    return None, None
 
 
 def _state_problems(doc: YamlDoc, state: StateConfig, environ: dict[str, str], resolve_keys: bool) -> list[str]:
@@ -343,15 +340,20 @@ def load_config(
     environ = dict(os.environ) if env is None else env
     problems: list[str] = []
     keys: dict[str, str | None] = {}
+    pools: dict[str, list[ResolvedKey]] = {}
     for name, up in settings.upstreams.items():
-        if resolve_keys:
-            keys[name], problem = _resolve_key(doc, name, up, environ)
+        if resolve_keys and up.api_keys:
+            keys[name] = None
+            pools[name], pool_problems = resolve_pool(doc, name, up.api_keys, environ)
+            problems.extend(pool_problems)
+        elif resolve_keys:
+            keys[name], problem = resolve_single(doc, name, up.api_key_env, up.api_key_file, environ)
             if problem:
                 problems.append(problem)
         if check_upstream is not None:
             problems.extend(check_upstream(doc, name, up))
     problems.extend(_state_problems(doc, settings.state, environ, resolve_keys))
-    loaded = LoadedConfig(file, settings, keys, doc)
+    loaded = LoadedConfig(file, settings, keys, doc, pools)
     if not loaded.policies_dir.is_dir():
         problems.append(
             doc.problem(("policies_dir",), f"expected a folder of policy files, {loaded.policies_dir} is not one")

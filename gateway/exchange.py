@@ -15,6 +15,7 @@ from gateway.metering.meter import Meter, Metered
 from gateway.observability import UNKNOWN
 from gateway.policy.store import Candidate, PolicySet, Tenant
 from gateway.ratelimit import Admission, RateLimiter
+from gateway.routing.keys import Lease
 from gateway.routing.retired import Retired
 from gateway.routing.router import Router
 from gateway.state.base import KeyValueState
@@ -51,6 +52,7 @@ class Exchange:
     # usage): the tenant's choice, except for a front end that renders the whole answer itself
     # from the chat one (Responses), where it would be work nobody reads
     envelope: str = "normalized"
+    key_lease: Lease | None = None  # the upstream pool key this attempt holds (released at clean-up)
 
     @property
     def upstream_label(self) -> str:

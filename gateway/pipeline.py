@@ -27,6 +27,7 @@ from gateway.reasoning.inbound import prepare_reasoning
 from gateway.relay import correct_rate, read_whole, relay_stream, relay_whole
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
+from gateway.routing.keys import NoKey, Pool, held_by_key, key_tokens
 from gateway.routing.metrics import FAILOVERS
 from gateway.routing.router import RETIRED, Plan, remaining_fraction
 from gateway.tools.inbound import prepare_tools
@@ -123,21 +124,24 @@ async def _reserve(rt: Runtime, ex: Exchange) -> None:
 
 
 INVALID = "invalid_response"  # the failure kind of a 200 that is not an answer
+KEYS_EXHAUSTED = "keys_exhausted"  # no key of the upstream's pool had room: says nothing about its health
+_KEY_REFUSALS = ("429", "401", "403")  # answers about one pool key: the next key of the pool may serve
 
 
 class CandidateFailed(Exception):
     """A call that failed before any byte reached the client, in a way the next candidate may not."""
 
-    def __init__(self, error: GatewayError, kind: str) -> None:
+    def __init__(self, error: GatewayError, kind: str, retry_after: str | None = None) -> None:
         self.error = error
         self.kind = kind
+        self.retry_after = retry_after
 
 
-async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) -> UpstreamReply:
+async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes, key: str | None = None) -> UpstreamReply:
     upstream = rt.upstreams[candidate.upstream]
     m = ex.metered
     try:
-        reply = await upstream.send(body, stream=ex.stream)
+        reply = await upstream.send(body, stream=ex.stream, key=key)
     except UpstreamFailure as failure:
         UPSTREAM_FAILURES.labels(candidate.upstream, failure.kind).inc()
         if failure.is_timeout:
@@ -172,8 +176,8 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes) ->
                 wait,
             )
             raise CandidateFailed(error, RETIRED)  # the next candidate may serve it: nothing was sent yet
-        if reply.status == 429 or reply.status >= 500:
-            raise CandidateFailed(error, str(reply.status))
+        if reply.status == 429 or reply.status >= 500 or (key is not None and reply.status in (401, 403)):
+            raise CandidateFailed(error, str(reply.status), reply.retry_after)
         raise error
     m.reached_upstream = True
     if ex.stream and reply.content_type and "event-stream" not in reply.content_type:
@@ -196,6 +200,67 @@ async def _whole(ex: Exchange, reply: UpstreamReply, candidate: Candidate, sent_
     return payload
 
 
+async def _call_pooled(rt: Runtime, ex: Exchange, plan: Plan, option: Option, pool: Pool, body: bytes) -> UpstreamReply:
+    """Send over a key of the upstream's pool: one that fits its quota (the one holding this
+    conversation's prefix first); a 429 or a refused key moves the request to the pool's next key,
+    and only a pool with no key left fails the candidate (``KEYS_EXHAUSTED``: a 429 if it is the last)."""
+    keys = rt.router.keys
+    assert keys is not None
+    m = ex.metered
+    held = held_by_key(plan.held, option.label)
+    max_tokens = requested_max_tokens(ex.body) or ex.tenant.default_max_tokens
+    tokens = upper_bound_tokens(ex.raw) + max_tokens
+    per_key = key_tokens(len(ex.raw), max_tokens, held, held_by_key(plan.held_bytes, option.label))
+    base = ex.route_reason
+    notes: list[str] = []
+    failed: set[str] = set()
+    statuses: set[int] = set()
+    while True:
+        lease_id = f"{ex.request_id}:{option.index}:{len(failed)}"
+        lease = await keys.take(pool, held, tokens, lease_id, frozenset(failed), max_tokens, per_key)
+        if isinstance(lease, NoKey):
+            ex.route_reason = m.route_reason = base + "".join(f"; {n}" for n in notes) + f"; {lease.reason}"
+            if lease.revoked or (statuses and statuses <= {401, 403} and len(failed) == len(pool.keys)):
+                # every key refused: the operator must fix the pool (the same answer as one bad key)
+                error = upstream_error(option.candidate, 401, b"", None)
+                raise CandidateFailed(error, KEYS_EXHAUSTED)
+            raise CandidateFailed(_no_key_error(option.candidate, lease), KEYS_EXHAUSTED)
+        ex.key_lease, option.key, option.held_tokens = lease, lease.key.label, lease.held
+        m.upstream_key = lease.key.label
+        ex.route_reason = m.route_reason = base + "".join(f"; {n}" for n in notes) + f"; {lease.reason}"
+        try:
+            reply = await _call(rt, ex, option.candidate, body, lease.key.label)
+        except CandidateFailed as failure:
+            if failure.kind not in _KEY_REFUSALS:
+                raise
+            statuses.add(int(failure.kind))
+            notes.append(await keys.refused(lease, int(failure.kind), failure.retry_after))
+            await _release_key(rt, ex)
+            failed.add(lease.key.label)
+            continue
+        await keys.observed(lease, reply.rate)
+        return reply
+
+
+def _no_key_error(candidate: Candidate, no_key: NoKey) -> GatewayError:
+    wait = no_key.wait_s
+    headers = [(b"retry-after", str(max(1, int(wait + 0.999))).encode())] if wait is not None else []
+    return GatewayError(
+        429,
+        f"upstream '{candidate.upstream}' has no API key with room for this request now ({no_key.reason}).",
+        type="rate_limit_error",
+        code="upstream_keys_exhausted",
+        headers=headers,
+    )
+
+
+async def _release_key(rt: Runtime, ex: Exchange) -> None:
+    """Free the pool key the request holds (its in-flight slot), once."""
+    lease, ex.key_lease = ex.key_lease, None
+    if lease is not None and rt.router.keys is not None:
+        await rt.router.keys.release(lease, ex.metered.usage)
+
+
 def _not_an_answer(ex: Exchange, candidate: Candidate, what: str) -> CandidateFailed:
     """An upstream that said 200 and sent something else: never a success, and metered as an
     estimate (it may have generated, and billed, the answer it failed to send)."""
@@ -216,6 +281,7 @@ async def _attempt(rt: Runtime, ex: Exchange, plan: Plan, option: Option, first:
     ex.route_reason = plan.reason_for(option)
     m.price = rt.meter.price(candidate.label, m.ts)
     m.outcome, m.reached_upstream, m.estimate_reason = "ok", False, None
+    m.upstream_key = None
     prepare_tools(ex, rt.upstreams[candidate.upstream])  # dialects in; tool-call repair out
     await prepare_reasoning(rt, ex)  # reasoning back into tool-call turns, in this upstream's field
     add_envelope(ex.transforms, ex.model, ex.envelope)  # last: the client-facing envelope
@@ -268,11 +334,19 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             body = await _attempt(rt, ex, plan, option, first=n == 0)
             sent_at = time.perf_counter()
             rt.router.dispatched(option)
+            pool = rt.router.keys.pool(option.candidate.upstream) if rt.router.keys is not None else None
             try:
-                reply = await _call(rt, ex, option.candidate, body)
+                if pool is None:
+                    reply = await _call(rt, ex, option.candidate, body)
+                else:
+                    reply = await _call_pooled(rt, ex, plan, option, pool, body)
                 payload = None if ex.stream else await _whole(ex, reply, option.candidate, sent_at)
             except CandidateFailed as failed:
-                if failed.kind != RETIRED:  # a retired id is dead already; it says nothing about health
+                if ex.key_lease is not None:
+                    await _release_key(rt, ex)
+                # a retired id is dead already, and a pool out of quota is busy: neither says anything
+                # about the upstream's health
+                if failed.kind not in (RETIRED, KEYS_EXHAUSTED):
                     rt.router.failed(option, failed.kind)
                 plan.failed[option.label] = failed.kind
                 if n + 1 == len(plan.options):
@@ -316,6 +390,11 @@ async def _clean_up(rt: Runtime, ex: Exchange) -> None:
     """Settlement (budget, metrics, ledger row), capture and the rate-limit correction, each run even
     when another one fails: a failure is logged once, with the request id, and never replaces the
     answer the client already has (or the error it is getting)."""
+    try:
+        if ex.key_lease is not None:
+            await _release_key(rt, ex)
+    except Exception:
+        log.exception("request %s: releasing the upstream key failed", ex.request_id)
     try:
         await rt.meter.settle(ex.metered)
     except Exception:

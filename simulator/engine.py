@@ -40,11 +40,13 @@ import orjson
 from .cache import PrefixCache
 from .errors import RequestError, default_message, error_body
 from .faults import Fault, FaultQueue
+from .keys import KeyQuotas
 from .planning import plan_reply
 from .profiles import Profile
 from .render import render_body, render_stream
 from .reply import Gate, SimReply, SimStats, SimulatedDisconnect
 from .request import ChatRequest, parse_request, parse_sim
+from .text import approx_tokens
 
 __all__ = ["SimReply", "SimStats", "SimulatedDisconnect", "Simulator"]
 
@@ -80,6 +82,10 @@ class Simulator:
             max_entries=CACHE_ENTRIES,
             clock=clock,
         )
+        # per API key: tier limits (429 beyond them), revocations, and the key's own prompt cache (a
+        # provider's cache is scoped per account or project key)
+        self.keys = KeyQuotas(clock)
+        self._key_caches: dict[str, PrefixCache] = {}
         self._gate = Gate(profile.max_concurrency, self.stats)
         self._counter = 0
         self._vllm = profile.dialect == "vllm"
@@ -106,6 +112,8 @@ class Simulator:
         self.stats.in_flight, self.stats.waiting, self.stats.kv_tokens = live
         self.faults.clear()
         self.cache.clear()
+        self._key_caches.clear()
+        self.keys.reset()
         self.recent.clear()
         self.recent_headers.clear()
 
@@ -132,7 +140,7 @@ class Simulator:
             if self._auth and hdrs.get("authorization") not in self._auth:
                 raise RequestError(401, "Invalid Authentication")
             sim = parse_sim(req.get("sim"))
-            fault = sim.fault or (self.faults.take(req.get("model")) if self.faults else None)
+            fault = sim.fault or (self.faults.take(req.get("model"), _bearer(hdrs)) if self.faults else None)
             if fault is not None:
                 self.stats.faults_applied += 1
                 if fault.drop:
@@ -146,7 +154,10 @@ class Simulator:
                         fault.error_type,
                         fault,
                     )
-            return self._answer(parse_request(req, self.profile, sim), fault)
+            chat = parse_request(req, self.profile, sim)
+            if not self.keys.active:
+                return self._answer(chat, fault, self.cache)
+            return self._answer_on_key(chat, fault, _bearer(hdrs), len(body))
         except RequestError as exc:
             return self._error(exc.status, exc.message, exc.error_type, fault)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
@@ -184,11 +195,40 @@ class Simulator:
             _waiter=_sleeper(stall) if stall > 0 else None,
         )
 
-    def _answer(self, chat: ChatRequest, fault: Fault | None) -> SimReply:
+    def _key_cache(self, key: str) -> PrefixCache:
+        cache = self._key_caches.get(key)
+        if cache is None:
+            cache = self._key_caches[key] = PrefixCache(
+                ttl_s=self.profile.cache_ttl_s,
+                min_tokens=self.profile.cache_min_tokens,
+                block_tokens=self.profile.cache_block_tokens,
+                max_entries=CACHE_ENTRIES,
+                clock=self.clock,
+            )
+        return cache
+
+    def _answer_on_key(self, chat: ChatRequest, fault: Fault | None, key: str, size: int) -> SimReply:
+        """Answer within the key's tier limits (a 429 or 401 beyond them), from the key's own cache."""
+        tokens = approx_tokens(b" " * size) + (chat.max_tokens or self.profile.default_max_tokens)
+        admission = self.keys.admit(key, tokens)
+        if admission.status != 200:
+            reply = self._error(admission.status, admission.message, None, None)
+            reply.headers = [*reply.headers, *admission.headers]
+            return reply
+        try:
+            reply = self._answer(chat, fault, self._key_cache(key))
+        except BaseException:
+            self.keys.release(key)
+            raise
+        reply.headers = [*reply.headers, *admission.headers]
+        _release_when_done(reply, lambda: self.keys.release(key))
+        return reply
+
+    def _answer(self, chat: ChatRequest, fault: Fault | None, cache: PrefixCache) -> SimReply:
         if not chat.stream and fault is not None and fault.cut_after_events is not None:
             return self._drop(fault)  # a non-stream body cannot be cut halfway: the connection just dies
         # counted once planned: a request refused while planning (context too long) takes no id
-        plan = plan_reply(chat, self.profile, self.cache, number=self._counter + 1, seed=self.seed)
+        plan = plan_reply(chat, self.profile, cache, number=self._counter + 1, seed=self.seed)
         self._counter += 1
         stats = self.stats
         stats.prompt_tokens += plan.prompt_tokens
@@ -300,6 +340,43 @@ def _gaps(tokens: list[int], seconds_per_token: float) -> list[float]:
             gaps[i] = 0.0
             break
     return gaps
+
+
+def _release_when_done(reply: SimReply, release: Callable[[], None]) -> None:
+    """Call ``release`` once the reply's time is spent: its stream ended (or was closed), its wait
+    finished, or at once for a reply that takes no time."""
+    events = reply.events
+    if events is not None:
+
+        async def released() -> AsyncIterator[bytes]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                release()
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        reply.events = released()
+        return
+    waiter = reply._waiter
+    if waiter is None:
+        release()
+        return
+
+    async def wait() -> None:
+        try:
+            await waiter()
+        finally:
+            release()
+
+    reply._waiter = wait
+
+
+def _bearer(headers: Mapping[str, str]) -> str:
+    value = headers.get("authorization", "")
+    return value[7:].strip() if value[:7].lower() == "bearer " else ""
 
 
 def _sleeper(delay: float) -> Callable[[], Awaitable[None]]:

@@ -9,6 +9,7 @@ to upstreams, so a test can aim a fault at exactly one request).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class Fault:
         the first half of the real JSON body, labelled ``application/json``).
     count: how many matching requests the fault applies to; -1 = until cleared.
     model: apply only to requests naming this model.
+    key: apply only to requests sent with this API key (a 429 storm on one key of a pool).
     """
 
     status: int | None = None
@@ -52,6 +54,7 @@ class Fault:
     garbage: str | None = None
     count: int = 1
     model: str | None = None
+    key: str | None = None
     error_type: str | None = None
     message: str | None = None
 
@@ -75,7 +78,7 @@ class Fault:
             raise ValueError(f"fault field 'drop' must be a boolean, got {self.drop!r}")
         if not isinstance(self.count, int) or isinstance(self.count, bool) or (self.count < 1 and self.count != -1):
             raise ValueError(f"fault field 'count' must be an integer >= 1 or -1 (until cleared), got {self.count!r}")
-        for name in ("model", "error_type", "message"):
+        for name in ("model", "key", "error_type", "message"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"fault field {name!r} must be a string, got {value!r}")
@@ -97,6 +100,11 @@ class Fault:
         return dataclasses.asdict(self)
 
 
+def key_label(key: str) -> str:
+    """A short stable name for an API key in stats (the key itself is never shown)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 class FaultQueue:
     """Queued faults, consumed in order by matching requests."""
 
@@ -112,11 +120,11 @@ class FaultQueue:
     def clear(self) -> None:
         self._items.clear()
 
-    def take(self, model: Any) -> Fault | None:
-        """The first queued fault matching `model`, counting one use of it."""
+    def take(self, model: Any, key: str = "") -> Fault | None:
+        """The first queued fault matching `model` (and the request's API `key`), counting one use of it."""
         for i, item in enumerate(self._items):
             fault: Fault = item[0]
-            if fault.model is not None and fault.model != model:
+            if (fault.model is not None and fault.model != model) or (fault.key is not None and fault.key != key):
                 continue
             if item[1] > 0:
                 item[1] -= 1
@@ -126,5 +134,11 @@ class FaultQueue:
         return None
 
     def pending(self) -> list[dict[str, Any]]:
-        """The queued faults with their remaining counts (for /_sim/stats)."""
-        return [dict(item[0].to_dict(), remaining=item[1]) for item in self._items]
+        """The queued faults with their remaining counts (for /_sim/stats; a key by its label only)."""
+        out = []
+        for fault, remaining in self._items:
+            entry = dict(fault.to_dict(), remaining=remaining)
+            if fault.key is not None:
+                entry["key"] = key_label(fault.key)
+            out.append(entry)
+        return out

@@ -12,6 +12,7 @@ Routes
   DELETE /_sim/faults
   GET  /_sim/stats            SimStats as JSON, plus the pending faults
   GET  /_sim/requests?limit=N the last request bodies (decoded) with their headers, newest last
+  POST /_sim/keys             per-key tier limits and revoked keys (simulator/keys.py)
   POST /_sim/reset
 
 The connection plumbing (reading a body, racing a reply against a disconnect, aborting a
@@ -72,6 +73,7 @@ class SimulatorApp:
             ("DELETE", "/_sim/faults"): self._clear_faults,
             ("GET", "/_sim/stats"): self._stats,
             ("GET", "/_sim/requests"): self._requests,
+            ("POST", "/_sim/keys"): self._keys,
             ("POST", "/_sim/reset"): self._reset,
         }
         self._paths = {path for _, path in self._routes}
@@ -201,6 +203,7 @@ class SimulatorApp:
                 "profile": sim.profile.name,
                 "pending_faults": sim.faults.pending(),
                 "prefix_cache_entries": len(sim.cache),
+                "keys": sim.keys.stats(),
             },
         )
 
@@ -222,6 +225,17 @@ class SimulatorApp:
                 entry = {"body": None, "raw": raw.decode("utf-8", "replace"), "headers": headers}
             out.append(entry)
         await send_json(send, 200, out)
+
+    async def _keys(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await read_request(receive)
+        if body is None:
+            return
+        try:
+            self.simulator.keys.configure_json(orjson.loads(body))
+        except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+            await self._error(send, 400, f"invalid key limits: {exc}")
+            return
+        await send_json(send, 200, {"ok": True})
 
     async def _reset(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.simulator.reset()

@@ -1,4 +1,7 @@
-"""``python -m bench.route_sim [--conversations N] [--seed S] [--policies a,b] [--without-turbo]``: print the table."""
+"""``python -m bench.route_sim [--conversations N] [--seed S] [--policies a,b] [--without-turbo]``: print the table.
+
+``python -m bench.route_sim --pool [--conversations N] [--turns 5-15]``: the key-pool scenario instead
+(bench/route_sim/pool.py): one upstream, three keys with tier-1 limits and their own caches."""
 
 from __future__ import annotations
 
@@ -46,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="candidates are Moonshot standard and vLLM only: no upstream is fastest whatever the caches hold",
     )
+    parser.add_argument("--pool", action="store_true", help="the key-pool scenario (three keys of one upstream)")
+    parser.add_argument("--turns", default="5-15", help="--pool: turns per tool loop, MIN-MAX (default 5-15)")
     args = parser.parse_args(argv)
+    if args.pool:
+        return pool_main(args.conversations, args.seed, args.window_s, args.turns)
     upstreams = WITHOUT_TURBO if args.without_turbo else UPSTREAMS
     known = [p for p in POLICIES if p not in BASELINES or any(u.label == BASELINES[p] for u in upstreams)]
     policies = [p for p in (args.policies or ",".join(known)).split(",") if p]
@@ -62,6 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print(
         f"\n{rows[0]['requests']} requests per policy, {args.conversations} conversations, seed {args.seed}, "
+        f"{time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def pool_main(conversations: int, seed: int, window_s: float, turns: str) -> int:
+    from bench.route_sim.pool import SELECTIONS, make_loops, pool_table, run_pool
+
+    low, _, high = turns.partition("-")
+    started = time.perf_counter()
+    loops = make_loops(conversations, seed, window_s, (int(low), int(high or low)))
+    rows = [run_pool(selection, loops).row() for selection in SELECTIONS]
+    print(pool_table(rows))
+    print(
+        f"\n{rows[0]['requests']} requests per selection, {conversations} tool loops of {turns} turns, seed {seed}, "
         f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )

@@ -17,7 +17,9 @@ from gateway.asgi import Receive, Scope, Send, check_json_content_type, header_m
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
 from gateway.exchange import Runtime
+from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
 from gateway.routing.expected import Option
+from gateway.routing.keys import held_by_key
 from gateway.routing.router import remaining_fraction, slo_text
 
 
@@ -91,6 +93,13 @@ async def route_explain(rt: Runtime, limit: int, scope: Scope, receive: Receive,
         _option(o, i + 1, plan.reason if i == 0 else _why(plan.strategy, o, plan.options[0], plan.kept))
         for i, o in enumerate(plan.options)
     ]
+    keys = rt.router.keys
+    if keys is not None:  # upstreams with a key pool: the key each candidate would use, and why
+        tokens = upper_bound_tokens(raw) + (requested_max_tokens(body) or entry.tenant.default_max_tokens)
+        for item, o in zip(ranked, plan.options, strict=True):
+            pool = keys.pool(o.candidate.upstream)
+            if pool is not None:
+                item["key_choice"] = await keys.preview(pool, held_by_key(plan.held, o.label), tokens)
     await send_json(
         send,
         200,

@@ -23,6 +23,7 @@ ROW_COLUMNS = (
     "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
     "reasoning_tokens", "tool_calls_billed", "cost_usd", "cache_savings_usd", "price_version",
     "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
+    "upstream_key",
 )  # fmt: skip
 RES_COLUMNS = (
     "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
@@ -51,18 +52,19 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
         int(r.completion_tokens), int(r.reasoning_tokens), int(r.tool_calls_billed), quantize_usd(r.cost_usd),
         quantize_usd(r.cache_savings_usd), opt_text(r.price_version), None if r.ttft_ms is None else float(r.ttft_ms),
         float(r.latency_ms), int(r.status), clean_text(r.outcome), bool(r.estimated), opt_text(r.estimate_reason),
-        clean_text(r.route_reason), r.endpoint,
+        clean_text(r.route_reason), r.endpoint, opt_text(r.upstream_key),
     )  # fmt: skip
 
 
 def decode_row(v: Sequence[Any]) -> LedgerRow:
     (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
      completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route, endpoint) = v  # fmt: skip
+     reason, route, endpoint, upstream_key) = v  # fmt: skip
     return LedgerRow(
         rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, stream, prompt, cached,
         completion, reasoning, tools, quantize_usd(cost), quantize_usd(savings), price_version, ttft, latency, status,
         outcome, estimated, reason, route, endpoint=endpoint,
+        upstream_key=upstream_key,
     )  # fmt: skip
 
 

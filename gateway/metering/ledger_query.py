@@ -16,6 +16,7 @@ GROUPS: dict[str, str] = {
     "key": "key_id",
     "model": "virtual_model",
     "upstream": "upstream",
+    "upstream_key": "upstream_key",
     "endpoint": "endpoint",
     "day": "day",
     "month": "month",

@@ -65,6 +65,8 @@ class LedgerRow:
     savings_nanos: int | None = field(default=None, compare=False, repr=False)
     # the wire format the client spoke: chat/completions, messages (Anthropic) or responses
     endpoint: str = "chat/completions"
+    # the label of the upstream pool key that served it (None: the upstream has one key)
+    upstream_key: str | None = None
 
 
 @dataclass(slots=True)

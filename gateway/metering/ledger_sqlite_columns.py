@@ -25,6 +25,7 @@ ROW_COLUMNS = (
     "upstream", "upstream_model", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
     "reasoning_tokens", "tool_calls_billed", "cost_nanos", "cache_savings_nanos", "price_version",
     "ttft_ms", "latency_ms", "status", "outcome", "estimated", "estimate_reason", "route_reason", "endpoint",
+    "upstream_key",
 )  # fmt: skip
 RES_COLUMNS = (
     "request_id", "ts", "tenant", "key_id", "app", "virtual_model", "upstream", "upstream_model",
@@ -50,31 +51,32 @@ def encode_row(r: LedgerRow) -> tuple[Any, ...]:
     day, month = utc_day_month(r.ts)
     texts: tuple[str | None, ...] = (
         r.tenant, r.key_id, r.app, r.user, dump_json(r.tags), r.virtual_model, r.upstream, r.upstream_model,
-        r.price_version, r.outcome, r.estimate_reason, r.route_reason,
+        r.price_version, r.outcome, r.estimate_reason, r.route_reason, r.upstream_key,
     )  # fmt: skip
     # one look at all the text: nearly always ASCII without NUL, and then nothing needs cleaning
     joined = "".join(filter(None, texts))
     if not joined.isascii() or "\x00" in joined:
         texts = tuple(map(opt_text, texts))
-    tenant, key_id, app, user, tags, vmodel, upstream, umodel, price_version, outcome, reason, route = texts
+    tenant, key_id, app, user, tags, vmodel, upstream, umodel, price_version, outcome, reason, route, key = texts
     cost = r.cost_nanos if r.cost_nanos is not None else to_nanos(r.cost_usd)
     savings = r.savings_nanos if r.savings_nanos is not None else to_nanos(r.cache_savings_usd)
     return (
         r.request_id, r.ts, day, month, tenant, key_id, app, user, tags, vmodel, upstream, umodel,
         1 if r.stream else 0, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens,
         r.tool_calls_billed, cost, savings, price_version, r.ttft_ms, r.latency_ms, r.status, outcome,
-        1 if r.estimated else 0, reason, route, r.endpoint,
+        1 if r.estimated else 0, reason, route, r.endpoint, key,
     )  # fmt: skip
 
 
 def decode_row(v: Sequence[Any]) -> LedgerRow:
     (rid, ts, _day, _month, tenant, key_id, app, user, tags, vmodel, upstream, umodel, stream, prompt, cached,
      completion, reasoning, tools, cost, savings, price_version, ttft, latency, status, outcome, estimated,
-     reason, route, endpoint) = v  # fmt: skip
+     reason, route, endpoint, upstream_key) = v  # fmt: skip
     return LedgerRow(
         rid, ts, tenant, key_id, app, user, orjson.loads(tags), vmodel, upstream, umodel, bool(stream), prompt,
         cached, completion, reasoning, tools, from_nanos(cost), from_nanos(savings), price_version, ttft, latency,
         status, outcome, bool(estimated), reason, route, endpoint=endpoint,
+        upstream_key=upstream_key,
     )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ class Metered:
     upstream: str | None = None
     upstream_model: str | None = None
     label: str | None = None
+    upstream_key: str | None = None  # the label of the pool key the answer came over
     price: Price | None = None
     reservation: Reservation | None = None
     usage: Usage | None = None
@@ -152,7 +153,7 @@ class Meter:
                     usage.completion_tokens, usage.reasoning_tokens, sum(m.tool_calls.values()) if m.tool_calls else 0,
                     cost.usd, cost.cache_savings, cost.price_version or None, m.ttft_ms, m.latency_ms, m.status,
                     m.outcome, m.estimate_reason is not None, m.estimate_reason, m.route_reason, cost.nanos,
-                    cost.savings_nanos, m.endpoint,
+                    cost.savings_nanos, m.endpoint, m.upstream_key,
                 )
             )  # fmt: skip
 

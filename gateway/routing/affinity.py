@@ -66,20 +66,27 @@ def _hint_key(tenant: str, digest: str) -> str:
     return f"affinity:{tenant}:key:{digest}"
 
 
-async def held_prefixes(kv: KeyValueState, tenant: str, chain: PrefixChain, now: float) -> dict[str, int]:
+async def held_prefixes(
+    kv: KeyValueState, tenant: str, chain: PrefixChain, now: float, sizes: dict[str, int] | None = None
+) -> dict[str, int]:
     """For each upstream label: the prompt tokens of the longest prefix of this request it served
-    recently (still inside that provider's cache lifetime)."""
+    recently (still inside that provider's cache lifetime). ``sizes``, when given, gets each label's
+    prefix length in canonical bytes (a key pool bounds the rest of the prompt from it)."""
     if not chain.hashes:
         return {}
     keys = [_key(tenant, h) for h in chain.hashes]
     values = await kv.get_many(keys if chain.hint is None else [_hint_key(tenant, chain.hint), *keys])
+    offset = len(values) - len(chain.hashes)  # the prompt_cache_key entry comes first, with no size
     held: dict[str, int] = {}
-    for value in reversed(values):  # longest prefix first, the prompt_cache_key entry last
+    for i in range(len(values) - 1, -1, -1):  # longest prefix first, the prompt_cache_key entry last
+        value = values[i]
         if value is None:
             continue
         for label, (tokens, expires) in orjson.loads(value).items():
             if expires > now and label not in held:
                 held[label] = int(tokens)
+                if sizes is not None and i >= offset:
+                    sizes[label] = chain.sizes[i - offset]
     return held
 
 

@@ -32,6 +32,7 @@ class Option:
     held_tokens: int = 0  # the longest prefix this upstream served recently (before the hit rate)
     queue_s: float = 0.0  # expected wait in a loaded vLLM's queue, part of ttft_s
     excluded: str = ""  # why the candidate is not tried (dead, breaker open)
+    key: str | None = None  # the pool key the attempt went out with (routing/keys.py)
 
     @property
     def label(self) -> str:

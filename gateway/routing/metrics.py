@@ -36,3 +36,40 @@ VLLM_QUEUE = Gauge(
     ("upstream",),
     registry=REGISTRY,
 )
+# key pools: labels are the configured key labels, never the keys
+KEY_REQUESTS = Counter(
+    "gateway_upstream_key_requests",
+    "Requests sent over each key of an upstream's key pool.",
+    ("upstream", "key"),
+    registry=REGISTRY,
+)
+KEY_TOKENS = Counter(
+    "gateway_upstream_key_tokens",
+    "Tokens the provider reported per pool key (kind: prompt, cached, completion).",
+    ("upstream", "key", "kind"),
+    registry=REGISTRY,
+)
+KEY_RATE_LIMITED = Counter(
+    "gateway_upstream_key_rate_limited",
+    "429 answers per pool key (the request moved to another key of the same upstream when one had room).",
+    ("upstream", "key"),
+    registry=REGISTRY,
+)
+KEY_COOLDOWNS = Counter(
+    "gateway_upstream_key_cooldowns",
+    "Times a pool key was rested (reason: 429, or provider_headers when the provider said its quota is spent).",
+    ("upstream", "key", "reason"),
+    registry=REGISTRY,
+)
+KEY_REVOKED = Counter(
+    "gateway_upstream_key_revoked",
+    "Pool keys taken out after the provider refused them (401/403): alert on any increase.",
+    ("upstream", "key"),
+    registry=REGISTRY,
+)
+KEYS_EXHAUSTED = Counter(
+    "gateway_upstream_keys_exhausted",
+    "Requests that found no key of an upstream's pool with room (the upstream counted as unavailable).",
+    ("upstream",),
+    registry=REGISTRY,
+)

@@ -21,11 +21,13 @@ from gateway.observability import log
 from gateway.policy.store import Route, Tenant
 from gateway.routing import affinity
 from gateway.routing.expected import Option, estimate
+from gateway.routing.keys import KeyPicker, pools_from_config
 from gateway.routing.metrics import BREAKER_OPENED
 from gateway.routing.retired import Retired
 from gateway.routing.stats import COLD_COMPLETION_TOKENS, MemoryRouteStats, RouteStats
 from gateway.routing.strategies import CHEAPNESS, STRATEGIES, prefix_holder, stay_with_prefix
 from gateway.state.base import KeyValueState
+from gateway.state.key_quota import KeyQuotaState, MemoryKeyQuotaState
 from gateway.state.stats_exchange import StatsExchange
 from gateway.upstreams.priors import Speed, prior_of
 from gateway.upstreams.usage import Usage
@@ -61,6 +63,7 @@ class Plan:
     estimated: bool = False
     failed: dict[str, str] = field(default_factory=dict)  # label -> failure kind, filled while trying
     held: dict[str, int] = field(default_factory=dict)  # label -> prompt tokens of this prefix it served
+    held_bytes: dict[str, int] = field(default_factory=dict)  # label -> that prefix's canonical bytes
     holder: str | None = None  # the live candidate holding the conversation's longest prefix
     kept: bool = False  # the holder was moved first, against the strategy's own order (affinity)
 
@@ -132,6 +135,16 @@ class Router:
         # self-hosted vLLM servers whose /metrics are scraped (routing/load.py), by upstream name
         self.loads: dict[str, Any] = {}
         self._default = Traits(Speed(1.5, 40.0))
+        self.keys: KeyPicker | None = None  # upstreams with a key pool (routing/keys.py)
+        # of those, every one: where the prefix is held bounds a request's tokens per key, and a
+        # cache_aware pool keeps the prefix on its key
+        self._pooled: frozenset[str] = frozenset()
+
+    def use_keys(self, keys: KeyPicker | None) -> None:
+        """Route over these key pools (None: every upstream has one key)."""
+        self.keys = keys if keys is not None and keys.pools else None
+        pools = self.keys.pools if self.keys is not None else {}
+        self._pooled = frozenset(pools)
 
     @classmethod
     def from_config(
@@ -141,8 +154,10 @@ class Router:
         kv: KeyValueState,
         dead: Retired | None = None,
         exchange: StatsExchange | None = None,
+        key_state: KeyQuotaState | None = None,
     ) -> Router:
-        """``exchange``: where replicas pool statistics and breakers (None: this process alone)."""
+        """``exchange``: where replicas pool statistics and breakers (None: this process alone);
+        ``key_state``: where key pools count their quotas (memory when None)."""
         r = config.settings.routing
         traits = {
             name: Traits(prior_of(up), up.cache_ttl_s, dict(up.shaping))
@@ -155,7 +170,11 @@ class Router:
             from gateway.routing.shared_stats import SharedRouteStats
 
             stats = SharedRouteStats(exchange, r.ewma_alpha, r.breaker_failures, r.breaker_cooldown_s)
-        return cls(traits, prices, kv, stats, dead if dead is not None else Retired(r.retired_probe_s))
+        router = cls(traits, prices, kv, stats, dead if dead is not None else Retired(r.retired_probe_s))
+        if config.key_pools:
+            state = key_state if key_state is not None else MemoryKeyQuotaState()
+            router.use_keys(KeyPicker(pools_from_config(config), state))
+        return router
 
     def traits_of(self, upstream: str) -> Traits:
         return self.traits.get(upstream, self._default)
@@ -205,6 +224,13 @@ class Router:
             await self._estimate(
                 plan, tenant, body, raw_len, self.cache_aware and (strategy in _CACHE_AWARE or explain)
             )
+        if (
+            plan.chain is None
+            and self._pooled
+            and self.cache_aware
+            and any(o.candidate.upstream in self._pooled for o in live)
+        ):
+            await self._prefixes(plan, tenant, body)  # the key that holds the prefix, for the key pick
         if needs_estimates or strategy == "pinned":
             ranked, reason = STRATEGIES[strategy](live, lambda: slo_text(slo_ttft, slo_total))
             if plan.held:
@@ -244,8 +270,8 @@ class Router:
     async def _estimate(self, plan: Plan, tenant: Tenant, body: dict[str, Any], raw_len: int, cache: bool) -> None:
         held: dict[str, int] = {}
         if cache:
-            plan.chain = affinity.prefix_chain(body)
-            held = plan.held = await affinity.held_prefixes(self.kv, tenant.name, plan.chain, self.wall())
+            held = await self._prefixes(plan, tenant, body)
+            assert plan.chain is not None
             prompt = max(plan.chain.sizes[-1] // affinity.BYTES_PER_TOKEN if plan.chain.sizes else 0, 1)
         else:
             prompt = max(raw_len // affinity.BYTES_PER_TOKEN, 1)
@@ -264,6 +290,19 @@ class Router:
                 option, price, stat, prompt, output, held.get(c.label, 0), queue, plan.slo_ttft_ms, plan.slo_total_ms
             )
         plan.estimated = True
+
+    async def _prefixes(self, plan: Plan, tenant: Tenant, body: dict[str, Any]) -> dict[str, int]:
+        """Where this conversation's prefix is held: per candidate label, and per pool key as
+        ``<label>#<key>`` (a candidate holds what its best key holds)."""
+        plan.chain = affinity.prefix_chain(body)
+        held = await affinity.held_prefixes(self.kv, tenant.name, plan.chain, self.wall(), plan.held_bytes)
+        if self.keys is not None:
+            for label, tokens in list(held.items()):
+                base, sep, _ = label.partition("#")
+                if sep and tokens > held.get(base, 0):
+                    held[base] = tokens
+        plan.held = held
+        return held
 
     # ------------------------------------------------------------------ learning
 
@@ -325,4 +364,6 @@ class Router:
             stats.observe_cache(c.label, prior, option.held_tokens, usage.cached_tokens)
         if plan.chain is not None and usage.prompt_tokens:
             ttl = traits.cache_ttl_s
-            await affinity.remember(self.kv, tenant.name, plan.chain, c.label, usage.prompt_tokens, ttl, self.wall())
+            # a pool key's cache is its own: the prefix is remembered under the key that served it
+            label = c.label if option.key is None else f"{c.label}#{option.key}"
+            await affinity.remember(self.kv, tenant.name, plan.chain, label, usage.prompt_tokens, ttl, self.wall())

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import StateConfig
 from gateway.state.base import BudgetState, KeyValueState, RateLimitState, StateUnavailable
+from gateway.state.key_quota import KeyQuotaState, MemoryKeyQuotaState
 from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState, MemoryRateLimitState
 from gateway.state.stats_exchange import StatsExchange
 
@@ -29,6 +30,8 @@ class States:
     link: Any = field(default=None)  # the Redis link (pool + pipelined connection) when shared
     # where replicas pool upstream statistics and breakers (None: this process is on its own)
     stats: StatsExchange | None = None
+    # the quotas of upstream key pools (requests, tokens, in flight, cool-downs per key)
+    key_quotas: KeyQuotaState = field(default_factory=MemoryKeyQuotaState)
 
     async def open(self) -> None:
         """Say where state lives; a Redis that does not answer yet is logged, not fatal (the fail
@@ -42,7 +45,7 @@ class States:
             log.warning("state: %s is not answering yet (%s); fail modes apply until it does", self.description, exc)
 
     async def close(self) -> None:
-        for state in (self.budgets, self.rate_limits, self.kv):
+        for state in (self.budgets, self.rate_limits, self.kv, self.key_quotas):
             with contextlib.suppress(StateUnavailable):
                 await state.close()
         if self.link is not None:
@@ -103,6 +106,7 @@ def build_states(config: StateConfig, longest_request_s: float, base_dir: Path |
         return States(MemoryBudgetState(), MemoryRateLimitState(), MemoryKeyValueState())
     from gateway.state.failover import FailoverBudgetState, FailoverRateLimitState
     from gateway.state.redis import RedisBudgetState, RedisKeyValueState, RedisRateLimitState, connect
+    from gateway.state.redis_key_quota import RedisKeyQuotaState
     from gateway.state.redis_stats import RedisStatsExchange
 
     settings = redis_settings(config, base_dir)
@@ -114,4 +118,5 @@ def build_states(config: StateConfig, longest_request_s: float, base_dir: Path |
         description=describe(settings),
         link=link,
         stats=RedisStatsExchange(link),
+        key_quotas=RedisKeyQuotaState(link),
     )

@@ -19,6 +19,10 @@ rate limits         ``<ns>:{rates}:<counter>`` (hash)         ``{rates}``: one h
                                                               requests and tokens) atomically
 route statistics    ``<ns>:{routestats}:labels`` (set),       ``{routestats}``: one exchange merges
                     ``...:up:<label>``, ``...:tenant:<name>``  every candidate and tenant it names
+key-pool quotas     ``<ns>:{keypool:<upstream>}:<key id>:h``  ``{keypool:<upstream>}``: one
+                    (counts, cool-down, revocation), ``:w``   acquisition checks and counts every
+                    (the minute's grants), ``:f`` (in flight) key of an upstream's pool at once
+                    (``state/redis_key_quota.py``)            (one slot per pool, not per deployment)
 key-value entries   ``<ns>:kv:<key>`` (string)                none: single-key commands only, so
                                                               affinity and reasoning entries (the
                                                               bulk of the memory) spread over every

@@ -44,6 +44,11 @@ ENDPOINT_COLUMN = Migration(
 )
 
 
+# The label of the upstream pool key that served the request (``spend report --group-by
+# upstream_key``); NULL for upstreams with one key and for rows written before it.
+UPSTREAM_KEY_COLUMN = Migration(5, "upstream key", ("ALTER TABLE ledger ADD COLUMN upstream_key TEXT",))
+
+
 def pending_migrations(migrations: Sequence[Migration], applied: Iterable[int], where: str) -> list[Migration]:
     """The migrations still to apply, in order; warns when the database is newer than this code
     (a rollback during a deploy) rather than refusing to start: migrations only add tables and columns

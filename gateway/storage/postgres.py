@@ -12,7 +12,13 @@ import re
 
 import asyncpg
 
-from gateway.storage.migrations import ENDPOINT_COLUMN, REPORTS_BY_TIME_RANGE, Migration, pending_migrations
+from gateway.storage.migrations import (
+    ENDPOINT_COLUMN,
+    REPORTS_BY_TIME_RANGE,
+    UPSTREAM_KEY_COLUMN,
+    Migration,
+    pending_migrations,
+)
 
 SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -97,6 +103,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     REPORTS_BY_TIME_RANGE,
     ENDPOINT_COLUMN,
+    UPSTREAM_KEY_COLUMN,
 )
 
 

@@ -17,7 +17,13 @@ from typing import Any, cast
 import aiosqlite
 import orjson
 
-from gateway.storage.migrations import ENDPOINT_COLUMN, REPORTS_BY_TIME_RANGE, Migration, pending_migrations
+from gateway.storage.migrations import (
+    ENDPOINT_COLUMN,
+    REPORTS_BY_TIME_RANGE,
+    UPSTREAM_KEY_COLUMN,
+    Migration,
+    pending_migrations,
+)
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -101,6 +107,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     REPORTS_BY_TIME_RANGE,
     ENDPOINT_COLUMN,
+    UPSTREAM_KEY_COLUMN,
 )
 
 # Rows per statement: powers of two up to this, so a connection prepares at most seven statement texts

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from gateway.config import UpstreamConfig
+    from gateway.upstreams.rate_headers import RateHeaders
 
 FailureKind = Literal["connect", "first_byte_timeout", "idle_timeout", "total_timeout", "cut", "protocol"]
 
@@ -37,6 +38,8 @@ class UpstreamReply(ABC):
     status: int
     retry_after: str | None
     content_type: str
+    # the provider's x-ratelimit-* headers, read only for a request sent over a pool key
+    rate: RateHeaders | None = None
 
     @abstractmethod
     async def read(self) -> bytes:
@@ -67,6 +70,7 @@ class Upstream(ABC):
         """Close pools and clients."""
 
     @abstractmethod
-    async def send(self, body: bytes, *, stream: bool) -> UpstreamReply:
+    async def send(self, body: bytes, *, stream: bool, key: str | None = None) -> UpstreamReply:
         """POST ``body`` to chat/completions; returns once the status and headers (and for a stream the
-        first body bytes) are in, or raises :class:`UpstreamFailure`."""
+        first body bytes) are in, or raises :class:`UpstreamFailure`. ``key``: the label of the pool
+        key to send it with (None: the upstream's one key; only kind ``openai`` has pools)."""

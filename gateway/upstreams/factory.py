@@ -36,7 +36,7 @@ def build_upstreams(config: LoadedConfig) -> dict[str, Upstream]:
         if up.kind == "openai":
             from gateway.upstreams.openai_compat import OpenAICompatUpstream
 
-            out[name] = OpenAICompatUpstream(name, up, config.api_keys.get(name))
+            out[name] = OpenAICompatUpstream(name, up, config.api_keys.get(name), config.key_pools.get(name))
         elif up.kind == "litellm":
             from gateway.upstreams.litellm_upstream import LiteLLMUpstream
 

@@ -263,7 +263,7 @@ class LiteLLMUpstream(Upstream):
         retry_after = headers.get("retry-after") if headers is not None else None
         return _Reply(status, orjson.dumps(body), retry_after=retry_after)
 
-    async def send(self, body: bytes, *, stream: bool) -> UpstreamReply:
+    async def send(self, body: bytes, *, stream: bool, key: str | None = None) -> UpstreamReply:
         await self.start()
         try:
             request = orjson.loads(body)

@@ -16,13 +16,15 @@ from yarl import URL
 
 from gateway import __version__
 from gateway.config import UpstreamConfig
+from gateway.upstream_keys import ResolvedKey
 from gateway.upstreams.base import Upstream, UpstreamFailure, UpstreamReply
+from gateway.upstreams.rate_headers import parse_rate_headers
 
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
 
 class _AiohttpReply(UpstreamReply):
-    def __init__(self, resp: aiohttp.ClientResponse, first: bytes, idle_s: float) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, first: bytes, idle_s: float, pooled: bool = False) -> None:
         self._resp = resp
         self._first = first
         self._idle_s = idle_s
@@ -30,6 +32,8 @@ class _AiohttpReply(UpstreamReply):
         self.status = resp.status
         self.retry_after = resp.headers.get("Retry-After")
         self.content_type = resp.headers.get("Content-Type", "")
+        if pooled:  # the provider's view of the key's quota corrects the pool's count
+            self.rate = parse_rate_headers(resp.headers.get)
 
     async def read(self) -> bytes:
         try:
@@ -73,7 +77,9 @@ class _AiohttpReply(UpstreamReply):
 class OpenAICompatUpstream(Upstream):
     """chat/completions over HTTP with keep-alive and explicit timeouts."""
 
-    def __init__(self, name: str, config: UpstreamConfig, api_key: str | None) -> None:
+    def __init__(
+        self, name: str, config: UpstreamConfig, api_key: str | None, pool: list[ResolvedKey] | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.reasoning_field = config.reasoning_field
@@ -88,6 +94,8 @@ class OpenAICompatUpstream(Upstream):
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._headers = headers
+        # a key pool: the Authorization header of each key, by label, sent per request
+        self._key_headers = {k.label: {"Authorization": f"Bearer {k.secret}"} for k in pool or ()}
         t = config.timeouts
         # A non-stream answer arrives whole after the model finished: only total bounds it.
         self._timeout_whole = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s)
@@ -113,7 +121,11 @@ class OpenAICompatUpstream(Upstream):
             self._session = None
 
     async def _post(
-        self, session: aiohttp.ClientSession, body: bytes, limits: aiohttp.ClientTimeout
+        self,
+        session: aiohttp.ClientSession,
+        body: bytes,
+        limits: aiohttp.ClientTimeout,
+        headers: dict[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """POST once; again once if a pooled keep-alive connection turned out to be closed already.
 
@@ -121,9 +133,9 @@ class OpenAICompatUpstream(Upstream):
         reached it, and a second try on a fresh connection is safe.
         """
         try:
-            return await session.post(self.url, data=body, timeout=limits)
+            return await session.post(self.url, data=body, timeout=limits, headers=headers)
         except aiohttp.ServerDisconnectedError:
-            return await session.post(self.url, data=body, timeout=limits)
+            return await session.post(self.url, data=body, timeout=limits, headers=headers)
 
     def _timed_out(self, exc: TimeoutError, stream: bool) -> UpstreamFailure:
         """The failure naming the limit that fired: several run at once while the answer starts (the
@@ -147,20 +159,21 @@ class OpenAICompatUpstream(Upstream):
             "total_timeout", f"upstream '{self.name}' did not answer within {t.total_s:g} s (timeouts.total_s)"
         )
 
-    async def send(self, body: bytes, *, stream: bool) -> UpstreamReply:
+    async def send(self, body: bytes, *, stream: bool, key: str | None = None) -> UpstreamReply:
         session = self._session
         if session is None:
             raise UpstreamFailure("connect", f"upstream '{self.name}' is not started")
         t = self.config.timeouts
+        headers = self._key_headers[key] if key is not None else None
         resp: aiohttp.ClientResponse | None = None
         try:
             if not stream:
-                resp = await self._post(session, body, self._timeout_whole)
-                return _AiohttpReply(resp, b"", t.idle_s)
+                resp = await self._post(session, body, self._timeout_whole, headers)
+                return _AiohttpReply(resp, b"", t.idle_s, headers is not None)
             async with asyncio.timeout(t.first_byte_s):
-                resp = await self._post(session, body, self._timeout_stream)
+                resp = await self._post(session, body, self._timeout_stream, headers)
                 first = b"" if resp.status >= 400 else await resp.content.readany()
-            return _AiohttpReply(resp, first, t.idle_s)
+            return _AiohttpReply(resp, first, t.idle_s, headers is not None)
         except TimeoutError as exc:
             if resp is not None:
                 resp.close()

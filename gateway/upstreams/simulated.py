@@ -124,7 +124,7 @@ class SimulatedUpstream(Upstream):
         self.tool_call_markers = config.tool_call_markers
         self.simulator = Simulator(profile_of(config))
 
-    async def send(self, body: bytes, *, stream: bool) -> UpstreamReply:
+    async def send(self, body: bytes, *, stream: bool, key: str | None = None) -> UpstreamReply:
         t = self.config.timeouts
         reply = self.simulator.handle(body)
         if reply.drop:

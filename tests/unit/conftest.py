@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from gateway.state.base import BudgetState, KeyValueState, RateLimitState
+from gateway.state.key_quota import KeyQuotaState, MemoryKeyQuotaState
 from gateway.state.memory import MemoryBudgetState, MemoryKeyValueState, MemoryRateLimitState
 from tests.conftest import require_service
 
@@ -79,6 +80,13 @@ class Backend:
         from gateway.state.redis import RedisKeyValueState
 
         return RedisKeyValueState(self.link)
+
+    def key_quotas(self) -> KeyQuotaState:
+        if self.name == "memory":
+            return MemoryKeyQuotaState()
+        from gateway.state.redis_key_quota import RedisKeyQuotaState
+
+        return RedisKeyQuotaState(self.link)
 
 
 async def redis_backend(namespace: str | None = None) -> Backend:

@@ -115,14 +115,15 @@ async def _tables(url: str) -> set[str]:
 
 async def _previous_release_ledger(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A ledger database as the release before the capture migration left it: migration 1 only,
-    with one row written in that release's columns (no ``endpoint``, which migration 4 adds)."""
+    with one row written in that release's columns (no ``endpoint`` nor ``upstream_key``, which
+    migrations 4 and 5 add)."""
     schema = _schema_module(url)
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
     old = ledger_from_url(url)
     await old.open()
     await old.close()
     monkeypatch.undo()
-    await insert_row_before_endpoint_column(url, _columns_module(url).encode_row(make_row(1))[:-1])
+    await insert_row_before_endpoint_column(url, _columns_module(url).encode_row(make_row(1))[:-2], newer=2)
 
 
 async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
@@ -133,7 +134,7 @@ async def test_an_existing_ledger_database_gains_the_capture_table_on_upgrade(
     upgraded = ledger_from_url(capture_url)
     await upgraded.open()
     try:
-        assert await upgraded.applied_migrations() == [1, 2, 3, 4]
+        assert await upgraded.applied_migrations() == [1, 2, 3, 4, 5]
         assert await upgraded.get("req-00001") == make_row(1)  # the ledger's rows are untouched
     finally:
         await upgraded.close()
@@ -179,6 +180,6 @@ async def test_a_capture_table_made_before_the_migration_existed_is_kept_with_it
     ledger = ledger_from_url(capture_url)
     await ledger.open()
     try:
-        assert await ledger.applied_migrations() == [1, 2, 3, 4]
+        assert await ledger.applied_migrations() == [1, 2, 3, 4, 5]
     finally:
         await ledger.close()

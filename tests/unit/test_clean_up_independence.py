@@ -73,13 +73,22 @@ def test_capture_and_rate_correction_run_when_settlement_raises(
         async def correct(self, admission: Any, tokens: int) -> None:
             calls.append("rate")
 
+    class FailingKeys:
+        async def release(self, lease: Any, usage: Any) -> None:
+            calls.append("key")
+            raise Broken("key state gone")
+
     monkeypatch.setattr(pipeline, "capture_exchange", lambda rt, ex: calls.append("capture"))
     m = metered("req-settle-raises")
-    ex = SimpleNamespace(request_id=m.request_id, metered=m, rate=object())
-    rt = SimpleNamespace(meter=FailingMeter(), limits=Limits())
+    ex = SimpleNamespace(request_id=m.request_id, metered=m, rate=object(), key_lease=object())
+    rt = SimpleNamespace(meter=FailingMeter(), limits=Limits(), router=SimpleNamespace(keys=FailingKeys()))
     with caplog.at_level(logging.ERROR):
         asyncio.run(pipeline._clean_up(rt, ex))  # type: ignore[arg-type]
-    assert calls == ["settle", "capture", "rate"]
+    assert calls == ["key", "settle", "capture", "rate"]
     logged = [r for r in caplog.records if "req-settle-raises" in r.getMessage()]
-    assert [r.getMessage() for r in logged] == ["request req-settle-raises: settlement failed"]
-    assert logged[0].exc_info is not None and isinstance(logged[0].exc_info[1], Broken)
+    assert [r.getMessage() for r in logged] == [
+        "request req-settle-raises: releasing the upstream key failed",
+        "request req-settle-raises: settlement failed",
+    ]
+    assert all(r.exc_info is not None and isinstance(r.exc_info[1], Broken) for r in logged)
+    assert ex.key_lease is None  # released once, even when the release failed

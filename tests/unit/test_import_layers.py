@@ -15,8 +15,8 @@ Layers, from the top (a module may import its own layer and the ones below, neve
    ``routing/``, ``metering/``, ``reasoning/``, ``tools/``, ``transforms/``, ``translate/``, ``capture/``,
    ``responses/``, ``auth``, ``ratelimit``
 2. what the stages stand on: ``upstreams/``, ``state/``, ``policy/``, ``storage/``
-1. foundation: ``config`` (and ``config_state``), ``dburl``, ``redisurl``, ``yamlfile``, ``errors``,
-   ``observability``, ``asgi``, ``data/``
+1. foundation: ``config`` (and ``config_state``), ``upstream_keys``, ``dburl``, ``redisurl``, ``yamlfile``,
+   ``errors``, ``observability``, ``asgi``, ``data/``
 
 The simulated upstream (the top-level ``simulator`` package) is reached from the gateway through
 one adapter, ``gateway.upstreams.simulated``, and itself uses only the foundation.
@@ -57,7 +57,17 @@ LAYERS: dict[str, int] = {
         3,
     ),
     **dict.fromkeys(("gateway.upstreams", "gateway.state", "gateway.policy", "gateway.storage"), 2),
-    **dict.fromkeys(("gateway", "gateway.config", "gateway.yamlfile", "gateway.errors", "gateway.observability"), 1),
+    **dict.fromkeys(
+        (
+            "gateway",
+            "gateway.config",
+            "gateway.upstream_keys",
+            "gateway.yamlfile",
+            "gateway.errors",
+            "gateway.observability",
+        ),
+        1,
+    ),
     "gateway.asgi": 1,
     "gateway.dburl": 1,
     "gateway.redisurl": 1,

@@ -349,6 +349,7 @@ def dataset() -> list[LedgerRow]:
                 reasoning_tokens=i * 2,
                 estimated=i % 7 == 0,
                 endpoint=["chat/completions", "messages", "responses"][(i // 4) % 3],
+                upstream_key=["key-a", None, "key-b"][(i // 5) % 3],
             )
         )
     return rows
@@ -547,7 +548,7 @@ async def test_rows_survive_a_restart_and_writing_continues(make: Factory) -> No
     second.record(make_row(2))
     await second.flush()
     assert await count(second) == 2
-    assert await second.applied_migrations() == [1, 2, 3, 4]
+    assert await second.applied_migrations() == [1, 2, 3, 4, 5]
 
 
 async def test_entries_recorded_before_open_are_kept(make: Factory) -> None:
@@ -771,12 +772,12 @@ async def test_migrations_are_idempotent_and_safe_to_race(make: Factory) -> None
     racers = [make() for _ in range(3)]
     await asyncio.gather(*(r.open() for r in racers))
     for r in racers:
-        assert await r.applied_migrations() == [1, 2, 3, 4]
+        assert await r.applied_migrations() == [1, 2, 3, 4, 5]
     for r in racers:
         await r.close()
     again = make()
     await again.open()
-    assert await again.applied_migrations() == [1, 2, 3, 4]
+    assert await again.applied_migrations() == [1, 2, 3, 4, 5]
 
 
 async def test_two_ledgers_write_to_one_database_without_loss(make: Factory) -> None:

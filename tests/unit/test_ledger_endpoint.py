@@ -22,10 +22,11 @@ from tests.unit.test_ledger import make_res, make_row
 OLD_MIGRATIONS = 3  # the schema before the endpoint column
 
 
-async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...]) -> None:
-    """A row as a gateway before migration 4 wrote it: every column but ``endpoint``."""
+async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...], newer: int = 1) -> None:
+    """A row as a gateway before migration 4 wrote it: every column but ``endpoint`` (and the
+    ``newer`` - 1 columns added after it)."""
     if url.startswith("sqlite"):
-        columns = ledger_sqlite_columns.ROW_COLUMNS[:-1]
+        columns = ledger_sqlite_columns.ROW_COLUMNS[:-newer]
         with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as raw:
             raw.execute(
                 f"INSERT INTO ledger ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", row_values
@@ -33,7 +34,7 @@ async def insert_row_before_endpoint_column(url: str, row_values: tuple[Any, ...
             raw.commit()
         return
     schema = parse_qs(urlsplit(url).query)["schema"][0]
-    columns = ledger_postgres_columns.ROW_COLUMNS[:-1]
+    columns = ledger_postgres_columns.ROW_COLUMNS[:-newer]
     conn = await asyncpg.connect(PG_URL, server_settings={"search_path": f'"{schema}"'})
     try:
         marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
@@ -54,12 +55,12 @@ async def test_rows_from_before_the_endpoint_column_read_as_chat_completions(
         await old.open()
         assert await old.applied_migrations() == [1, 2, 3]
         await old.close()
-    await insert_row_before_endpoint_column(ledger_url, columns.encode_row(make_row(1))[:-1])
+    await insert_row_before_endpoint_column(ledger_url, columns.encode_row(make_row(1))[:-2], newer=2)
 
     ledger = ledger_from_url(ledger_url)
     await ledger.open()
     try:
-        assert await ledger.applied_migrations() == [1, 2, 3, 4]
+        assert await ledger.applied_migrations() == [1, 2, 3, 4, 5]
         stored = await ledger.get("req-00001")
         assert stored is not None and stored.endpoint == "chat/completions"
         ledger.record(make_row(2, endpoint="responses"))
@@ -101,3 +102,31 @@ async def test_a_crashed_request_keeps_its_endpoint_in_the_estimated_row(ledger_
         assert [r["endpoint"] for r in spend] == ["messages", "responses"]
     finally:
         await restarted.close()
+
+
+async def test_rows_from_before_the_upstream_key_column_have_none_and_group_with_new_ones(
+    ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sqlite = ledger_url.startswith("sqlite")
+    schema = storage_sqlite if sqlite else storage_postgres
+    columns = ledger_sqlite_columns if sqlite else ledger_postgres_columns
+    with monkeypatch.context() as patch:  # the release before key pools: four migrations
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+        old = ledger_from_url(ledger_url)
+        await old.open()
+        assert await old.applied_migrations() == [1, 2, 3, 4]
+        await old.close()
+    await insert_row_before_endpoint_column(ledger_url, columns.encode_row(make_row(1))[:-1], newer=1)
+    ledger = ledger_from_url(ledger_url)
+    await ledger.open()
+    try:
+        assert await ledger.applied_migrations() == [1, 2, 3, 4, 5]
+        stored = await ledger.get("req-00001")
+        assert stored is not None and stored.upstream_key is None
+        ledger.record(make_row(2, upstream_key="key-a"))
+        ledger.record(make_row(3, upstream_key="key-a"))
+        await ledger.flush()
+        by_key = await ledger.spend(group_by=["upstream_key"])
+        assert [(r["upstream_key"], r["requests"]) for r in by_key] == [("key-a", 2), (None, 1)]
+    finally:
+        await ledger.close()

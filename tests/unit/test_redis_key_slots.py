@@ -13,8 +13,9 @@ import pytest
 from redis.crc import key_slot
 
 from gateway.state import redis as redis_state
-from gateway.state import redis_stats
+from gateway.state import redis_key_quota, redis_stats
 from gateway.state.base import Limit, RateLimit
+from gateway.state.key_quota import KeyLimits
 from gateway.state.redis import RedisBudgetState, RedisKeyValueState, RedisRateLimitState
 from gateway.state.redis_link import RedisSettings, Script
 from gateway.state.redis_stats import RedisStatsExchange
@@ -55,6 +56,10 @@ class RecordingLink:
             return [0]
         if s is redis_stats._EXCHANGE:
             return [b"|"]
+        if s is redis_key_quota._ACQUIRE:
+            return [1, 0] + [b"ok"] * (len(keys) // 3)
+        if s is redis_key_quota._VIEW:
+            return [0] * (5 * (len(keys) // 3))
         return 0
 
     async def call(self, *args: Any) -> Any:
@@ -64,7 +69,7 @@ class RecordingLink:
 
 def all_scripts() -> dict[str, Script]:
     found = {}
-    for module in (redis_state, redis_stats):
+    for module in (redis_state, redis_stats, redis_key_quota):
         for name, value in vars(module).items():
             if isinstance(value, Script):
                 found[f"{module.__name__}.{name}"] = value
@@ -94,6 +99,14 @@ async def every_state_call(link: RecordingLink) -> None:
     await kv.put_if_absent("seal:key", b"k", 60)
     await kv.get("seal:key")
     await kv.delete("affinity:acme:aa")
+    quotas = redis_key_quota.RedisKeyQuotaState(link)  # type: ignore[arg-type]
+    pool = [KeyLimits("moonshot/a/f1", 500, 100_000, 10), KeyLimits("moonshot/b/f2"), KeyLimits("moonshot/c/f3", 3)]
+    await quotas.acquire(pool, [1000, 1000, 1000], "lease-1", time.time(), 600, least_loaded=False)
+    await quotas.adjust(pool[0], "lease-1", 1000, 800)
+    await quotas.cool(pool[1], time.time() + 5)
+    await quotas.revoke(pool[2], time.time() + 3600)
+    await quotas.correct(pool[0], time.time(), 3, 4000, 60)
+    await quotas.view(pool, time.time())
 
 
 def derived_keys(s: Script, keys: list[str], args: list[Any]) -> list[str]:
