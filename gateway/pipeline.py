@@ -266,6 +266,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             if n:
                 _start_over(ex, received)
             body = await _attempt(rt, ex, plan, option, first=n == 0)
+            rt.meter.started(m, len(received))  # the crash record, before anything may be billed
             sent_at = time.perf_counter()
             rt.router.dispatched(option)
             try:

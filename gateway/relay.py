@@ -16,6 +16,7 @@ import orjson
 from gateway import errors
 from gateway.asgi import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
 from gateway.exchange import Exchange, Runtime
+from gateway.metering.journal import PROGRESS_EVERY_S
 from gateway.metering.money import usd_text
 from gateway.metering.stream import StreamTap
 from gateway.observability import UPSTREAM_FAILURES, log, series
@@ -104,6 +105,8 @@ async def relay_whole(rt: Runtime, ex: Exchange, payload: bytes, send: Send, wat
     headers = _response_headers(ex)
     headers.append((b"x-gateway-cost-usd", usd_text(cost.nanos).encode()))  # exact to the nanodollar
     watch.finish()
+    m.latency_ms = (time.perf_counter() - ex.started) * 1000
+    rt.meter.seal(m)  # the exact row is in the journal before the answer leaves
     await correct_rate(rt, ex)
     await send_bytes(send, 200, payload, headers)
     _observe(ex)
@@ -146,16 +149,23 @@ async def relay_stream(
     # relayed as bytes: the envelope edits only the bytes that need it
     envelope = stream_envelope(ex.model, ex.body, ex.envelope) if chain is None else None
     first_byte_at: float | None = None
+    events = 0  # SSE events handed to the client, for the journal's progress marks
+    next_mark = 0.0
 
     async def emit(out: bytes) -> None:
-        nonlocal first_byte_at
+        nonlocal first_byte_at, events, next_mark
         if chain is not None and not (out := chain.feed(out)):
             return
         if envelope is not None:
             out = envelope.feed(out)
+        events += out.count(b"data:")
+        now = time.perf_counter()
         if first_byte_at is None:
-            first_byte_at = time.perf_counter()
+            first_byte_at = now
             m.ttft_ms = (first_byte_at - ex.started) * 1000
+        if now >= next_mark:  # with the first event, then at most every PROGRESS_EVERY_S
+            next_mark = now + PROGRESS_EVERY_S
+            rt.meter.progress(m, events)
         await send({"type": "http.response.body", "body": out, "more_body": True})
 
     try:
@@ -191,7 +201,10 @@ async def relay_stream(
             else "the upstream reported no usage"
         )
     ex.upstream_time = time.perf_counter() - sent_at
+    await rt.meter.compute(m)  # may estimate in a thread; a client leaving meanwhile is a cancel
     watch.finish()
+    m.latency_ms = (time.perf_counter() - ex.started) * 1000
+    rt.meter.seal(m)  # the exact row is in the journal before the stream's last bytes leave
     await correct_rate(rt, ex)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     _observe(ex, first_byte_at)
