@@ -23,7 +23,7 @@ from gateway.observability import UPSTREAM_FAILURES, log, series
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.transforms.envelope import body_envelope, stream_envelope
 from gateway.upstreams.base import UpstreamFailure, UpstreamReply
-from gateway.upstreams.sse import SSERelay
+from gateway.upstreams.sse import DONE, SSERelay
 from gateway.upstreams.usage import usage_of_body, usage_of_response
 
 
@@ -152,12 +152,31 @@ async def relay_stream(
     events = 0  # SSE events handed to the client, for the journal's progress marks
     next_mark = 0.0
 
+    async def seal() -> None:
+        """Usage, cost and the sealed row, before the client can see the stream end."""
+        if m.row is not None:
+            return
+        m.usage = tap.usage
+        if m.usage is None:
+            m.estimate_reason = (
+                "the upstream stream broke before it reported usage"
+                if m.outcome != "ok"
+                else "the upstream reported no usage"
+            )
+        ex.upstream_time = time.perf_counter() - sent_at
+        await rt.meter.compute(m)  # may estimate in a thread; a client leaving meanwhile is a cancel
+        watch.finish()
+        m.latency_ms = (time.perf_counter() - ex.started) * 1000
+        rt.meter.seal(m)  # the exact row is in the journal before the stream's end leaves
+
     async def emit(out: bytes) -> None:
         nonlocal first_byte_at, events, next_mark
         if chain is not None and not (out := chain.feed(out)):
             return
         if envelope is not None:
             out = envelope.feed(out)
+        if DONE in out:  # a client stops reading at [DONE]: for it, this is the answer's last byte
+            await seal()
         events += out.count(b"data:")
         now = time.perf_counter()
         if first_byte_at is None:
@@ -193,18 +212,7 @@ async def relay_stream(
         tail = relay.abort(failure.message, "timeout_error" if failure.is_timeout else "upstream_error")
         if chain is not None:
             tail = chain.finish() + tail
-    m.usage = tap.usage
-    if m.usage is None:
-        m.estimate_reason = (
-            "the upstream stream broke before it reported usage"
-            if m.outcome != "ok"
-            else "the upstream reported no usage"
-        )
-    ex.upstream_time = time.perf_counter() - sent_at
-    await rt.meter.compute(m)  # may estimate in a thread; a client leaving meanwhile is a cancel
-    watch.finish()
-    m.latency_ms = (time.perf_counter() - ex.started) * 1000
-    rt.meter.seal(m)  # the exact row is in the journal before the stream's last bytes leave
+    await seal()
     await correct_rate(rt, ex)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     _observe(ex, first_byte_at)
