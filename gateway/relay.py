@@ -16,7 +16,7 @@ import orjson
 from gateway import errors
 from gateway.asgi import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
 from gateway.exchange import Exchange, Runtime
-from gateway.metering.journal import PROGRESS_EVERY_S
+from gateway.metering.journal import PROGRESS_EVERY_READS
 from gateway.metering.money import usd_text
 from gateway.metering.stream import StreamTap
 from gateway.observability import UPSTREAM_FAILURES, log, series
@@ -149,8 +149,10 @@ async def relay_stream(
     # relayed as bytes: the envelope edits only the bytes that need it
     envelope = stream_envelope(ex.model, ex.body, ex.envelope) if chain is None else None
     first_byte_at: float | None = None
-    events = 0  # SSE events handed to the client, for the journal's progress marks
-    next_mark = 0.0
+    # the journal's progress marks: with the first upstream read relayed, then every
+    # PROGRESS_EVERY_READS; events are counted only then, over the blocks the tap kept meanwhile
+    reads = events = counted = 0
+    next_mark = 1
 
     async def seal() -> None:
         """Usage, cost and the sealed row, before the client can see the stream end."""
@@ -170,21 +172,23 @@ async def relay_stream(
         rt.meter.seal(m)  # the exact row is in the journal before the stream's end leaves
 
     async def emit(out: bytes) -> None:
-        nonlocal first_byte_at, events, next_mark
+        nonlocal first_byte_at, reads, events, counted, next_mark
         if chain is not None and not (out := chain.feed(out)):
             return
         if envelope is not None:
             out = envelope.feed(out)
         if DONE in out:  # a client stops reading at [DONE]: for it, this is the answer's last byte
             await seal()
-        events += out.count(b"data:")
-        now = time.perf_counter()
-        if first_byte_at is None:
-            first_byte_at = now
-            m.ttft_ms = (first_byte_at - ex.started) * 1000
-        if now >= next_mark:  # with the first event, then at most every PROGRESS_EVERY_S
-            next_mark = now + PROGRESS_EVERY_S
+        reads += 1
+        if reads >= next_mark:
+            next_mark = reads + PROGRESS_EVERY_READS
+            blocks = tap.blocks
+            events += sum(block.count(b"data:") for block in blocks[counted:])
+            counted = len(blocks)
             rt.meter.progress(m, events)
+        if first_byte_at is None:
+            first_byte_at = time.perf_counter()
+            m.ttft_ms = (first_byte_at - ex.started) * 1000
         await send({"type": "http.response.body", "body": out, "more_body": True})
 
     try:

@@ -6,8 +6,9 @@ gap without putting the database on the request path:
 
 * A request writes one line before it is sent upstream (a *start*: everything its row needs but the
   answer) and one when it settles (a *finish*: the exact row), the finish *before* the last byte of the
-  answer goes to the client. A stream also writes a *progress* line with its first event and then at
-  most every :data:`PROGRESS_EVERY_S`, so an interrupted stream is billed for what it relayed. Line
+  answer goes to the client. A stream also writes a *progress* line with its first event and then
+  every :data:`PROGRESS_EVERY_READS` upstream reads, so an interrupted stream is billed for what it
+  relayed. Line
   formats: :mod:`gateway.metering.journal_records`.
 * Each line is one ``os.write`` on a descriptor opened ``O_APPEND``: in the kernel's page cache when
   the call returns, so it survives the death of the process (not of the machine). A write of a few
@@ -50,7 +51,10 @@ log = logging.getLogger("gateway.metering.ledger")
 
 SUFFIX = ".journal"
 ROTATE_BYTES = 4 * 1024 * 1024  # ~7000 requests; replaying a whole segment at start-up takes well under a second
-PROGRESS_EVERY_S = 0.25  # an interrupted stream's estimate is at most this stale
+PROGRESS_EVERY_READS = 16
+"""A stream's progress line is written with its first relayed upstream read, then every 16: an
+interrupted stream's estimate misses at most the events of the last 16 reads (usually 16 tokens),
+however slow the stream. Counting reads, not time, keeps the per-event cost to an integer compare."""
 
 
 def try_lock(fd: int) -> bool:

@@ -7,8 +7,8 @@ the hot path, and an array of values encodes in half the time of an object with 
   label, stream, prompt_bytes, endpoint, route_reason]``: a request is about to be sent upstream
   (again, after a failover: the last start wins). Everything its row needs except what the answer says.
 * ``["p", request_id, events]``: a stream's response had begun and this many SSE events had been
-  handed to the client (written with the first event, then at most every
-  :data:`gateway.metering.journal.PROGRESS_EVERY_S`).
+  handed to the client (written with the first event, then every
+  :data:`gateway.metering.journal.PROGRESS_EVERY_READS` upstream reads).
 * ``["f", <the 29 LedgerRow fields in order>]``: the exact row, money as decimal strings.
 
 :func:`interrupted_row` is the one builder of an estimated row for a request whose gateway died, for
