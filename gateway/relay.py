@@ -177,10 +177,11 @@ async def relay_stream(
             return
         if envelope is not None:
             out = envelope.feed(out)
-        if DONE in out:  # a client stops reading at [DONE]: for it, this is the answer's last byte
+        if DONE in out[-32:]:  # a client stops reading at [DONE] (the last event): its last byte
             await seal()
         reads += 1
-        if reads >= next_mark:
+        # no mark for a stream sealed already (whole in one read): counting a long block is not free
+        if reads >= next_mark and m.row is None:
             next_mark = reads + PROGRESS_EVERY_READS
             blocks = tap.blocks
             events += sum(block.count(b"data:") for block in blocks[counted:])

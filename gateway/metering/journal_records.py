@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -63,12 +64,13 @@ class Started:
     events: int | None = field(default=None)  # SSE events relayed (None: the response had not begun)
 
 
+_START_FIELDS = tuple(f.name for f in fields(Started))[:-1]  # the progress count is not part of a start
+_start_values = attrgetter(*_START_FIELDS)  # one C call instead of a Python expression per field
+_row_values = attrgetter(*ROW_FIELDS)
+
+
 def start_line(s: Started) -> bytes:
-    return orjson.dumps(
-        ["s", s.request_id, s.ts, s.tenant, s.key_id, s.app, s.user, s.tags, s.virtual_model, s.upstream,
-         s.upstream_model, s.label, s.stream, s.prompt_bytes, s.endpoint, s.route_reason],
-        option=orjson.OPT_APPEND_NEWLINE,
-    )  # fmt: skip
+    return orjson.dumps(("s", *_start_values(s)), option=orjson.OPT_APPEND_NEWLINE)
 
 
 def progress_line(request_id: str, events: int) -> bytes:
@@ -76,7 +78,7 @@ def progress_line(request_id: str, events: int) -> bytes:
 
 
 def finish_line(row: LedgerRow) -> bytes:
-    values: list[Any] = [getattr(row, name) for name in ROW_FIELDS]
+    values: list[Any] = list(_row_values(row))
     for i in _MONEY:
         values[i] = str(values[i])
     return orjson.dumps(["f", *values], option=orjson.OPT_APPEND_NEWLINE)
