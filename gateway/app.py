@@ -26,6 +26,9 @@ from gateway.background import RoutingTasks
 from gateway.capture.factory import capture_store_from_url
 from gateway.exchange import Runtime
 from gateway.metering.budget import Budgets, seed_from_ledger
+from gateway.metering.journal import Journal
+from gateway.metering.journal_records import reservation_estimate
+from gateway.metering.journal_replay import replay_journals
 from gateway.metering.ledger import Ledger
 from gateway.metering.ledger_factory import ledger_from_url
 from gateway.metering.meter import Meter
@@ -57,7 +60,13 @@ class GatewayApp:
         longest = max(up.timeouts.total_s for up in config.settings.upstreams.values())
         self.state = build_states(config.settings.state, longest, config.path.parent)
         self.budgets = Budgets(self.state.budgets)
-        self.meter = Meter(loaded.prices, self.budgets, self.ledger)
+        self.journal_dir = config.journal_dir
+        self.journal = (
+            Journal(self.journal_dir, self.ledger, fsync_ms=ledger_cfg.journal_fsync_ms)
+            if self.journal_dir is not None
+            else None
+        )
+        self.meter = Meter(loaded.prices, self.budgets, self.ledger, self.journal)
         limits = RateLimiter(self.state.rate_limits)
         kv = self.state.kv
         self.runtime = Runtime(
@@ -169,6 +178,12 @@ class GatewayApp:
         shared = not self.config.ledger_url.startswith("sqlite:") or workers > 1
         # with other processes on the same ledger, leave their requests in flight alone
         longest = max(up.timeouts.total_s for up in settings.upstreams.values())
+        if self.journal is not None:
+            assert self.journal_dir is not None
+            # the journals of dead processes first: their rows are exact, and they settle the open
+            # reservations that the database would otherwise estimate below
+            await replay_journals(self.journal_dir, self.ledger, self.meter.prices.at)
+            self.journal.open()
         await reconcile_and_seed(self.ledger, self.meter, self.runtime, time.time() - longest if shared else None)
         for upstream in self.upstreams.values():
             await upstream.start()
@@ -188,6 +203,8 @@ class GatewayApp:
             await upstream.close()
         await self.state.close()
         await self.ledger.close()
+        if self.journal is not None:
+            await self.journal.close(stored_everything=not self.ledger.left_unwritten)
         if self.runtime.capture is not None:
             await self.runtime.capture.close()
 
@@ -230,10 +247,14 @@ def tune_gc() -> None:
 
 
 async def reconcile_and_seed(ledger: Ledger, meter: Meter, runtime: Runtime, opened_before: float | None) -> None:
-    """Crash recovery, then budget counters: reservations a dead process left open become estimated
-    ledger rows, and the in-process counters start from what the ledger says was spent."""
+    """Crash recovery, then budget counters: reservations a dead process left open (and its journal
+    did not settle: a replica whose disk is gone) become estimated ledger rows, billed for the
+    prompt, not the worst case held; the in-process counters start from what the ledger says was
+    spent."""
     await ledger.reconcile_open_reservations(
-        reason="the gateway stopped before this request settled", opened_before=opened_before
+        reason="the gateway stopped before this request settled",
+        estimate=lambda res: reservation_estimate(res, meter.prices.at),
+        opened_before=opened_before,
     )
     tenants = [(t.name, t.budget) for t in runtime.policies.tenants.values()]
     await seed_from_ledger(meter.budgets, ledger, tenants, time.time())

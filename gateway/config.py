@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.config_state import StateConfig
-from gateway.dburl import parse_database_url
+from gateway.dburl import SqliteURL, parse_database_url
 from gateway.upstream_keys import KeySelection, PoolKey, ResolvedKey, check_pool, resolve_pool, resolve_single
 from gateway.yamlfile import ConfigError, YamlDoc, load_model
 
@@ -202,6 +202,15 @@ class LedgerConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 512
     # rows are visible to reports this long after a request at most; longer batches cost less per row
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    # the crash journal (README, "Ledger"): every request's row survives kill -9; off = rows in flight
+    # and rows waiting for the batch writer are lost when the process dies
+    journal: bool = True
+    # where each process keeps its journal files; default: beside a SQLite ledger (<file>.journal.d),
+    # ../data/journal for PostgreSQL; relative paths are relative to the config file. Local disk only.
+    journal_dir: str | None = None
+    # the journal is fsynced this often: on a power loss (not a process crash) at most this much of
+    # the latest traffic can be lost
+    journal_fsync_ms: Annotated[int, Field(ge=1, le=60_000)] = 100
 
     @field_validator("url")
     @classmethod
@@ -284,6 +293,21 @@ class LoadedConfig:
     @property
     def prices_path(self) -> Path:
         return (self.path.parent / self.settings.prices).resolve()
+
+    @property
+    def journal_dir(self) -> Path | None:
+        """Where this gateway's processes keep the ledger journal, or None without one (turned off,
+        or an in-memory ledger, which nothing survives anyway)."""
+        ledger = self.settings.ledger
+        url = self.ledger_url
+        if not ledger.journal or url == "sqlite:///:memory:":
+            return None
+        if ledger.journal_dir is not None:
+            return (self.path.parent / ledger.journal_dir).resolve()
+        parsed = parse_database_url(url, label="ledger URL")
+        if isinstance(parsed, SqliteURL):
+            return Path(parsed.path + ".journal.d").resolve()
+        return (self.path.parent / "../data/journal").resolve()
 
     @property
     def ledger_url(self) -> str:

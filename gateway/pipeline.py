@@ -332,6 +332,7 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             if n:
                 _start_over(ex, received)
             body = await _attempt(rt, ex, plan, option, first=n == 0)
+            rt.meter.started(m, len(received))  # the crash record, before anything may be billed
             sent_at = time.perf_counter()
             rt.router.dispatched(option)
             pool = rt.router.keys.pool(option.candidate.upstream) if rt.router.keys is not None else None

@@ -16,13 +16,14 @@ import orjson
 from gateway import errors
 from gateway.asgi import CT_SSE, NO_CACHE, DisconnectWatch, Send, send_bytes
 from gateway.exchange import Exchange, Runtime
+from gateway.metering.journal import PROGRESS_EVERY_READS
 from gateway.metering.money import usd_text
 from gateway.metering.stream import StreamTap
 from gateway.observability import UPSTREAM_FAILURES, log, series
 from gateway.transforms.chain import StreamChain, apply_whole
 from gateway.transforms.envelope import body_envelope, stream_envelope
 from gateway.upstreams.base import UpstreamFailure, UpstreamReply
-from gateway.upstreams.sse import SSERelay
+from gateway.upstreams.sse import DONE, SSERelay
 from gateway.upstreams.usage import usage_of_body, usage_of_response
 
 
@@ -104,6 +105,8 @@ async def relay_whole(rt: Runtime, ex: Exchange, payload: bytes, send: Send, wat
     headers = _response_headers(ex)
     headers.append((b"x-gateway-cost-usd", usd_text(cost.nanos).encode()))  # exact to the nanodollar
     watch.finish()
+    m.latency_ms = (time.perf_counter() - ex.started) * 1000
+    rt.meter.seal(m)  # the exact row is in the journal before the answer leaves
     await correct_rate(rt, ex)
     await send_bytes(send, 200, payload, headers)
     _observe(ex)
@@ -146,13 +149,44 @@ async def relay_stream(
     # relayed as bytes: the envelope edits only the bytes that need it
     envelope = stream_envelope(ex.model, ex.body, ex.envelope) if chain is None else None
     first_byte_at: float | None = None
+    # the journal's progress marks: with the first upstream read relayed, then every
+    # PROGRESS_EVERY_READS; events are counted only then, over the blocks the tap kept meanwhile
+    reads = events = counted = 0
+    next_mark = 1
+
+    async def seal() -> None:
+        """Usage, cost and the sealed row, before the client can see the stream end."""
+        if m.row is not None:
+            return
+        m.usage = tap.usage
+        if m.usage is None:
+            m.estimate_reason = (
+                "the upstream stream broke before it reported usage"
+                if m.outcome != "ok"
+                else "the upstream reported no usage"
+            )
+        ex.upstream_time = time.perf_counter() - sent_at
+        await rt.meter.compute(m)  # may estimate in a thread; a client leaving meanwhile is a cancel
+        watch.finish()
+        m.latency_ms = (time.perf_counter() - ex.started) * 1000
+        rt.meter.seal(m)  # the exact row is in the journal before the stream's end leaves
 
     async def emit(out: bytes) -> None:
-        nonlocal first_byte_at
+        nonlocal first_byte_at, reads, events, counted, next_mark
         if chain is not None and not (out := chain.feed(out)):
             return
         if envelope is not None:
             out = envelope.feed(out)
+        if DONE in out[-32:]:  # a client stops reading at [DONE] (the last event): its last byte
+            await seal()
+        reads += 1
+        # no mark for a stream sealed already (whole in one read): counting a long block is not free
+        if reads >= next_mark and m.row is None:
+            next_mark = reads + PROGRESS_EVERY_READS
+            blocks = tap.blocks
+            events += sum(block.count(b"data:") for block in blocks[counted:])
+            counted = len(blocks)
+            rt.meter.progress(m, events)
         if first_byte_at is None:
             first_byte_at = time.perf_counter()
             m.ttft_ms = (first_byte_at - ex.started) * 1000
@@ -183,15 +217,7 @@ async def relay_stream(
         tail = relay.abort(failure.message, "timeout_error" if failure.is_timeout else "upstream_error")
         if chain is not None:
             tail = chain.finish() + tail
-    m.usage = tap.usage
-    if m.usage is None:
-        m.estimate_reason = (
-            "the upstream stream broke before it reported usage"
-            if m.outcome != "ok"
-            else "the upstream reported no usage"
-        )
-    ex.upstream_time = time.perf_counter() - sent_at
-    watch.finish()
+    await seal()
     await correct_rate(rt, ex)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     _observe(ex, first_byte_at)

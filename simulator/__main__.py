@@ -23,6 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, default=None, help="override the concurrency limit (0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic text")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    parser.add_argument(
+        "--request-log",
+        default=None,
+        metavar="PATH",
+        help="append one JSON line per answer to PATH (user, stream, usage): the upstream's own account",
+    )
     args = parser.parse_args(argv)
     try:
         profile = profile_with(
@@ -36,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    serve(args.host, args.port, profile, seed=args.seed, log_level=args.log_level)
+    serve(args.host, args.port, profile, seed=args.seed, log_level=args.log_level, request_log=args.request_log)
     return 0
 
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import orjson
 
@@ -67,8 +69,21 @@ HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad
 class Simulator:
     """A simulated Kimi K2 Thinking upstream (Moonshot API or vLLM), transport-free."""
 
-    def __init__(self, profile: Profile, *, seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        request_log: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.profile = profile
+        # the upstream's own account of what it answered, one JSON line per answer (see _log_answer)
+        self._log_fd = (
+            os.open(request_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if request_log is not None
+            else -1
+        )
         self.seed = seed
         self.clock = clock
         self.stats = SimStats()
@@ -87,6 +102,7 @@ class Simulator:
         self.keys = KeyQuotas(clock)
         self._key_caches: dict[str, PrefixCache] = {}
         self._gate = Gate(profile.max_concurrency, self.stats)
+        self._last_plan: Any = None
         self._counter = 0
         self._vllm = profile.dialect == "vllm"
         self._auth = frozenset(f"Bearer {key}" for key in profile.api_keys)
@@ -156,13 +172,35 @@ class Simulator:
                     )
             chat = parse_request(req, self.profile, sim)
             if not self.keys.active:
-                return self._answer(chat, fault, self.cache)
-            return self._answer_on_key(chat, fault, _bearer(hdrs), len(body))
+                reply = self._answer(chat, fault, self.cache)
+            else:
+                reply = self._answer_on_key(chat, fault, _bearer(hdrs), len(body))
+            if self._log_fd >= 0 and self._last_plan is not None:
+                self._log_answer(req, reply, fault)
+            return reply
         except RequestError as exc:
             return self._error(exc.status, exc.message, exc.error_type, fault)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
             # input shapes the validators did not foresee must still get a 400, not crash a server
             return self._error(400, f"Invalid request: {type(exc).__name__}: {exc}", None, fault)
+
+    def _log_answer(self, req: dict[str, Any], reply: SimReply, fault: Fault | None) -> None:
+        """One line for an answer the simulator planned (and, as a real upstream would, bills): the
+        request's ``user``, whether it streams, and the usage the answer reports. Written before the
+        reply is sent, so a gateway killed mid-answer cannot make the line vanish; what a test
+        reconciles a ledger against."""
+        plan, self._last_plan = self._last_plan, None
+        entry = {
+            "n": self._counter,
+            "user": req.get("user"),
+            "model": req.get("model"),
+            "stream": reply.events is not None,
+            "prompt_tokens": plan.prompt_tokens,
+            "cached_tokens": plan.cached_tokens,
+            "completion_tokens": plan.completion_tokens,
+            "fault": fault is not None,
+        }
+        os.write(self._log_fd, orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
 
     def _error(self, status: int, message: str, error_type: str | None, fault: Fault | None) -> SimReply:
         self.stats.errors += 1
@@ -230,6 +268,7 @@ class Simulator:
         # counted once planned: a request refused while planning (context too long) takes no id
         plan = plan_reply(chat, self.profile, cache, number=self._counter + 1, seed=self.seed)
         self._counter += 1
+        self._last_plan = plan
         stats = self.stats
         stats.prompt_tokens += plan.prompt_tokens
         stats.cached_tokens += plan.cached_tokens

@@ -242,6 +242,7 @@ class SimulatorApp:
         await send_json(send, 200, {"ok": True})
 
 
-def build_app(profile: Profile, *, seed: int = 0) -> SimulatorApp:
-    """An ASGI app simulating `profile`; its `Simulator` is `app.simulator`."""
-    return SimulatorApp(Simulator(profile, seed=seed))
+def build_app(profile: Profile, *, seed: int = 0, request_log: str | None = None) -> SimulatorApp:
+    """An ASGI app simulating `profile`; its `Simulator` is `app.simulator`; `request_log` names a file
+    that gets one JSON line per answer (the request's `user`, stream or not, the usage reported)."""
+    return SimulatorApp(Simulator(profile, seed=seed, request_log=request_log))

@@ -42,11 +42,20 @@ def uvicorn_config(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, log_
     )
 
 
-def serve(host: str, port: int, profile: Profile, *, seed: int = 0, log_level: str = "warning") -> None:
+def serve(
+    host: str,
+    port: int,
+    profile: Profile,
+    *,
+    seed: int = 0,
+    log_level: str = "warning",
+    request_log: str | None = None,
+) -> None:
     """Run the simulator on host:port until interrupted (blocking)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(build_app(profile, seed=seed), host, port, log_level=log_level)).run()
+    app = build_app(profile, seed=seed, request_log=request_log)
+    uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level)).run()
 
 
 class BackgroundServer:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
-from gateway.api.openai import open_exchange, run_until_disconnect
+from gateway.api.openai import open_exchange, read_metered_body, run_until_disconnect
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
     CT_JSON,
@@ -156,7 +156,7 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
         entry = authenticate(rt.policies, api_key(headers))
         tenant_name = entry.tenant.name
         check_json_content_type(headers)
-        raw = await read_body(receive, headers, limit)
+        raw = await read_metered_body(rt, receive, headers, limit, request_id, entry, started, "messages")
         original, request = parse_messages_body(raw)
         max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         body = request.body

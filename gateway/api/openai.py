@@ -16,6 +16,7 @@ import orjson
 from gateway import errors
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
+    ClientGone,
     DisconnectWatch,
     Receive,
     Scope,
@@ -158,6 +159,25 @@ def open_exchange(
     return ex
 
 
+async def read_metered_body(
+    rt: Runtime,
+    receive: Receive,
+    headers: dict[bytes, bytes],
+    limit: int,
+    request_id: str,
+    entry: KeyEntry,
+    started: float,
+    endpoint: str = "chat/completions",
+) -> bytes:
+    """The request body; a client that closes the connection before it is in still leaves its row
+    (``client_closed``, nothing billed) before :class:`ClientGone` unwinds to the app's info line."""
+    try:
+        return await read_body(receive, headers, limit)
+    except ClientGone:
+        rt.meter.client_closed(request_id, entry.tenant, entry.key_id, endpoint, (time.perf_counter() - started) * 1000)
+        raise
+
+
 async def send_failure(
     send: Send,
     exc: Exception,
@@ -214,7 +234,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         entry = authenticate(rt.policies, bearer_token(headers.get(b"authorization")))
         tenant_name = entry.tenant.name
         check_json_content_type(headers)
-        raw = await read_body(receive, headers, limit)
+        raw = await read_metered_body(rt, receive, headers, limit, request_id, entry, started)
         body = parse_chat_body(raw)
         max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         ex = open_exchange(request_id, entry, body, raw, headers, started)

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
-from gateway.api.openai import open_exchange, run_until_disconnect, send_failure
+from gateway.api.openai import open_exchange, read_metered_body, run_until_disconnect, send_failure
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
     Message,
@@ -28,7 +28,6 @@ from gateway.asgi import (
     check_json_content_type,
     header_map,
     new_request_id,
-    read_body,
     send_bytes,
 )
 from gateway.auth import authenticate, bearer_token
@@ -236,7 +235,7 @@ async def create(svc: ResponsesService, limit: int, scope: Scope, receive: Recei
         entry = authenticate(rt.policies, bearer_token(headers.get(b"authorization")))
         tenant_name = entry.tenant.name
         check_json_content_type(headers)
-        raw = await read_body(receive, headers, limit)
+        raw = await read_metered_body(rt, receive, headers, limit, request_id, entry, started, "responses")
         req = parse_body(raw)
         max_latency_ms = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         if req.model not in entry.tenant.routes:  # before the store or the key are read

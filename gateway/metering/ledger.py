@@ -77,6 +77,7 @@ class Ledger(ABC):
         self._state = "new"  # new -> open -> closing -> closed
         self._backlog_warned = False
         self._stored_open: set[str] = set()  # open reservations this process stored and has not settled
+        self.left_unwritten = False  # close() gave up on entries (the journal is then kept for replay)
 
     # ---- what a backend provides
 
@@ -127,6 +128,11 @@ class Ledger(ABC):
     @abstractmethod
     async def applied_migrations(self) -> list[int]: ...
 
+    async def make_durable(self) -> bool:
+        """True once every stored entry survives a power loss (the journal deletes a segment only
+        then). A committed PostgreSQL transaction already does; SQLite overrides this."""
+        return True
+
     # ---- life cycle
 
     async def open(self) -> None:
@@ -162,6 +168,7 @@ class Ledger(ABC):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            self.left_unwritten = bool(self._inflight or self._pending)
             self._log_unwritten(self._inflight + list(self._pending), "the database stayed unreachable at close")
             self._pending.clear()
             self._inflight = []
@@ -253,6 +260,14 @@ class Ledger(ABC):
         rows = await self._spend(groups, since, until, tenant)
         return [r for r in rows if r["requests"]]
 
+    async def replay(self, rows: Sequence[LedgerRow]) -> None:
+        """Store rows recovered from a dead process's journal, now (not through the queue): each row
+        is inserted unless its request id is stored already (the crash fell between journal and
+        database), replaces a reconciled estimate, and settles the request's open reservation.
+        Idempotent, so a replay interrupted by another crash is simply done again."""
+        for start in range(0, len(rows), self.batch_size):
+            await self._store(list(rows[start : start + self.batch_size]), replay=True)
+
     async def reconcile_open_reservations(
         self,
         *,
@@ -310,13 +325,14 @@ class Ledger(ABC):
                 self._backlog_warned = False
                 log.info("ledger backlog is back to %d entries", self.backlog)
 
-    async def _store(self, entries: list[Entry]) -> None:
+    async def _store(self, entries: list[Entry], *, replay: bool = False) -> None:
         """Write ``entries``; retry outages forever (close() bounds that), split a batch the database
-        refuses as data until the bad entry is isolated, then log and skip that one entry."""
+        refuses as data until the bad entry is isolated, then log and skip that one entry. A
+        ``replay`` batch settles every reservation its rows name and takes stored ids quietly."""
         delay = 0.05
         while True:
             try:
-                batch = plan_batch(entries, self._stored_open)
+                batch = plan_batch(entries, None if replay else self._stored_open, replay=replay)
                 await self._write(batch)
                 self._stored_open.difference_update(batch.settled)
                 self._stored_open.update(r.request_id for r in batch.reservations)
@@ -328,8 +344,8 @@ class Ledger(ABC):
                         log.error("ledger: %s refused %r; NOT stored: %s", self.where, exc, entry_json(entries[0]))
                         return
                     mid = len(entries) // 2
-                    await self._store(entries[:mid])
-                    await self._store(entries[mid:])
+                    await self._store(entries[:mid], replay=replay)
+                    await self._store(entries[mid:], replay=replay)
                     return
                 log.error(
                     "ledger: writing %d entries to %s failed (%r); retrying in %.2f s",

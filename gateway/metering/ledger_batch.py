@@ -29,9 +29,11 @@ class Batch:
     rows: list[LedgerRow]
     settled: list[str]
     reservations: list[OpenReservation]
+    # rows replayed from a dead process's journal: an id stored already is the expected case, not news
+    replay: bool = False
 
 
-def plan_batch(entries: Sequence[Entry], stored_open: set[str] | None = None) -> Batch:
+def plan_batch(entries: Sequence[Entry], stored_open: set[str] | None = None, *, replay: bool = False) -> Batch:
     """The :class:`Batch` for ``entries``. ``stored_open`` (the request ids whose open reservation an
     earlier batch stored) limits the deletions to reservations that exist: most requests reserve and
     settle within one batch, or reserve nothing, and their deletion would be a wasted index probe."""
@@ -49,15 +51,18 @@ def plan_batch(entries: Sequence[Entry], stored_open: set[str] | None = None) ->
     rows.reverse()
     reservations.reverse()
     settled = dict.fromkeys(r.request_id for r in rows)
-    return Batch(rows, [i for i in settled if stored_open is None or i in stored_open], reservations)
+    return Batch(rows, [i for i in settled if stored_open is None or i in stored_open], reservations, replay)
 
 
-def split_existing(rows: Sequence[LedgerRow], existing: dict[str, bool]) -> tuple[list[LedgerRow], list[str]]:
+def split_existing(
+    rows: Sequence[LedgerRow], existing: dict[str, bool], *, replay: bool = False
+) -> tuple[list[LedgerRow], list[str]]:
     """Rows to insert and stored rows to replace, given the batch's ids already in the ledger
     (``existing[id]`` is True when the stored row is a reconciled estimate a real row may replace).
 
     A request id already recorded for real keeps its first row; the later one is logged, not stored,
-    because a unique-constraint error would otherwise fail the whole batch.
+    because a unique-constraint error would otherwise fail the whole batch. In a ``replay`` that is
+    what the crash between journal and database looks like, so it is skipped silently.
     """
     insert: list[LedgerRow] = []
     replace: list[str] = []
@@ -65,11 +70,13 @@ def split_existing(rows: Sequence[LedgerRow], existing: dict[str, bool]) -> tupl
     for row in rows:
         rid = row.request_id
         if rid in seen or (rid in existing and not existing[rid]):
+            if replay:
+                continue
             log.warning("ledger: request %s is already recorded; keeping the first, dropping %s", rid, entry_json(row))
             continue
         seen.add(rid)
         if existing.get(rid):
-            log.info("ledger: request %s settled after it was reconciled as crashed; replacing the estimate", rid)
+            log.info("ledger: request %s settled after it was reconciled as interrupted; replacing the estimate", rid)
             replace.append(rid)
         insert.append(row)
     return insert, replace

@@ -99,7 +99,9 @@ class PostgresLedger(Ledger):
         async with self.pool.acquire() as conn, conn.transaction():
             if batch.rows:
                 found = await conn.fetch(EXISTING, [r.request_id for r in batch.rows])
-                insert, replace = split_existing(batch.rows, {r["request_id"]: r["replaceable"] for r in found})
+                insert, replace = split_existing(
+                    batch.rows, {r["request_id"]: r["replaceable"] for r in found}, replay=batch.replay
+                )
                 if replace:
                     await conn.execute("DELETE FROM ledger WHERE request_id = ANY($1::text[])", replace)
                 if insert:

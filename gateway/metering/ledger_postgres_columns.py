@@ -38,7 +38,7 @@ UPSERT_RES = (
 SELECT_ROW = f"SELECT {', '.join(ROW_COLUMNS)} FROM ledger"
 SELECT_RES = f"SELECT {', '.join(RES_COLUMNS)} FROM open_reservations"
 EXISTING = (
-    "SELECT request_id, (outcome = 'crashed' AND estimated AND status = 0) AS replaceable"
+    "SELECT request_id, (outcome IN ('crashed', 'interrupted') AND estimated) AS replaceable"
     " FROM ledger WHERE request_id = ANY($1::text[])"
 )
 

@@ -21,12 +21,18 @@ import orjson
 
 T = TypeVar("T")
 
-OUTCOMES = frozenset({"ok", "upstream_error", "cut", "client_cancelled", "timeout", "rejected", "crashed"})
+OUTCOMES = frozenset(
+    {"ok", "upstream_error", "cut", "client_cancelled", "client_closed", "timeout", "rejected", "interrupted"}
+    | {"crashed"}  # what rows rebuilt after a crash said before "interrupted"; older ledgers hold them
+)
+"""``client_cancelled``: the client went away while the answer was coming (billed for what was relayed);
+``client_closed``: it went away before its request body was in (nothing was sent upstream);
+``interrupted``: the gateway died before settling the request (an estimated row rebuilt at start-up)."""
 
 RECONCILED_STATUS = 0
 """HTTP status of a row made from an orphaned reservation: no client ever got a status. A real row for
-the same request (a replica that was only slow, not dead) replaces such a row instead of being refused
-as a duplicate."""
+the same request (a replica that was only slow, not dead) replaces an ``interrupted`` estimate instead
+of being refused as a duplicate."""
 
 
 @dataclass(slots=True)
@@ -138,7 +144,9 @@ def encode_all(encode: Callable[[T], tuple[Any, ...]], entries: Sequence[T]) -> 
 
 
 def reconciled_row(res: OpenReservation, cost: Decimal, reason: str) -> LedgerRow:
-    """The estimated row standing in for a request whose gateway died before settling it."""
+    """The estimated row standing in for a request whose gateway died before settling it, made from
+    the database's open reservation (a replica whose journal is gone; the journal's own records make
+    a fuller one, :func:`gateway.metering.journal_records.interrupted_row`)."""
     return LedgerRow(
         request_id=res.request_id,
         ts=res.ts,
@@ -162,7 +170,7 @@ def reconciled_row(res: OpenReservation, cost: Decimal, reason: str) -> LedgerRo
         ttft_ms=None,
         latency_ms=0.0,
         status=RECONCILED_STATUS,
-        outcome="crashed",
+        outcome="interrupted",
         estimated=True,
         estimate_reason=reason,
         route_reason="reconciled from an open reservation",

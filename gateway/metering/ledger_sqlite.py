@@ -180,7 +180,7 @@ class SqliteLedger(Ledger):
     async def _existing(self, conn: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, bool]:
         """Which of ``ids`` are recorded, and whether each is a replaceable reconciled estimate."""
         rows = await conn.execute_fetchall(
-            "SELECT request_id, (outcome = 'crashed' AND estimated AND status = 0) FROM ledger"
+            "SELECT request_id, (outcome IN ('crashed', 'interrupted') AND estimated) FROM ledger"
             " WHERE request_id IN (SELECT value FROM json_each(?))",
             [json_param(ids)],
         )
@@ -204,7 +204,7 @@ class SqliteLedger(Ledger):
         lookup of each id (``careful``)."""
         if batch.rows and careful:
             existing = await self._existing(conn, [r.request_id for r in batch.rows])
-            insert, replace = split_existing(batch.rows, existing)
+            insert, replace = split_existing(batch.rows, existing, replay=batch.replay)
             if replace:
                 await conn.execute(DELETE_ROWS, [json_param(replace)])
             await insert_rows(conn, INSERT_ROW, insert)
@@ -217,6 +217,20 @@ class SqliteLedger(Ledger):
             await conn.execute(DELETE_RESERVATIONS, [json_param(batch.settled)])
         for sql, params in values_statements(UPSERT_RES, reservations):
             await conn.execute(sql, params)
+
+    async def make_durable(self) -> bool:
+        """Checkpoint the WAL into the database file. With ``synchronous = NORMAL`` a commit is safe
+        from a process crash but not from a power loss until a checkpoint syncs it; a checkpoint that
+        copied every frame has synced the log and the file, which is what the journal waits for
+        before deleting a segment. False when a reader still holds part of the log (try again)."""
+        if self.memory:
+            return True
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the ledger is not open")
+        async with self._lock:
+            ((busy, frames, done),) = await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+        return not busy and frames == done
 
     async def _reconcile(
         self, opened_before: float | None, make_row: Callable[[OpenReservation], LedgerRow]

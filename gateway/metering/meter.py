@@ -3,6 +3,11 @@
 The request path fills a :class:`Metered` as it goes and calls :meth:`Meter.settle` exactly once on
 every path out (success, upstream error, timeout, client cancel). Settling never awaits I/O: the
 ledger row is queued for the batch writer, the budget counter is adjusted in the state backend.
+
+With a :class:`~gateway.metering.journal.Journal` the meter also writes the request's crash record:
+:meth:`Meter.started` before each upstream call, :meth:`Meter.progress` as a stream relays, and the
+exact row through :meth:`Meter.seal` before the answer's last byte (the relays call it) or in
+:meth:`Meter.settle` for requests that end otherwise. The row sealed is the row the ledger stores.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.metering.budget import Budgets, Reservation
+from gateway.metering.journal import Journal
+from gateway.metering.journal_records import Started
 from gateway.metering.ledger import Ledger
 from gateway.metering.ledger_rows import LedgerRow, OpenReservation
 from gateway.metering.money import from_nanos
@@ -63,13 +70,20 @@ class Metered:
     route_reason: str = ""
     cost: Cost | None = None
     settled: bool = False
+    row: LedgerRow | None = None  # sealed before the answer's last byte; the one row the ledger stores
+
+
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": no answer could be sent
 
 
 class Meter:
-    def __init__(self, prices: PriceBook, budgets: Budgets, ledger: Ledger | None) -> None:
+    def __init__(
+        self, prices: PriceBook, budgets: Budgets, ledger: Ledger | None, journal: Journal | None = None
+    ) -> None:
         self.prices = prices
         self.budgets = budgets
         self.ledger = ledger
+        self.journal = journal
         self._gauge_due: set[str] = set()
         self._gauge_tasks: set[asyncio.Task[None]] = set()
 
@@ -100,6 +114,57 @@ class Meter:
                 endpoint=m.endpoint,
             )
         )
+
+    def started(self, m: Metered, prompt_bytes: int) -> None:
+        """The journal's start line: the request is about to go to ``m.upstream`` (the last start
+        of a request wins, so a failover names the candidate that was actually called)."""
+        if self.journal is None:
+            return
+        self.journal.started(
+            Started(
+                m.request_id, m.ts, m.tenant.name, m.key_id, m.app, m.user, m.tags, m.virtual_model, m.upstream,
+                m.upstream_model, m.label, m.stream, prompt_bytes, m.endpoint, m.route_reason,
+            )
+        )  # fmt: skip
+
+    def progress(self, m: Metered, events: int) -> None:
+        """``events`` SSE events of ``m``'s stream are about to have reached the client."""
+        if self.journal is not None:
+            self.journal.progress(m.request_id, events)
+
+    def seal(self, m: Metered) -> LedgerRow:
+        """The request's final row, written to the journal now: call once its cost is computed and
+        before the last byte of the answer goes out. :meth:`settle` stores this same row."""
+        if m.row is None:
+            cost = m.cost or Cost(ZERO, ZERO, "")
+            usage = m.usage or Usage()
+            # positional: a 29-field row built by keyword costs twice as much, once per request
+            m.row = LedgerRow(
+                m.request_id, m.ts, m.tenant.name, m.key_id, m.app, m.user, m.tags, m.virtual_model, m.upstream,
+                m.upstream_model, m.stream, usage.prompt_tokens, usage.cached_tokens,
+                usage.completion_tokens, usage.reasoning_tokens, sum(m.tool_calls.values()) if m.tool_calls else 0,
+                cost.usd, cost.cache_savings, cost.price_version or None, m.ttft_ms, m.latency_ms, m.status,
+                m.outcome, m.estimate_reason is not None, m.estimate_reason, m.route_reason, cost.nanos,
+                cost.savings_nanos, m.endpoint, m.upstream_key,
+            )  # fmt: skip
+            if self.journal is not None:
+                self.journal.finished(m.row)
+        return m.row
+
+    def client_closed(self, request_id: str, tenant: Tenant, key_id: str, endpoint: str, latency_ms: float) -> None:
+        """The row of a request whose client closed the connection before its body was in: nothing
+        was parsed or sent upstream, so it costs nothing, but finance sees that it happened."""
+        m = Metered(request_id, time.time(), tenant, key_id, UNKNOWN, False, {}, endpoint=endpoint)
+        m.status, m.outcome, m.latency_ms = CLIENT_CLOSED_STATUS, "client_closed", latency_ms
+        m.route_reason = "the client closed the connection before its request body was in"
+        m.settled = True
+        self._store(self.seal(m))
+
+    def _store(self, row: LedgerRow) -> None:
+        if self.ledger is not None:
+            self.ledger.record(row)
+        if self.journal is not None:
+            self.journal.recorded(row.request_id)
 
     async def compute(self, m: Metered) -> Cost:
         """Usage (reported, else estimated when the upstream may have billed) and its exact cost.
@@ -144,18 +209,8 @@ class Meter:
             s.savings.inc(cost.savings_nanos / 1e9)
         if m.tenant.budget is not None:
             self._remaining_soon(m)
-        if self.ledger is not None:
-            # positional: a 29-field row built by keyword costs twice as much, once per request
-            self.ledger.record(
-                LedgerRow(
-                    m.request_id, m.ts, tenant, m.key_id, m.app, m.user, m.tags, model, m.upstream,
-                    m.upstream_model, m.stream, usage.prompt_tokens, usage.cached_tokens,
-                    usage.completion_tokens, usage.reasoning_tokens, sum(m.tool_calls.values()) if m.tool_calls else 0,
-                    cost.usd, cost.cache_savings, cost.price_version or None, m.ttft_ms, m.latency_ms, m.status,
-                    m.outcome, m.estimate_reason is not None, m.estimate_reason, m.route_reason, cost.nanos,
-                    cost.savings_nanos, m.endpoint, m.upstream_key,
-                )
-            )  # fmt: skip
+        if self.ledger is not None or self.journal is not None:
+            self._store(self.seal(m))
 
     def _remaining_soon(self, m: Metered) -> None:
         """Refresh the gauge within a second, once per tenant however many requests settle meanwhile:

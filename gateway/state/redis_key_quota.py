@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.state.key_quota import MARGIN_S, UNKNOWN_WAIT_S, WINDOW_S, KeyGrant, KeyLimits, KeyQuotaState, KeyView
-from gateway.state.redis_link import RedisLink, script
+from gateway.state.redis_link import Batcher, script
 
 _COMMON = """
 local function purge(h, w, f, now)
@@ -167,7 +167,7 @@ def _ms(seconds: float) -> int:
 
 
 class RedisKeyQuotaState(KeyQuotaState):
-    def __init__(self, link: RedisLink) -> None:
+    def __init__(self, link: Batcher) -> None:
         self._redis = link
         self._ns = link.settings.namespace
         self._names: dict[str, tuple[str, str, str]] = {}

@@ -737,7 +737,7 @@ async def test_reservations_left_by_a_crash_become_estimated_rows(make: Factory,
     assert await ledger.open_reservations() == []
     got = await ledger.get("req-00003")
     assert got is not None
-    assert (got.outcome, got.status, got.estimated, got.estimate_reason) == ("crashed", 0, True, "replica died")
+    assert (got.outcome, got.status, got.estimated, got.estimate_reason) == ("interrupted", 0, True, "replica died")
     assert (got.tenant, got.app, got.prompt_tokens, got.cost_usd) == ("acme", "checkout", 1500, C3)
     (total,) = await ledger.spend(group_by=[])
     assert (total["requests"], total["estimated_requests"]) == (3, 2)

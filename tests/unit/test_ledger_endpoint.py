@@ -93,8 +93,8 @@ async def test_a_crashed_request_keeps_its_endpoint_in_the_estimated_row(ledger_
     try:
         rows = await restarted.reconcile_open_reservations()
         assert {(r.request_id, r.endpoint, r.outcome) for r in rows} == {
-            ("req-00007", "responses", "crashed"),
-            ("req-00008", "messages", "crashed"),
+            ("req-00007", "responses", "interrupted"),
+            ("req-00008", "messages", "interrupted"),
         }
         stored = await restarted.get("req-00007")
         assert stored is not None and stored.endpoint == "responses" and stored.estimated
