@@ -21,7 +21,10 @@ import orjson
 
 T = TypeVar("T")
 
-OUTCOMES = frozenset({"ok", "upstream_error", "cut", "client_cancelled", "timeout", "rejected", "crashed"})
+OUTCOMES = frozenset(
+    {"ok", "upstream_error", "invalid_response", "cut", "client_cancelled", "timeout", "rejected", "crashed"}
+)
+"""``invalid_response``: an upstream's 200 that was not an answer (never billed as a success)."""
 
 RECONCILED_STATUS = 0
 """HTTP status of a row made from an orphaned reservation: no client ever got a status. A real row for
