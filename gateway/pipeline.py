@@ -280,7 +280,8 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
 
     The plan is tried in order: a candidate that fails before answering (connect error, 5xx, 429,
     first-byte timeout, a 404 for a retired model id, a 200 that is no answer, a stream that breaks or
-    ends before its first event) hands the request to the next one; nothing has reached the client yet. The last candidate's failure is the client's answer.
+    ends before its first event) hands the request to the next one; nothing has reached the client
+    yet. The last candidate's failure is the client's answer.
     """
     m = ex.metered
     try:
