@@ -4,8 +4,8 @@ An upstream's 200 stream can carry what no client can read: a ``data:`` line tha
 of another shape, a proxy's HTML page between two events. The relay checks every block before it
 leaves, so this must cost next to nothing on the hot path: a block in the usual framing (``data:
 {...}`` events, LF line ends, one line each, the ``[DONE]`` event) is judged by counting substrings
-(a handful of memchr-speed passes over bytes the relay already holds), with no event split out and
-none parsed. Only a block in another framing (CRLF, comments, ``event:`` lines, multi-line data) or
+(six memchr-speed calls over bytes the relay already holds, whatever the number of events), with no
+event split out and none parsed. Only a block in another framing (CRLF, comments, ``event:`` lines, multi-line data) or
 one the counts reject is looked at event by event, and each of its data payloads parsed.
 
 The counts check framing and shape (each event is one ``data: {`` ... ``}`` line naming ``choices``,
@@ -26,14 +26,20 @@ def first_invalid(block: bytes) -> tuple[int, str] | None:
     them over) that is no chat completion chunk, ``[DONE]``, comment or error event; None when there
     is none. ``what`` names the kind of problem, never the upstream's bytes (they may hold anything:
     the caller logs them, redacted)."""
-    events = block.count(b"\n\n")
-    if events and b"\r" not in block and block.count(b"\n") == 2 * events and block.endswith(b"\n\n"):
-        objects = block.count(b"\n\ndata: {") + block.startswith(b"data: {")
-        done = block.count(b"\n\ndata: [DONE]\n\n") + block.startswith(b"data: [DONE]\n\n")
-        if (
-            objects + done == events
-            and block.count(b"}\n\n") == objects
-            and block.count(b'"choices":') + block.count(b'data: {"error":') >= objects
+    # The usual framing in six C calls: a block that starts with "data: {", whose events are
+    # separated by "}\n\ndata: {" and which ends with "}\n\n" (or a "[DONE]" event after one), holds
+    # exactly two newlines per event exactly when every event is one such line.
+    if block.startswith(b"data: {") and b"\r" not in block:
+        objects = block.count(b"}\n\ndata: {") + 1
+        if block.endswith(b"}\n\n"):
+            lines = 2 * objects
+        elif block.endswith(b"}\n\ndata: [DONE]\n\n"):
+            lines = 2 * objects + 2
+        else:
+            lines = -1
+        if block.count(b"\n") == lines and (
+            block.count(b'"choices":') + (block.count(b'data: {"error":') if objects > 1 else 0) >= objects
+            or block.startswith(b'data: {"error":')
         ):
             return None
     return _event_by_event(block)
