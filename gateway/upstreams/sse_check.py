@@ -3,15 +3,16 @@
 An upstream's 200 stream can carry what no client can read: a ``data:`` line that is not JSON, JSON
 of another shape, a proxy's HTML page between two events. The relay checks every block before it
 leaves, so this must cost next to nothing on the hot path: a block in the usual framing (``data:
-{...}`` events, LF line ends, one line each, the ``[DONE]`` event) is judged by counting substrings
-(six memchr-speed calls over bytes the relay already holds, whatever the number of events), with no
-event split out and none parsed. Only a block in another framing (CRLF, comments, ``event:`` lines, multi-line data) or
-one the counts reject is looked at event by event, and each of its data payloads parsed.
+{...}`` events, one line each, LF line ends, the ``[DONE]`` event) is judged by counting substrings
+(three passes of CPython's substring count over bytes the relay already holds, whatever the number
+of events), with no event split out and none parsed. Only a block in another framing (CRLF,
+comments, ``event:`` lines, multi-line data) or one the counts reject is looked at event by event,
+and each of its data payloads parsed.
 
-The counts check framing and shape (each event is one ``data: {`` ... ``}`` line naming ``choices``,
-or an ``error``); they do not parse what is between the braces. Where the gateway parses events
-anyway (usage, transforms, the Messages and Responses translators) a body that still is not JSON is
-dropped there, as before; a byte-relayed one reaches the client as the upstream wrote it.
+The counts check framing and shape (each event is one ``data: {`` ... ``}`` line naming ``choices``
+once, or an error event); they do not parse what is between the braces. Where the gateway parses
+events anyway (usage, transforms, the Messages and Responses translators) a body that still is not
+JSON is dropped there, as before; a byte-relayed one reaches the client as the upstream wrote it.
 """
 
 from __future__ import annotations
@@ -26,22 +27,23 @@ def first_invalid(block: bytes) -> tuple[int, str] | None:
     them over) that is no chat completion chunk, ``[DONE]``, comment or error event; None when there
     is none. ``what`` names the kind of problem, never the upstream's bytes (they may hold anything:
     the caller logs them, redacted)."""
-    # The usual framing in six C calls: a block that starts with "data: {", whose events are
-    # separated by "}\n\ndata: {" and which ends with "}\n\n" (or a "[DONE]" event after one), holds
-    # exactly two newlines per event exactly when every event is one such line.
+    # The usual framing in three passes over the bytes. A block that starts with "data: {", ends
+    # with "}\n\n" (or a "[DONE]" event after one) and has two newlines per "}\n\ndata: {"-separated
+    # event has one-line "data: {...}" events only: anything else between them ("data: hiccup",
+    # HTML, a chunk cut before its "}") adds newlines or breaks a separator. Each of those events
+    # names "choices" once, or is an error event; one of another shape names neither.
     if block.startswith(b"data: {") and b"\r" not in block:
-        objects = block.count(b"}\n\ndata: {") + 1
+        events = block.count(b"}\n\ndata: {") + 1
         if block.endswith(b"}\n\n"):
-            lines = 2 * objects
+            lines = 2 * events
         elif block.endswith(b"}\n\ndata: [DONE]\n\n"):
-            lines = 2 * objects + 2
+            lines = 2 * events + 2
         else:
             lines = -1
-        if block.count(b"\n") == lines and (
-            block.count(b'"choices":') + (block.count(b'data: {"error":') if objects > 1 else 0) >= objects
-            or block.startswith(b'data: {"error":')
-        ):
-            return None
+        if block.count(b"\n") == lines:
+            choices = block.count(b'"choices":')
+            if choices == events or (choices < events and choices + block.count(b'data: {"error":') == events):
+                return None
     return _event_by_event(block)
 
 

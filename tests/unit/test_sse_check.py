@@ -4,7 +4,7 @@ is judged event by event, and both find the same first event that is no chat com
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.upstreams.sse_check import _event_by_event, first_invalid
@@ -64,6 +64,7 @@ def test_a_block_without_its_final_blank_line_is_checked_too() -> None:
 events = st.lists(st.sampled_from(GOOD + ODD_BUT_VALID), min_size=1, max_size=8)
 
 
+@settings(max_examples=400)
 @given(events, st.sampled_from(list(BAD)), st.data())
 def test_counts_and_the_event_by_event_check_agree(good: list[bytes], bad: bytes, data: st.DataObject) -> None:
     block = b"".join(good)
@@ -71,3 +72,9 @@ def test_counts_and_the_event_by_event_check_agree(good: list[bytes], bad: bytes
     at = data.draw(st.integers(0, len(good)))
     spoiled = b"".join(good[:at]) + bad + b"".join(good[at:])
     assert first_invalid(spoiled) == _event_by_event(spoiled) == (len(b"".join(good[:at])), BAD[bad])
+
+
+def test_a_cut_chunk_before_the_upstreams_own_error_is_found() -> None:
+    """The error event has no "choices": counted apart, it cannot stand in for the cut chunk's lost "}"."""
+    cut = b'data: {"id":"c1","choices":[{"index":0,"delta\n\n'
+    assert first_invalid(ROLE + cut + ERROR) == (len(ROLE), "an event whose data is not JSON")
