@@ -210,7 +210,7 @@ def spend_report(
     from_: Annotated[str | None, typer.Option("--from", help="Start: date, ISO time or unix seconds.")] = None,
     to: Annotated[str | None, typer.Option("--to", help="End (exclusive): date, ISO time or unix seconds.")] = None,
     group_by: Annotated[
-        str, typer.Option("--group-by", "--by", help="tenant,app,key,model,upstream,endpoint,day,month")
+        str, typer.Option("--group-by", "--by", help="tenant,app,key,user,model,upstream,endpoint,day,month")
     ] = "tenant,model",
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",

@@ -24,7 +24,17 @@ from gateway.metering.tokens import requested_max_tokens, upper_bound_tokens
 from gateway.observability import UPSTREAM_FAILURES, log
 from gateway.policy.store import Candidate
 from gateway.reasoning.inbound import prepare_reasoning
-from gateway.relay import correct_rate, read_whole, relay_stream, relay_whole
+from gateway.relay import (
+    INVALID,
+    NotAnAnswer,
+    Primed,
+    Whole,
+    correct_rate,
+    read_first,
+    read_whole,
+    relay_stream,
+    relay_whole,
+)
 from gateway.routing.budget_fit import prefer_affordable
 from gateway.routing.expected import Option
 from gateway.routing.keys import NoKey, Pool, held_by_key, key_tokens
@@ -123,7 +133,6 @@ async def _reserve(rt: Runtime, ex: Exchange) -> None:
             ex.route_reason += f"; budget: max_tokens lowered to {reservation.max_tokens}"
 
 
-INVALID = "invalid_response"  # the failure kind of a 200 that is not an answer
 KEYS_EXHAUSTED = "keys_exhausted"  # no key of the upstream's pool had room: says nothing about its health
 _KEY_REFUSALS = ("429", "401", "403")  # answers about one pool key: the next key of the pool may serve
 
@@ -180,24 +189,52 @@ async def _call(rt: Runtime, ex: Exchange, candidate: Candidate, body: bytes, ke
             raise CandidateFailed(error, str(reply.status), reply.retry_after)
         raise error
     m.reached_upstream = True
-    if ex.stream and reply.content_type and "event-stream" not in reply.content_type:
+    kind = reply.content_type
+    if kind and ("event-stream" not in kind if ex.stream else "json" not in kind):
         await reply.aclose()
-        raise _not_an_answer(ex, candidate, f"a {reply.content_type.split(';')[0]} body to a stream request")
+        asked = "a stream" if ex.stream else "a JSON"
+        raise _not_an_answer(ex, candidate, f"a {kind.split(';')[0].strip()} body to {asked} request")
     return reply
 
 
-async def _whole(ex: Exchange, reply: UpstreamReply, candidate: Candidate, sent_at: float) -> bytes:
+async def _whole(ex: Exchange, reply: UpstreamReply, candidate: Candidate, sent_at: float) -> Whole:
     """The non-stream answer, read before anything goes to the client (so a body that is no answer
     can still fail over); the reply is closed when it is not relayed."""
     try:
-        payload = await read_whole(ex, reply, sent_at)
+        whole = await read_whole(ex, reply, sent_at)
     except BaseException:  # a broken read or a client gone: drop the connection
         await reply.aclose(abort=True)
         raise
-    if payload is None:
+    if whole is None:
         await reply.aclose()
         raise _not_an_answer(ex, candidate, "a body that is not a JSON chat completion")
-    return payload
+    return whole
+
+
+async def _first(ex: Exchange, reply: UpstreamReply, candidate: Candidate) -> Primed:
+    """The stream's first events, read and checked before anything goes to the client, so a stream
+    that is no answer, or breaks before its first event, can still fail over; the reply is closed
+    when it is not relayed."""
+    try:
+        return await read_first(ex, reply)
+    except NotAnAnswer as failed:
+        await reply.aclose(abort=True)
+        raise _not_an_answer(ex, candidate, failed.what) from None
+    except UpstreamFailure as failure:
+        await reply.aclose(abort=True)
+        UPSTREAM_FAILURES.labels(candidate.upstream, failure.kind).inc()
+        m = ex.metered
+        m.estimate_reason = f"{failure.message} before the first event; the upstream may have billed the prompt"
+        if failure.is_timeout:
+            m.outcome = "timeout"
+            raise CandidateFailed(errors.gateway_timeout(failure.message), failure.kind) from None
+        m.outcome = "cut"
+        raise CandidateFailed(
+            errors.bad_gateway(failure.message, code=f"upstream_{failure.kind}"), failure.kind
+        ) from None
+    except BaseException:  # a client gone: drop the connection
+        await reply.aclose(abort=True)
+        raise
 
 
 async def _call_pooled(rt: Runtime, ex: Exchange, plan: Plan, option: Option, pool: Pool, body: bytes) -> UpstreamReply:
@@ -266,7 +303,7 @@ def _not_an_answer(ex: Exchange, candidate: Candidate, what: str) -> CandidateFa
     estimate (it may have generated, and billed, the answer it failed to send)."""
     UPSTREAM_FAILURES.labels(candidate.upstream, INVALID).inc()
     m = ex.metered
-    m.outcome = "upstream_error"
+    m.outcome = INVALID
     m.estimate_reason = f"the upstream answered 200 with {what}; it may have billed the prompt"
     message = f"Upstream '{candidate.upstream}' answered 200 with {what}."
     return CandidateFailed(errors.bad_gateway(message, code="upstream_invalid_response"), INVALID)
@@ -310,8 +347,9 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
     """Serve one chat/completions request end to end; raises GatewayError before any byte is sent.
 
     The plan is tried in order: a candidate that fails before answering (connect error, 5xx, 429,
-    first-byte timeout, a 404 for a retired model id) hands the request to the next one; nothing has
-    reached the client yet. The last candidate's failure is the client's answer.
+    first-byte timeout, a 404 for a retired model id, a 200 that is no answer, a stream that breaks or
+    ends before its first event) hands the request to the next one; nothing has reached the client
+    yet. The last candidate's failure is the client's answer.
     """
     m = ex.metered
     try:
@@ -341,7 +379,10 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
                     reply = await _call(rt, ex, option.candidate, body)
                 else:
                     reply = await _call_pooled(rt, ex, plan, option, pool, body)
-                payload = None if ex.stream else await _whole(ex, reply, option.candidate, sent_at)
+                if ex.stream:
+                    primed, whole = await _first(ex, reply, option.candidate), None
+                else:
+                    primed, whole = None, await _whole(ex, reply, option.candidate, sent_at)
             except CandidateFailed as failed:
                 if ex.key_lease is not None:
                     await _release_key(rt, ex)
@@ -359,10 +400,11 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
                 continue
             first_at = time.perf_counter()
             try:
-                if payload is None:
-                    await relay_stream(rt, ex, reply, send, watch, sent_at, client_wants_usage)
+                if primed is not None:
+                    await relay_stream(rt, ex, primed, send, watch, sent_at, client_wants_usage)
                 else:
-                    await relay_whole(rt, ex, payload, send, watch)
+                    assert whole is not None
+                    await relay_whole(rt, ex, whole, send, watch)
             finally:
                 await reply.aclose(abort=watch.disconnected)
             if m.outcome == "ok":
@@ -370,6 +412,8 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
                 ttft, gen = (first_at - sent_at, done - first_at) if ex.stream else (None, done - sent_at)
                 await rt.router.served(ex.tenant, plan, option, ttft, gen, m.usage)
                 rt.dead.served(option.label)  # a probe of a retired candidate that answered
+            elif m.outcome == INVALID:  # garbage mid-stream: the candidate's health hears of it
+                rt.router.failed(option, INVALID)
             return
     except GatewayError as error:
         m.status = error.status

@@ -42,6 +42,7 @@ import orjson
 from .cache import PrefixCache
 from .errors import RequestError, default_message, error_body
 from .faults import Fault, FaultQueue
+from .garbage import HTML_PAGE, garbage_body, garbage_stream, garbage_type
 from .keys import KeyQuotas
 from .planning import plan_reply
 from .profiles import Profile
@@ -60,10 +61,6 @@ JSON_HEADERS: list[tuple[str, str]] = [("content-type", "application/json")]
 SSE_HEADERS: list[tuple[str, str]] = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
 
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
-
-
-# what a proxy in front of a provider answers with a 200 when the provider behind it is gone
-HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
 
 
 class Simulator:
@@ -280,23 +277,27 @@ class Simulator:
         may_block = profile.timed or stall > 0 or stall_mid > 0
         if chat.stream:
             events, tokens = render_stream(plan, profile.dialect, profile.parsers)
+            headers = SSE_HEADERS
+            if fault is not None and fault.garbage is not None:
+                events, tokens = garbage_stream(fault.garbage, events, tokens, fault.garbage_after_events)
+                headers = [("content-type", garbage_type(fault.garbage, True)), ("cache-control", "no-cache")]
             spt = profile.seconds_per_token / max(1, len(plan.choices))
             gaps = _gaps(tokens, spt) if spt > 0 else None
             cut = fault.cut_after_events if fault is not None else None
             iterator = self._stream(events, gaps, hold, profile.ttft_s + stall, stall_mid, cut)
-            return SimReply(status=200, headers=SSE_HEADERS, events=iterator, may_block=may_block)
+            return SimReply(status=200, headers=headers, events=iterator, may_block=may_block)
         decode = profile.seconds_per_token * plan.completion_tokens / max(1, len(plan.choices))
         delay = profile.ttft_s + decode + stall + stall_mid
         body = render_body(plan, profile.dialect, profile.parsers)
-        if fault is not None and fault.garbage == "truncated":
-            body = body[: len(body) // 2]
+        headers = JSON_HEADERS
+        if fault is not None and fault.garbage is not None:
+            body = garbage_body(fault.garbage, body)
+            headers = [("content-type", garbage_type(fault.garbage, False))]
 
         async def generate() -> None:
             await self._occupy(hold, delay)
 
-        return SimReply(
-            status=200, headers=JSON_HEADERS, body=body, delay_s=delay, may_block=may_block, _waiter=generate
-        )
+        return SimReply(status=200, headers=headers, body=body, delay_s=delay, may_block=may_block, _waiter=generate)
 
     async def _occupy(self, hold: int, delay: float) -> None:
         """A non-stream reply's time on the "GPU": queue for a slot, prefill + decode, free it."""

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .garbage import KINDS
+
 
 def _number(name: str, value: Any, *, minimum: float = 0.0) -> None:
     if value is None:
@@ -37,9 +39,10 @@ class Fault:
     stall_mid_s: stream: wait this long after the first two events (role + first delta);
         non-stream: added to the delay.
     drop: close the connection without any response.
-    garbage: a 200 that is not an answer, as a misbehaving proxy in front of a provider sends:
-        ``"html"`` (an HTML error page, ``text/html``, stream or not) or ``"truncated"`` (non-stream:
-        the first half of the real JSON body, labelled ``application/json``).
+    garbage: a 200 that is not an answer, as a misbehaving proxy in front of a provider sends, stream
+        or not: ``html``, ``truncated``, ``not_json``, ``wrong_shape``, ``html_mid`` or ``text_plain``
+        (what each sends: ``simulator/garbage.py``).
+    garbage_after_events: stream: how many real events come before the garbage (default 2).
     count: how many matching requests the fault applies to; -1 = until cleared.
     model: apply only to requests naming this model.
     key: apply only to requests sent with this API key (a 429 storm on one key of a pool).
@@ -52,6 +55,7 @@ class Fault:
     stall_mid_s: float | None = None
     drop: bool = False
     garbage: str | None = None
+    garbage_after_events: int | None = None
     count: int = 1
     model: str | None = None
     key: str | None = None
@@ -66,14 +70,12 @@ class Fault:
         _number("retry_after", self.retry_after)
         _number("stall_s", self.stall_s)
         _number("stall_mid_s", self.stall_mid_s)
-        if self.cut_after_events is not None and (
-            not isinstance(self.cut_after_events, int)
-            or isinstance(self.cut_after_events, bool)
-            or self.cut_after_events < 0
-        ):
-            raise ValueError(f"fault field 'cut_after_events' must be an integer >= 0, got {self.cut_after_events!r}")
-        if self.garbage not in (None, "html", "truncated"):
-            raise ValueError(f"fault field 'garbage' must be 'html' or 'truncated', got {self.garbage!r}")
+        if self.garbage is not None and self.garbage not in KINDS:
+            raise ValueError(f"fault field 'garbage' must be one of {', '.join(KINDS)}, got {self.garbage!r}")
+        for name in ("cut_after_events", "garbage_after_events"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"fault field {name!r} must be an integer >= 0, got {value!r}")
         if not isinstance(self.drop, bool):
             raise ValueError(f"fault field 'drop' must be a boolean, got {self.drop!r}")
         if not isinstance(self.count, int) or isinstance(self.count, bool) or (self.count < 1 and self.count != -1):

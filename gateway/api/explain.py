@@ -71,12 +71,12 @@ async def route_explain(rt: Runtime, limit: int, scope: Scope, receive: Receive,
         check_json_content_type(headers)
         raw = await read_body(receive, headers, limit)
         body = parse_chat_body(raw)
-        tags = parse_tags(headers.get(b"x-gateway-tags"))
+        parse_tags(headers.get(b"x-gateway-tags"))  # refused as chat/completions would refuse it
         max_latency = parse_max_latency(headers.get(MAX_LATENCY_HEADER))
         route = entry.tenant.routes.get(body["model"])
         if route is None:
             raise errors.model_not_found(body["model"])
-        fraction = await remaining_fraction(rt.meter.budgets, entry.tenant, tags.get("app"), time.time())
+        fraction = await remaining_fraction(rt.meter.budgets, entry.tenant, entry.app, time.time())  # the key's app
         plan = await rt.router.plan(
             entry.tenant,
             route,

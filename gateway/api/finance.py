@@ -78,7 +78,7 @@ def build_finance_app(rt: Runtime, admin_key: str | None) -> FastAPI:
     async def spend(
         authorization: Annotated[str | None, Header()] = None,
         group_by: Annotated[
-            str, Query(description="tenant,app,key,model,upstream,endpoint,day,month")
+            str, Query(description="tenant,app,key,user,model,upstream,endpoint,day,month")
         ] = "tenant,model",
         from_: Annotated[str | None, Query(alias="from", description="date, ISO time or unix seconds")] = None,
         to: Annotated[str | None, Query(description="exclusive end; date, ISO time or unix seconds")] = None,

@@ -132,7 +132,9 @@ def open_exchange(
     endpoint: str = "chat/completions",
 ) -> Exchange:
     """The exchange of one parsed request (any front end; ``endpoint`` names the wire format the
-    client spoke), metered under its tags and user; 404 when its tenant may not use the model."""
+    client spoke), metered under its key's app, its user and its tags; 404 when its tenant may not
+    use the model. The app comes from the key, never from ``x-gateway-tags``: any client of the
+    tenant can set a header, so a tag can label a row but cannot put spend under another app's cap."""
     tags = parse_tags(headers.get(b"x-gateway-tags"))
     user = body.get("user")
     stream = bool(body.get("stream"))
@@ -144,7 +146,7 @@ def open_exchange(
         body["model"],
         stream,
         body,
-        app=tags.get("app"),
+        app=entry.app,
         user=user if isinstance(user, str) else None,
         tags=tags,
         endpoint=endpoint,

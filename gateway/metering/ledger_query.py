@@ -12,8 +12,9 @@ from typing import Any
 
 GROUPS: dict[str, str] = {
     "tenant": "tenant",
-    "app": "app",
+    "app": "app",  # the app that owns the request's key (the policy's apps)
     "key": "key_id",
+    "user": "end_user",  # the request's own label: the body's user (Messages: metadata.user_id)
     "model": "virtual_model",
     "upstream": "upstream",
     "upstream_key": "upstream_key",

@@ -22,10 +22,21 @@ import orjson
 T = TypeVar("T")
 
 OUTCOMES = frozenset(
-    {"ok", "upstream_error", "cut", "client_cancelled", "client_closed", "timeout", "rejected", "interrupted"}
+    {
+        "ok",
+        "upstream_error",
+        "invalid_response",
+        "cut",
+        "client_cancelled",
+        "client_closed",
+        "timeout",
+        "rejected",
+        "interrupted",
+    }
     | {"crashed"}  # what rows rebuilt after a crash said before "interrupted"; older ledgers hold them
 )
-"""``client_cancelled``: the client went away while the answer was coming (billed for what was relayed);
+"""``invalid_response``: an upstream's 200 that was not an answer (never billed as a success);
+``client_cancelled``: the client went away while the answer was coming (billed for what was relayed);
 ``client_closed``: it went away before its request body was in (nothing was sent upstream);
 ``interrupted``: the gateway died before settling the request (an estimated row rebuilt at start-up)."""
 

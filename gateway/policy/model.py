@@ -1,8 +1,10 @@
 """The schema of one tenant's policy file (``policies/<tenant>.yaml``).
 
-A policy names a tenant, the keys that authenticate it (stored only as ``sha256:<hex>``) and its
-virtual models: the model name an app sends, mapped to an ordered list of ``upstream/model``
-candidates. Validation here is about one file; cross-file checks live in ``store.py``.
+A policy names a tenant, the keys that authenticate it (stored only as ``sha256:<hex>``), its apps
+(each a set of those keys) and its virtual models: the model name an app sends, mapped to an ordered
+list of ``upstream/model`` candidates. Validation here is about one field at a time; checks across
+fields (an app's keys against the tenant's, budget caps against the apps) and across files live in
+``store.py``, where each problem gets the line it is about.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+APP_NAME = TENANT_NAME  # the ledger's app column and the budget counters' keys hold it as it is
 
 
 class _Strict(BaseModel):
@@ -80,7 +83,8 @@ def _check_steps(steps: list[BudgetStep]) -> list[BudgetStep]:
 
 
 class Budget(Caps):
-    """Tenant caps, per-app caps (apps are named by the ``app`` tag), and what to do when a request
+    """Tenant caps, per-app caps (``apps`` names apps declared in the policy's ``apps``: a request is
+    capped as the app its key belongs to, whatever headers it sends), and what to do when a request
     does not fit: ``reject`` answers 429 ``budget_exceeded``; ``downgrade`` lowers ``max_tokens`` to
     what fits (never below ``min_max_tokens``) and rejects only when even that does not fit."""
 
@@ -212,10 +216,41 @@ class ResponsesPolicy(_Strict):
     store_ttl_s: Annotated[int, Field(ge=60, le=7 * 86400)] = 86400
 
 
+def _check_key_hashes(v: list[str], where: str) -> list[str]:
+    for i, key in enumerate(v):
+        if not KEY_HASH.match(key):
+            shown = key if key.startswith("sha256:") else key[:4] + "..."
+            raise ValueError(
+                f"{where}[{i}] ({shown}) must be 'sha256:' followed by 64 lowercase hex digits; store the "
+                "hash of a key, never the key (kimi-gateway keys hash KEY prints it)"
+            )
+    if len(set(v)) != len(v):
+        raise ValueError("a key hash is listed twice")
+    return v
+
+
+class App(_Strict):
+    """One app of the tenant: the keys it calls with (hashes from the tenant's ``keys``).
+
+    A request belongs to the app of the key that authenticated it: that is what its budget caps and
+    the ledger's ``app`` column follow. ``x-gateway-tags`` is any client's to set, so it stays a
+    reporting label and can never move spend under another app's cap."""
+
+    keys: Annotated[list[str], Field(min_length=1)]
+    description: str = ""
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        return _check_key_hashes(v, "keys")
+
+
 class TenantPolicy(_Strict):
     tenant: str
     description: str = ""
     keys: Annotated[list[str], Field(min_length=1)]
+    # app name -> the keys it owns; a key is in at most one app (checked in store.py, with lines)
+    apps: dict[str, App] = Field(default_factory=dict)
     models: Annotated[dict[str, VirtualModel], Field(min_length=1)]
     budget: Budget | None = None
     # K2 Thinking's reasoning counts against max_tokens and Moonshot recommends >= 16,000; a request
@@ -252,15 +287,14 @@ class TenantPolicy(_Strict):
     @field_validator("keys")
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
-        for i, key in enumerate(v):
-            if not KEY_HASH.match(key):
-                shown = key if key.startswith("sha256:") else key[:4] + "..."
-                raise ValueError(
-                    f"keys[{i}] ({shown}) must be 'sha256:' followed by 64 lowercase hex digits; store the "
-                    "hash of a key, never the key (kimi-gateway keys hash KEY prints it)"
-                )
-        if len(set(v)) != len(v):
-            raise ValueError("a key hash is listed twice")
+        return _check_key_hashes(v, "keys")
+
+    @field_validator("apps")
+    @classmethod
+    def _app_names(cls, v: dict[str, App]) -> dict[str, App]:
+        for name in v:
+            if not APP_NAME.match(name):
+                raise ValueError(f"app name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         return v
 
 

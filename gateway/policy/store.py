@@ -78,6 +78,8 @@ class KeyEntry:
     tenant: Tenant
     digest: str  # sha256 hex of the key
     key_id: str  # first 12 hex digits of the hash: safe to log and to store in the ledger
+    # the app that owns the key (the policy's ``apps``): its budget caps and the ledger's app column
+    app: str | None = None
 
 
 class PolicySet:
@@ -175,6 +177,39 @@ def _check_candidates(doc: YamlDoc, policy: TenantPolicy, config: LoadedConfig) 
     return problems
 
 
+def _check_apps(doc: YamlDoc, policy: TenantPolicy) -> list[str]:
+    """Every app key is one of the tenant's keys and in one app only; every capped app is declared.
+
+    Caps follow the key that authenticated a request, so an app's caps mean only what its key list
+    says: a hash outside the tenant's keys would cap nobody, one in two apps would be charged twice."""
+    problems = []
+    tenant_keys = set(policy.keys)
+    owner: dict[str, str] = {}
+    for name, app in policy.apps.items():
+        for i, key in enumerate(app.keys):
+            where = ("apps", name, "keys", i)
+            if key not in tenant_keys:
+                message = f"{key[:20]}... is not one of this tenant's keys (an app owns keys listed in 'keys')"
+                problems.append(doc.problem(where, message))
+            elif key in owner:
+                problems.append(
+                    doc.problem(where, f"{key[:20]}... already belongs to app {owner[key]!r}; a key belongs to one app")
+                )
+            else:
+                owner[key] = name
+    for name in policy.budget.apps if policy.budget is not None else ():
+        if name not in policy.apps:
+            declared = ", ".join(sorted(policy.apps)) or "none"
+            problems.append(
+                doc.problem(
+                    ("budget", "apps", name),
+                    f"no app {name!r} under 'apps' (declared: {declared}); an app's caps apply to the keys it "
+                    f"owns: declare it as apps: {{{name}: {{keys: [sha256:...]}}}}",
+                )
+            )
+    return problems
+
+
 def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet:
     """Read and validate every ``*.yaml`` in the policy folder; raises ConfigError listing all problems."""
 
@@ -199,6 +234,7 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             continue
         file_problems = _check_candidates(doc, policy, config)
         file_problems += _check_slos(doc, policy, defaults, config)
+        file_problems += _check_apps(doc, policy)
         if policy.tenant in tenants:
             file_problems.append(
                 doc.problem(
@@ -240,10 +276,11 @@ def load_policies(config: LoadedConfig, folder: Path | None = None) -> PolicySet
             envelope=policy.envelope,
         )
         tenants[policy.tenant] = tenant
+        app_of = {key: name for name, app in policy.apps.items() for key in app.keys}
         for key in policy.keys:
             digest = key.removeprefix("sha256:")
             key_owner[digest] = str(file)
-            keys[digest] = KeyEntry(tenant, digest, digest[:12])
+            keys[digest] = KeyEntry(tenant, digest, digest[:12], app_of.get(key))
     if problems:
         raise ConfigError(problems)
     return PolicySet(tenants, keys, (*files, *([defaults_path] if defaults_path else [])))

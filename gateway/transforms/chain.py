@@ -19,6 +19,11 @@ def apply_whole(transforms: Sequence[ResponseTransform], payload: bytes) -> byte
         return payload
     if not isinstance(parsed, dict):
         return payload
+    return apply_parsed(transforms, parsed)
+
+
+def apply_parsed(transforms: Sequence[ResponseTransform], parsed: dict[str, Any]) -> bytes:
+    """A non-stream body the caller parsed already (to check it) after every transform, as bytes."""
     for transform in transforms:
         transform.whole(parsed)
     return orjson.dumps(parsed)

@@ -167,9 +167,13 @@ class EnvelopeBytes:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return payload
-        if not isinstance(body, dict) or not normalize(body, self.model):
+        if not isinstance(body, dict):
             return payload
-        return orjson.dumps(body)
+        return self.whole_parsed(payload, body)
+
+    def whole_parsed(self, payload: bytes, body: dict[str, Any]) -> bytes:
+        """:meth:`whole` of a body the caller parsed already: ``payload`` itself when nothing changed."""
+        return orjson.dumps(body) if normalize(body, self.model) else payload
 
     # -- stream
 

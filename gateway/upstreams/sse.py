@@ -33,9 +33,9 @@ def chunk_of(data: bytes) -> dict[str, Any] | None:
     return chunk if isinstance(chunk, dict) else None
 
 
-def error_event(message: str, kind: str) -> bytes:
-    """An SSE event the OpenAI SDKs raise as an APIError."""
-    payload = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+def error_event(message: str, kind: str, code: str | None = None) -> bytes:
+    """An SSE event the OpenAI SDKs raise as an APIError (``code`` defaults to ``kind``)."""
+    payload = {"error": {"message": message, "type": kind, "param": None, "code": code or kind}}
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -73,19 +73,16 @@ class SSERelay:
         return DONE in self._last[-64:]
 
     def finish(self) -> bytes:
-        """Bytes that end the stream after the upstream closed it cleanly.
-
-        A final event without its blank line is completed; a stream that ended without ``[DONE]``
-        is an upstream that stopped early, which the client hears about as an error event.
-        """
+        """The last event, after the upstream closed the stream cleanly: completed with its blank
+        line when the upstream left it out (``b""`` when there is none). Whether the stream was
+        complete (``saw_done``) is the caller's to judge: one without ``[DONE]`` may still have
+        finished its answer, or may have stopped in the middle of it."""
         out = b""
         if self._tail.strip():
             out = self._tail.rstrip(b"\r\n") + b"\n\n"
             self._last = out
         self._tail = b""
-        if self.saw_done:
-            return out
-        return out + error_event("upstream ended the stream before it was complete", "upstream_error")
+        return out
 
     def abort(self, message: str, kind: str) -> bytes:
         """Bytes that end the stream after an upstream failure: an error event, never half an event."""

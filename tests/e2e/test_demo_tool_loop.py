@@ -93,8 +93,8 @@ def turn(
     client: OpenAI, messages: list[dict[str, Any]], stream: bool, app: str
 ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
     """One request of the loop: (gateway headers, the assistant message as the app sends it back, usage)."""
-    extra = {"x-gateway-tags": f"app={app}"}
-    kwargs: dict[str, Any] = {"model": "kimi-k2-thinking", "messages": messages, "tools": TOOLS}
+    extra = {"x-gateway-tags": f"loop={app}"}
+    kwargs: dict[str, Any] = {"model": "kimi-k2-thinking", "messages": messages, "tools": TOOLS, "user": app}
     if not stream:
         raw = client.chat.completions.with_raw_response.create(**kwargs, extra_headers=extra)
         reply = raw.parse()
@@ -189,9 +189,9 @@ def test_the_demo_tool_loop_stays_where_its_prefix_is_cached_and_the_report_show
     assert cached_of(usages[1]) >= max(256, cached_of(usages[0])) and cached_of(usages[1]) > cached_of(usages[0])
 
     spend = settled(
-        lambda: httpx.get(gw.url + "/v1/spend", params={"group_by": "app,endpoint"}, headers=AUTH, timeout=10)
+        lambda: httpx.get(gw.url + "/v1/spend", params={"group_by": "user,endpoint"}, headers=AUTH, timeout=10)
     ).json()
-    (row,) = [r for r in spend["data"] if r["app"] == app]
+    (row,) = [r for r in spend["data"] if r["user"] == app]
     assert row["endpoint"] == "chat/completions" and row["requests"] == 2
     assert row["cached_tokens"] == cached_of(usages[1])
     assert Decimal(row["cache_savings_usd"]) > 0
@@ -310,18 +310,20 @@ def test_a_loop_forced_across_dialects_keeps_ids_arguments_and_reasoning(
 
 def test_spend_by_endpoint_tells_the_apis_apart(demo: tuple[Process, Path]) -> None:
     gw, _ = demo
-    app = "endpoints"
-    tags = {"x-gateway-tags": f"app={app}"}
+    user = "endpoints"
     gw.openai(DEMO_KEY).chat.completions.create(
-        model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], extra_headers=tags
+        model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], user=user
     )
     gw.anthropic(DEMO_KEY).messages.create(
-        model="kimi-k2-thinking", max_tokens=512, messages=[{"role": "user", "content": "hi"}], extra_headers=tags
+        model="kimi-k2-thinking",
+        max_tokens=512,
+        messages=[{"role": "user", "content": "hi"}],
+        metadata={"user_id": user},
     )
     spend = settled(
-        lambda: httpx.get(gw.url + "/v1/spend", params={"group_by": "app,endpoint"}, headers=AUTH, timeout=10)
+        lambda: httpx.get(gw.url + "/v1/spend", params={"group_by": "user,endpoint"}, headers=AUTH, timeout=10)
     ).json()
-    mine = {r["endpoint"]: r["requests"] for r in spend["data"] if r["app"] == app}
+    mine = {r["endpoint"]: r["requests"] for r in spend["data"] if r["user"] == user}
     assert mine == {"chat/completions": 1, "messages": 1}, spend
     csv = settled(
         lambda: httpx.get(

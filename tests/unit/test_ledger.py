@@ -328,7 +328,7 @@ async def test_text_the_databases_refuse_is_stored_cleaned(ledger: Ledger) -> No
 
 
 def dataset() -> list[LedgerRow]:
-    """60 rows over two months and three UTC days, with NULL apps and upstreams among the groups."""
+    """60 rows over two months and three UTC days, with NULL apps, users and upstreams among the groups."""
     starts = [utc("2026-10-31T23:00:00"), utc("2026-11-01T00:00:00"), utc("2026-11-02T12:00:00")]
     rows = []
     for i in range(60):
@@ -338,6 +338,7 @@ def dataset() -> list[LedgerRow]:
                 ts=starts[i % 3] + (i // 3) * 60,
                 tenant=["acme", "Zeta", "beta"][i % 3 if i % 5 else 0],
                 app=["checkout", None, "search", "Search"][i % 4],
+                user=["user-7", None, "user-8"][i % 3],
                 key_id=["aaaaaaaaaaaa", "bbbbbbbbbbbb"][i % 2],
                 virtual_model=["kimi-k2-thinking", "kimi-fast"][(i // 2) % 2],
                 upstream=["moonshot", None, "sim"][(i // 3) % 3],
@@ -362,7 +363,8 @@ def expected_spend(rows: list[LedgerRow], group_by: list[str]) -> list[dict[str,
     def value(row: LedgerRow, group: str) -> Any:
         if group in ("day", "month"):
             return utc_day_month(row.ts)[0 if group == "day" else 1]
-        return getattr(row, GROUPS[group])
+        column = GROUPS[group]
+        return getattr(row, "user" if column == "end_user" else column)  # the row's field for that column
 
     acc: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(
         lambda: {

@@ -18,9 +18,16 @@ from tests.unit.test_grafana_dashboard import SUFFIXES, exported_sample_names
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 POLICIES_README = (ROOT / "policies" / "README.md").read_text(encoding="utf-8")
-# a placeholder hash as the READMEs write it ("sha256:0f1e...", "sha256:<hash of one key>")
-PLACEHOLDER_HASH = re.compile(r"sha256:(?:0f1e\.\.\.|\.\.\.|<[^>]*>)")
-VALID_HASH = "sha256:" + "0" * 64
+# a placeholder hash as the READMEs write it ("sha256:0f1e...", "sha256:<hash of one key>"); each
+# "sha256:XXXX..." stands for its own key (an app example needs two), the others for the first
+PLACEHOLDER_HASH = re.compile(r"sha256:(?:([0-9a-f]{4})\.\.\.|\.\.\.|<[^>]*>)")
+VALID_HASH = "sha256:" + "0f1e" * 16
+
+
+def _valid(found: re.Match[str]) -> str:
+    return "sha256:" + (found.group(1) or "0f1e") * 16
+
+
 # a config key is mentioned as `key`, `key: value`, a YAML line `key: ...` or in a flow mapping {a, key}
 MENTIONED = r"`{0}\b|\b{0}:|[{{,]\s*{0}\b"
 
@@ -28,7 +35,7 @@ MENTIONED = r"`{0}\b|\b{0}:|[{{,]\s*{0}\b"
 def yaml_blocks(text: str) -> list[Any]:
     """Every ```yaml block of a README, parsed, with placeholder key hashes made valid."""
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
-    return [yaml.safe_load(PLACEHOLDER_HASH.sub(VALID_HASH, block)) for block in blocks]
+    return [yaml.safe_load(PLACEHOLDER_HASH.sub(_valid, block)) for block in blocks]
 
 
 def documented_metrics(text: str) -> set[str]:

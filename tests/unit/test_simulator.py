@@ -691,6 +691,39 @@ async def test_fault_cut_stream_raises_without_done() -> None:
     assert cut_json.drop  # a non-stream body cannot be cut halfway
 
 
+@pytest.mark.asyncio
+async def test_fault_garbage_streams_put_their_garbage_after_the_real_events() -> None:
+    def fresh(fault: dict[str, Any] | None = None) -> SimReply:  # a new simulator: the same ids each time
+        return Simulator(INSTANT).handle(req(stream=True, **({"sim": {"fault": fault}} if fault else {})))
+
+    real = await events_of(fresh())
+    for kind, line in (("not_json", b"data: upstream hiccup"), ("wrong_shape", b"keepalive"), ("html_mid", b"<html>")):
+        got = await events_of(fresh({"garbage": kind, "garbage_after_events": 1}))
+        assert line in got[1] and got[0] == real[0] and got[-1] == DONE_EVENT
+    truncated = await events_of(fresh({"garbage": "truncated"}))
+    assert truncated[:2] == real[:2] and b"".join(truncated[2:]) == b""  # then a clean end, no [DONE]
+    no_done = await events_of(fresh({"garbage": "no_done"}))
+    assert b"".join(no_done) == b"".join(real[:-1])
+    plain = fresh({"garbage": "text_plain"})
+    assert ("content-type", "text/plain") in plain.headers and await events_of(plain) == real
+    with pytest.raises(ValueError, match="'garbage' must be one of html, truncated"):
+        Fault(garbage="junk")
+    with pytest.raises(ValueError, match="'garbage_after_events' must be an integer >= 0"):
+        Fault(garbage="not_json", garbage_after_events=-1)
+
+
+def test_fault_garbage_bodies() -> None:
+    sim = Simulator(INSTANT)
+    real = sim.handle(req()).body
+    assert real is not None
+    bodies = {k: sim.handle(req(sim={"fault": {"garbage": k}})) for k in ("not_json", "wrong_shape", "html_mid")}
+    assert bodies["not_json"].body == b"upstream hiccup, not json"
+    assert b"choices" not in (bodies["wrong_shape"].body or b"")
+    assert b"<html>" in (bodies["html_mid"].body or b"")
+    plain = sim.handle(req(sim={"fault": {"garbage": "text_plain"}}))
+    assert ("content-type", "text/plain") in plain.headers and orjson.loads(plain.body or b"")["choices"]
+
+
 # -- timing and concurrency accounting -----------------------------------------------------------------
 
 

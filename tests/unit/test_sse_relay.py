@@ -44,12 +44,11 @@ def test_crlf_boundaries_are_honoured() -> None:
     assert relay.finish() == b""
 
 
-def test_stream_without_done_ends_with_error_event() -> None:
+def test_stream_without_done_is_left_for_the_caller_to_judge() -> None:
     relay = SSERelay()
     relay.feed(EVENTS[0] + EVENTS[1])
-    tail = relay.finish()
-    assert tail.startswith(b"data: ")
-    assert orjson.loads(tail[6:])["error"]["type"] == "upstream_error"
+    assert relay.finish() == b""
+    assert not relay.saw_done
 
 
 def test_final_event_without_blank_line_is_completed() -> None:
