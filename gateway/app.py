@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from gateway import errors
+from gateway import access_log, errors
 from gateway.api import anthropic as anthropic_api
 from gateway.api import explain as explain_api
 from gateway.api import openai as openai_api
@@ -24,6 +24,7 @@ from gateway.api import responses_items
 from gateway.asgi import ClientGone, Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.background import RoutingTasks
 from gateway.capture.factory import capture_store_from_url
+from gateway.drain import Drain
 from gateway.exchange import Runtime
 from gateway.metering.budget import Budgets, seed_from_ledger
 from gateway.metering.ledger import Ledger
@@ -73,6 +74,8 @@ class GatewayApp:
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
+        self.drain = Drain(config.settings.shutdown.drain_s)
+        access_log.configure(config.settings.access_log, config.settings.log_level)
         limit = config.settings.max_body_bytes
         rt = self.runtime
 
@@ -174,6 +177,7 @@ class GatewayApp:
             await upstream.start()
         self.background.start()
         tune_gc()
+        self.drain.install()  # after start-up: a SIGTERM before it stops at once, as it always did
         self.ready = True
         log.info(
             "kimi-gateway ready: %d tenants, upstreams %s",
@@ -190,6 +194,7 @@ class GatewayApp:
         await self.ledger.close()
         if self.runtime.capture is not None:
             await self.runtime.capture.close()
+        access_log.ACCESS.flush()  # the last requests' lines, before the process exits
 
     async def _finance(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The finance API is a FastAPI app, built on first use to keep start-up fast."""
@@ -203,7 +208,9 @@ class GatewayApp:
         await send_json(send, 200, {"status": "ok"})
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.ready:
+        if self.drain.draining:  # SIGTERM: a load balancer polling readiness moves traffic away
+            await send_bytes(send, 503, orjson.dumps({"status": "draining"}), [])
+        elif self.ready:
             # retired candidates, with the seconds until each one's next probe
             retired = self.runtime.dead.snapshot()
             await send_json(send, 200, {"status": "ready", "upstreams": sorted(self.upstreams), "retired": retired})

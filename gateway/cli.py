@@ -80,6 +80,8 @@ def serve(
         "access_log": False,
         "log_level": settings.log_level,
         "timeout_keep_alive": 75,
+        # SIGTERM: requests in flight get this long once the drain is over (None: as long as they take)
+        "timeout_graceful_shutdown": settings.shutdown.grace_s,
         "server_header": False,
         # X-Forwarded-* rewriting costs every request and the gateway logs no client addresses
         "proxy_headers": False,

@@ -1,0 +1,175 @@
+"""The access log: one JSON line per request, so an operator sees requests arrive and leave.
+
+What a line holds is fixed here and comes only from what the gateway decided or measured: the
+request id, tenant, key id (the first 12 hex digits of the key's hash, never the key), virtual
+model, upstream, wire format, status, outcome, times, tokens and cost. Nothing from the request
+body or its headers is copied into it, so no prompt, answer or secret can reach the log.
+
+It is written off the request's path: :func:`record` appends the serialized line (orjson, about a
+microsecond) to a buffer, and a timer a few milliseconds later hands the whole batch to a thread
+that writes it to stderr. The request never waits on the write, and a slow log pipe (a container
+runtime that falls behind) holds back the writer thread, not the event loop. Each ``write`` carries
+whole lines of at most ``PIPE_BUF`` bytes, so the lines of several worker processes sharing one
+stderr pipe never interleave mid-line.
+
+The log is on by default and follows ``log_level``: at ``warning`` or ``error`` it is off, as any
+other info line would be; ``access_log: false`` turns it off at ``info`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import threading
+from typing import Any
+
+import orjson
+
+from gateway.exchange import Exchange
+from gateway.metering.money import usd_text
+from gateway.observability import UNKNOWN
+
+FLUSH_AFTER_S = 0.05  # a line reaches stderr within this long after its request settled
+MAX_PENDING = 1 << 20  # bytes held before a flush is forced (a burst never holds more than this)
+PIPE_BUF = 4096  # POSIX: writes up to this size to a pipe are atomic
+LOGGER = "kimi_gateway.access"
+_UTC = datetime.UTC
+
+
+class AccessLog:
+    """A buffer of serialized lines and the one flush scheduled for them."""
+
+    def __init__(self, fd: int = 2) -> None:
+        self.enabled = False
+        self.fd = fd
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+        self._lock = threading.Lock()  # one batch on the descriptor at a time, in line order
+
+    def record(self, line: dict[str, Any]) -> None:
+        """Queue one line; the first line of a batch schedules its flush on the running loop."""
+        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z)
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= MAX_PENDING:
+            self._hand_off()
+        elif not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self._hand_off)
+
+    def _hand_off(self) -> None:
+        self._scheduled = False
+        batch = self._take()
+        if batch:
+            asyncio.get_running_loop().run_in_executor(None, self._write, batch)
+
+    def _take(self) -> list[bytes]:
+        batch, self._pending, self._size = self._pending, [], 0
+        return batch
+
+    def flush(self) -> None:
+        """Write what is pending now, in the caller's thread (shutdown: nothing may be lost)."""
+        self._scheduled = False
+        batch = self._take()
+        if batch:
+            self._write(batch)
+
+    def _write(self, batch: list[bytes]) -> None:
+        with self._lock:
+            chunk: list[bytes] = []
+            size = 0
+            for line in batch:
+                if chunk and size + len(line) > PIPE_BUF:
+                    self._write_all(b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
+                self._write_all(b"".join(chunk))
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:  # stderr closed: the log is lost, the requests are not
+            self.enabled = False
+
+
+ACCESS = AccessLog()
+
+
+def configure(enabled: bool, log_level: str) -> None:
+    """Turn the log on when the config wants it and ``log_level`` lets info lines through."""
+    ACCESS.enabled = enabled and log_level in ("debug", "info")
+
+
+def line_of(ex: Exchange) -> dict[str, Any]:
+    """The access-log fields of a settled request (see the module docstring for what is left out)."""
+    m = ex.metered
+    usage = m.usage
+    cost = m.cost
+    return {
+        "ts": datetime.datetime.fromtimestamp(m.ts, _UTC),
+        "level": "info",
+        "logger": LOGGER,
+        "request_id": ex.request_id,
+        "tenant": ex.tenant.name,
+        "key_id": ex.key_id,
+        "endpoint": m.endpoint,
+        "model": m.virtual_model,
+        "upstream": m.label or UNKNOWN,
+        "stream": m.stream,
+        "status": m.status,
+        "outcome": m.outcome,
+        "ttfb_ms": round(m.ttft_ms, 2) if m.ttft_ms is not None else None,
+        "total_ms": round(m.latency_ms, 2),
+        "prompt_tokens": usage.prompt_tokens if usage is not None else 0,
+        "cached_tokens": usage.cached_tokens if usage is not None else 0,
+        "completion_tokens": usage.completion_tokens if usage is not None else 0,
+        "reasoning_tokens": usage.reasoning_tokens if usage is not None else 0,
+        "cost_usd": usd_text(cost.nanos) if cost is not None else "0",
+        "estimated": m.estimate_reason is not None,
+    }
+
+
+def log_exchange(ex: Exchange) -> None:
+    """The request's line, when the log is on; never raises (a log line must not fail a request)."""
+    if ACCESS.enabled:
+        try:
+            ACCESS.record(line_of(ex))
+        except Exception:  # pragma: no cover - serialization of fixed-type fields does not fail
+            ACCESS.enabled = False
+
+
+def log_refused(request_id: str, endpoint: str, status: int, started_ms: float, tenant: str = UNKNOWN) -> None:
+    """The line of a request refused before it reached the pipeline (no key, a malformed body, an
+    unknown model): what is known, zeros for the rest, so a burst of refusals is visible too."""
+    if not ACCESS.enabled:
+        return
+    ACCESS.record(
+        {
+            "ts": datetime.datetime.now(_UTC),
+            "level": "info",
+            "logger": LOGGER,
+            "request_id": request_id,
+            "tenant": tenant,
+            "key_id": None,
+            "endpoint": endpoint,
+            "model": None,
+            "upstream": None,
+            "stream": None,
+            "status": status,
+            "outcome": "rejected",
+            "ttfb_ms": None,
+            "total_ms": round(started_ms, 2),
+            "prompt_tokens": 0,
+            "cached_tokens": 0,
+            "completion_tokens": 0,
+            "reasoning_tokens": 0,
+            "cost_usd": "0",
+            "estimated": False,
+        }
+    )
