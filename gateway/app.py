@@ -7,6 +7,7 @@ inside the server's event loop and closes them on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
@@ -39,6 +40,7 @@ from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
 
 CONFIG_ENV = "KIMI_GATEWAY_CONFIG"
+CLEAN_UP_WAIT_S = 5.0  # at shutdown, how long requests cancelled by the grace period get to settle
 WORKERS_ENV = "KIMI_GATEWAY_WORKERS"  # set by ``serve --workers N`` for the worker processes
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -75,6 +77,7 @@ class GatewayApp:
         self._finance_app: Any = None
         self.ready = False
         self.drain = Drain(config.settings.shutdown.drain_s)
+        self._inflight: set[asyncio.Task[Any] | None] = set()  # HTTP requests being handled
         access_log.configure(config.settings.access_log, config.settings.log_level)
         limit = config.settings.max_body_bytes
         rt = self.runtime
@@ -139,10 +142,14 @@ class GatewayApp:
                 error.headers.append((b"allow", ", ".join(methods).encode()))
                 await send_error(send, error)
                 return
+            task = asyncio.current_task()
+            self._inflight.add(task)
             try:
                 await handler(scope, receive, send)
             except ClientGone as gone:
                 log.info("%s %s: %s; nothing answered", scope["method"], path, gone)
+            finally:
+                self._inflight.discard(task)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -187,6 +194,10 @@ class GatewayApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self._inflight:
+            # uvicorn cancelled these when the grace period ran out and does not wait for them: let
+            # their settlement (ledger row, budget release, access-log line) finish before closing
+            await asyncio.wait([t for t in self._inflight if t is not None], timeout=CLEAN_UP_WAIT_S)
         await self.background.stop()
         for upstream in self.upstreams.values():
             await upstream.close()

@@ -307,6 +307,11 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             m.status, m.outcome = 499, "client_cancelled"
             if m.usage is None:
                 m.estimate_reason = "client disconnected before the upstream reported usage"
+        else:  # cancelled by the gateway itself: shutdown's grace period ran out mid-answer
+            m.outcome = "cut"
+            m.status = m.status or 503
+            if m.usage is None:
+                m.estimate_reason = "the gateway shut down before the upstream reported usage"
         raise
     finally:
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
