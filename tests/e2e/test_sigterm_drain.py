@@ -58,7 +58,8 @@ class StreamInFlight(threading.Thread):
                         self.started.set()
         except BaseException as exc:  # reported by the test, not lost in the thread
             self.error = exc
-            self.started.set()
+        finally:
+            self.started.set()  # a stream that never got an event ends the test's wait at once too
 
 
 def readyz(proc: Process) -> int | None:
@@ -94,7 +95,7 @@ def test_sigterm_drains_readyz_unready_and_the_stream_in_flight_finishes(tmp_pat
     try:
         stream = StreamInFlight(proc.url)
         stream.start()
-        assert stream.started.wait(10), "the stream never started"
+        assert stream.started.wait(10) and stream.events, (stream.status, stream.error)
         sent_at = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         # draining: unready at once, every other request still served
@@ -125,7 +126,7 @@ def test_sigterm_without_drain_still_lets_the_stream_finish(tmp_path: Path, sim:
     try:
         stream = StreamInFlight(proc.url)
         stream.start()
-        assert stream.started.wait(10), "the stream never started"
+        assert stream.started.wait(10) and stream.events, (stream.status, stream.error)
         proc.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: readyz(proc) is None, timeout=2)  # no drain: the listener closes at once
         assert stream.is_alive()
@@ -143,7 +144,7 @@ def test_sigterm_after_the_grace_period_cancels_the_stream_and_settles_it(tmp_pa
     try:
         stream = StreamInFlight(proc.url)
         stream.start()
-        assert stream.started.wait(10), "the stream never started"
+        assert stream.started.wait(10) and stream.events, (stream.status, stream.error)
         sent_at = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: proc.proc.poll() is not None, timeout=10)
