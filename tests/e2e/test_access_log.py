@@ -149,3 +149,15 @@ def test_access_log_off(tmp_path: Path, simulator: Process, setting: str) -> Non
     if setting.startswith("access_log"):  # the log was read, and holds the server's other lines
         assert "kimi-gateway ready" in text
     assert access_lines(proc, text) == []
+
+
+def test_readme_demo_access_log_line_has_the_fields_the_gateway_writes(gateway: Process) -> None:
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = next(json.loads(x) for x in readme.splitlines() if x.startswith("{") and '"kimi_gateway.access"' in x)
+    body = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "readme"}], "max_tokens": 5}
+    resp = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+    real = line_for(gateway, resp.headers["x-request-id"])
+    assert list(shown) == list(real)  # the same fields, in the same order
+    assert all(f"`{key}`" in readme for key in real if key not in ("level", "logger"))  # each one explained
