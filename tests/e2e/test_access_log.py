@@ -108,7 +108,7 @@ def test_access_log_line_for_a_refused_request(gateway: Process) -> None:
     )
     assert resp.status_code == 401
     line = line_for(gateway, resp.headers["x-request-id"])
-    assert (line["status"], line["outcome"], line["key_id"], line["cost_usd"]) == (401, "rejected", None, "0")
+    assert (line["status"], line["outcome"], line["key_id"], line["cost_usd"]) == (401, "rejected", None, "0.000000000")
     # an unknown model is refused by the front end too: one line, with the tenant it came from
     resp = httpx.post(gateway.url + "/v1/chat/completions", json={**body, "model": "nope"}, headers=AUTH, timeout=10)
     assert resp.status_code == 404
