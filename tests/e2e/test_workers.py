@@ -32,7 +32,6 @@ def serve_workers(config: Path, n: int = 2) -> Process:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_two_workers_enforce_one_budget_cap(tmp_path: Path, simulator: Process, stream: bool) -> None:
-    url, ns = shared_redis()
     httpx.post(simulator.url + "/_sim/reset")
     body = {
         "model": "kimi-k2-thinking",
@@ -47,28 +46,39 @@ def test_two_workers_enforce_one_budget_cap(tmp_path: Path, simulator: Process, 
     per_request = (Decimal(len(compact) // 2 + 16) * MISS + Decimal(1000) * OUT) / M
     cap = (per_request * 10 + Decimal("0.0000001")).quantize(Decimal("0.000000001"))
     policy = policy_yaml("tenant-a", KEY_A, f"budget: {{daily_usd: '{cap}', when_exhausted: reject}}\n")
-    config = write_gateway(tmp_path, upstream_yaml(simulator), policy, extra_yaml=state_yaml(url, ns), name="wb")
-    proc = serve_workers(config)
-    try:
 
-        async def fire() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=60)) as client:
-                return await asyncio.gather(
-                    *[client.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH) for _ in range(50)]
-                )
+    async def fire(proc: Process) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=60)) as client:
+            return await asyncio.gather(
+                *[client.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH) for _ in range(50)]
+            )
 
-        responses = asyncio.run(fire())
-        statuses = [r.status_code for r in responses]
-        assert statuses.count(200) == 10, statuses
-        assert statuses.count(429) == 40
-        assert all(r.json()["error"]["type"] == "budget_exceeded" for r in responses if r.status_code == 429)
-        answered = {r.headers["x-request-id"][:16] for r in responses}  # the id's per-process prefix
-        assert len(answered) == 2, "both workers must have answered: the cap is shared, not per worker"
-        total = wait_until(lambda: (t := spend_total(proc)) and t["requests"] == 50 and t, timeout=10)
-        assert Decimal(total["cost_usd"]) <= cap
-    finally:
-        proc.stop()
-        drop_namespace(url, ns)
+    # the kernel hands each new connection to whichever worker accepts first; on a busy machine one
+    # worker can take a whole burst, which proves nothing about sharing, so such a run is repeated
+    # with a fresh budget (a new namespace and process), a few times at most
+    shared = False
+    for attempt in range(4):
+        url, ns = shared_redis()
+        config = write_gateway(
+            tmp_path, upstream_yaml(simulator), policy, extra_yaml=state_yaml(url, ns), name=f"wb{attempt}"
+        )
+        proc = serve_workers(config)
+        try:
+            responses = asyncio.run(fire(proc))
+            statuses = [r.status_code for r in responses]
+            assert statuses.count(200) == 10, statuses
+            assert statuses.count(429) == 40
+            assert all(r.json()["error"]["type"] == "budget_exceeded" for r in responses if r.status_code == 429)
+            total = wait_until(lambda p=proc: (t := spend_total(p)) and t["requests"] == 50 and t, timeout=10)
+            assert Decimal(total["cost_usd"]) <= cap
+            answered = {r.headers["x-request-id"][:16] for r in responses}  # the id's per-process prefix
+            shared = len(answered) == 2
+        finally:
+            proc.stop()
+            drop_namespace(url, ns)
+        if shared:
+            break
+    assert shared, "one worker took every burst: the cap was never tested across two workers"
     httpx.post(simulator.url + "/_sim/reset")
 
 
