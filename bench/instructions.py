@@ -13,6 +13,7 @@ endpoint, so differences between rows are the endpoints' own; ratios overstate e
   .venv/bin/python bench/instructions.py                       # every endpoint, stream and not
   .venv/bin/python bench/instructions.py --cases chat,responses --low 400 --high 1200
   .venv/bin/python bench/instructions.py --cases chat --pool   # the upstream behind a pool of 3 keys
+  .venv/bin/python bench/instructions.py --cases "chat,chat stream" --access-log off,on   # the access log's cost
 
 Needs ``valgrind`` on the PATH. Prints a markdown table.
 """
@@ -56,7 +57,7 @@ def with_pool(config: Path) -> None:
         os.environ[f"BENCH_POOL_{k}"] = f"sk-bench-pool-{k.lower()}"
 
 
-def drive(case: str, n: int, upstream_port: int, pool: bool = False) -> None:
+def drive(case: str, n: int, upstream_port: int, pool: bool = False, access: bool = False) -> None:
     """The measured process: ``n`` requests of ``case`` through the app, 16 at a time."""
     sys.path.insert(0, str(HERE))
     from overhead import KEY, write_config  # type: ignore[import-not-found]
@@ -66,7 +67,7 @@ def drive(case: str, n: int, upstream_port: int, pool: bool = False) -> None:
 
     path, body_file = CASES[case]
     body = body_file.read_bytes()
-    config = write_config(Path(tempfile.mkdtemp()), 1, upstream_port, True)
+    config = write_config(Path(tempfile.mkdtemp()), 1, upstream_port, True, access=access)
     if pool:
         with_pool(config)
     auth = (b"x-api-key", KEY.encode()) if path == "/v1/messages" else (b"authorization", b"Bearer " + KEY.encode())
@@ -106,7 +107,7 @@ def drive(case: str, n: int, upstream_port: int, pool: bool = False) -> None:
     asyncio.run(main())
 
 
-def count(python: str, case: str, n: int, port: int, pool: bool = False) -> int:
+def count(python: str, case: str, n: int, port: int, pool: bool = False, access: bool = False) -> int:
     """Instructions of a whole driver run of ``n`` requests."""
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
@@ -114,6 +115,7 @@ def count(python: str, case: str, n: int, port: int, pool: bool = False) -> int:
                 *("valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", python, __file__),
                 *("--drive", case, "--n", str(n), "--port", str(port)),
                 *(("--pool",) if pool else ()),
+                *(["--access"] if access else []),
             ],
             capture_output=True,
             text=True,
@@ -136,22 +138,38 @@ def main() -> None:
     ap.add_argument("--pool", action="store_true", help="the upstream behind a pool of three keys")
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--access", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--access-log", default="off", help="off, on (log_level info: one JSON line a request) or off,on")
     args = ap.parse_args()
     if args.drive:
-        drive(args.drive, args.n, args.port, args.pool)
+        drive(args.drive, args.n, args.port, args.pool, args.access)
         return
+    logs = [m.strip() for m in args.access_log.split(",") if m.strip()]
+    if not logs or set(logs) - {"off", "on"}:
+        raise SystemExit("--access-log takes off and/or on")
     fake = REPO.parent / "shared" / "bench" / "fake_upstream.py"
     upstream = subprocess.Popen([args.python, str(fake), "--port", str(args.port)], stdout=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
         per: dict[str, int] = {}
+        logged: dict[str, int] = {}  # the same cases with the access log on, when both were asked for
         for case in args.cases.split(","):
-            high = count(args.python, case, args.high, args.port, args.pool)
-            low = count(args.python, case, args.low, args.port, args.pool)
-            per[case] = (high - low) // (args.high - args.low)
-            print(f"{case}: {per[case]:,}", file=sys.stderr)
+            for mode in logs:
+                on = mode == "on"
+                high = count(args.python, case, args.high, args.port, args.pool, on)
+                low = count(args.python, case, args.low, args.port, args.pool, on)
+                ir = (high - low) // (args.high - args.low)
+                (logged if on and len(logs) > 1 else per)[case] = ir
+                print(f"{case} (access log {mode}): {ir:,}", file=sys.stderr)
     finally:
         upstream.terminate()
+    if logged:
+        print("| case | access log off | on | added |\n| --- | ---: | ---: | ---: |")
+        for case, ir in per.items():
+            print(
+                f"| {case} | {ir / 1000:,.1f}k | {logged[case] / 1000:,.1f}k | {(logged[case] / ir - 1) * 100:+.2f} % |"
+            )
+        return
     print("| case | instructions per request | vs chat/completions |\n| --- | ---: | ---: |")
     for case, ir in per.items():
         base = per.get(BASE.get(case, ""))

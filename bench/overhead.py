@@ -27,6 +27,9 @@ shows median [min-max].
   .venv/bin/python bench/overhead.py --duration 10 --conc 1,16,64,128 --repeats 3
   .venv/bin/python bench/overhead.py --states memory,redis --repeats 3     # state backends side by side
 
+--access-log off,on runs every gateway with the access log off (log_level: warning, the default here)
+and on (log_level: info; labels get /log-off, /log-on); its lines go to the gateway's log file.
+
 --states runs every gateway once per state backend (labels get /memory, /redis). With more than the
 default `memory`, the bench tenant also gets a budget and RPM/TPM limits too high to bite, so that every
 request reserves, settles and counts in the backend: the comparison is what the backend costs, not what
@@ -248,10 +251,13 @@ def has_metering(src: Path) -> bool:
         return False
 
 
-def write_config(d: Path, port: int, upstream_port: int, metering: bool, state: str = "", limits: bool = False) -> Path:
+def write_config(
+    d: Path, port: int, upstream_port: int, metering: bool, state: str = "", limits: bool = False, access: bool = False
+) -> Path:
     """Same shape as bench/gateway_peer.sh; the pre-metering config schema has no prices/ledger keys.
     ``state`` is a config ``state:`` line; ``limits`` gives the tenant a budget and rate limits that
-    never bite, so each request goes through the state backend."""
+    never bite, so each request goes through the state backend. ``access`` runs at ``log_level: info``,
+    which turns the access log on (one JSON line per request); the default ``warning`` has it off."""
     (d / "policies").mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     (d / "policies" / "bench.yaml").write_text(
@@ -259,7 +265,8 @@ def write_config(d: Path, port: int, upstream_port: int, metering: bool, state: 
         + "".join(f"  {m}:\n    candidates: [bench-upstream/{m}]\n" for m in MODELS)
         + ("budget: {daily_usd: 1000000}\nrate_limits: {rpm: 1000000000, tpm: 1000000000000}\n" if limits else "")
     )
-    text = f"listen: {{host: 127.0.0.1, port: {port}}}\nlog_level: warning\npolicies_dir: policies\n{state}"
+    level = "info" if access else "warning"
+    text = f"listen: {{host: 127.0.0.1, port: {port}}}\nlog_level: {level}\npolicies_dir: policies\n{state}"
     if metering:
         (d / "prices.yaml").write_text(
             "currency: USD\nprices:\n"
@@ -280,9 +287,11 @@ def write_config(d: Path, port: int, upstream_port: int, metering: bool, state: 
 
 
 class Gateway:
-    def __init__(self, label: str, src: Path, python: str, state: str = "", limits: bool = False) -> None:
+    def __init__(
+        self, label: str, src: Path, python: str, state: str = "", limits: bool = False, access: bool = False
+    ) -> None:
         self.label, self.src, self.python = label, src, python
-        self.state, self.limits = state, limits
+        self.state, self.limits, self.access = state, limits, access
         self.rev = git_desc(src)
         self.metering = has_metering(src)
         exe = Path(python).parent / "kimi-gateway"
@@ -303,7 +312,7 @@ class Gateway:
         return p.stdout.strip() or p.stderr.strip()[-300:]
 
     def spawn(self, args: argparse.Namespace, d: Path, port: int) -> Proc:
-        config = write_config(d, port, args.sim_port, self.metering, self.state, self.limits)
+        config = write_config(d, port, args.sim_port, self.metering, self.state, self.limits, self.access)
         argv = [*self.cmd, "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"]
         return Proc(self.label, taskset(args.gateway_cpu, argv), d / "gateway.log", self.env, d)
 
@@ -881,6 +890,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="result dir (default bench/results/<stamp>)")
     ap.add_argument("--states", default="memory", help="state backends to run each gateway with: memory,redis")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --states redis")
+    ap.add_argument("--access-log", default="off", help="run each gateway with the access log off, on, or both: off,on")
     args = ap.parse_args()
     args.conc = [int(c) for c in args.conc.split(",")]
     if 1 not in args.conc:
@@ -895,10 +905,18 @@ def main() -> None:
         "redis": f"state: {{backend: redis, url: '{args.redis_url}', namespace: bench-{os.getpid()}}}\n",
     }
     limits = states != ["memory"]
+    logs = [s.strip() for s in args.access_log.split(",") if s.strip()]
+    if not logs or set(logs) - {"off", "on"}:
+        sys.exit("--access-log takes off and/or on")
+
+    def label_of(label: str, state: str, access: str) -> str:
+        return label + (f"/{state}" if len(states) > 1 else "") + (f"/log-{access}" if len(logs) > 1 else "")
+
     gateways = [
-        Gateway(label if len(states) == 1 else f"{label}/{state}", src, args.python, state_lines[state], limits)
+        Gateway(label_of(label, state, a), src, args.python, state_lines[state], limits, a == "on")
         for label, src in map(parse_src, specs)
         for state in states
+        for a in logs
     ]
     if len({g.label for g in gateways}) != len(gateways) or "direct" in {g.label for g in gateways}:
         sys.exit("gateway labels must be distinct and not 'direct' (use LABEL=DIR)")

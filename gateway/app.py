@@ -7,6 +7,7 @@ inside the server's event loop and closes them on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gateway import errors
+from gateway import access_log, errors
 from gateway.api import anthropic as anthropic_api
 from gateway.api import explain as explain_api
 from gateway.api import openai as openai_api
@@ -24,6 +25,7 @@ from gateway.api import responses_items
 from gateway.asgi import ClientGone, Receive, Scope, Send, send_bytes, send_error, send_json
 from gateway.background import RoutingTasks
 from gateway.capture.factory import capture_store_from_url
+from gateway.drain import Drain
 from gateway.exchange import Runtime
 from gateway.metering.budget import Budgets, seed_from_ledger
 from gateway.metering.journal import Journal
@@ -41,6 +43,7 @@ from gateway.upstreams.factory import build_upstreams
 from gateway.wiring import Loaded, load_all
 
 CONFIG_ENV = "KIMI_GATEWAY_CONFIG"
+CLEAN_UP_WAIT_S = 5.0  # at shutdown, how long requests cancelled by the grace period get to settle
 WORKERS_ENV = "KIMI_GATEWAY_WORKERS"  # set by ``serve --workers N`` for the worker processes
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -82,6 +85,9 @@ class GatewayApp:
         self.admin_key = os.environ.get(config.settings.admin_key_env) or None
         self._finance_app: Any = None
         self.ready = False
+        self.drain = Drain(config.settings.shutdown.drain_s)
+        self._inflight: set[asyncio.Task[Any] | None] = set()  # HTTP requests being handled
+        access_log.configure(config.settings.access_log, config.settings.log_level)
         limit = config.settings.max_body_bytes
         rt = self.runtime
 
@@ -145,10 +151,14 @@ class GatewayApp:
                 error.headers.append((b"allow", ", ".join(methods).encode()))
                 await send_error(send, error)
                 return
+            task = asyncio.current_task()
+            self._inflight.add(task)
             try:
                 await handler(scope, receive, send)
             except ClientGone as gone:
                 log.info("%s %s: %s; nothing answered", scope["method"], path, gone)
+            finally:
+                self._inflight.discard(task)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -189,6 +199,7 @@ class GatewayApp:
             await upstream.start()
         self.background.start()
         tune_gc()
+        self.drain.install()  # after start-up: a SIGTERM before it stops at once, as it always did
         self.ready = True
         log.info(
             "kimi-gateway ready: %d tenants, upstreams %s",
@@ -198,6 +209,10 @@ class GatewayApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self._inflight:
+            # uvicorn cancelled these when the grace period ran out and does not wait for them: let
+            # their settlement (ledger row, budget release, access-log line) finish before closing
+            await asyncio.wait([t for t in self._inflight if t is not None], timeout=CLEAN_UP_WAIT_S)
         await self.background.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
@@ -207,6 +222,7 @@ class GatewayApp:
             await self.journal.close(stored_everything=not self.ledger.left_unwritten)
         if self.runtime.capture is not None:
             await self.runtime.capture.close()
+        access_log.ACCESS.flush()  # the last requests' lines, before the process exits
 
     async def _finance(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The finance API is a FastAPI app, built on first use to keep start-up fast."""
@@ -220,7 +236,9 @@ class GatewayApp:
         await send_json(send, 200, {"status": "ok"})
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.ready:
+        if self.drain.draining:  # SIGTERM: a load balancer polling readiness moves traffic away
+            await send_bytes(send, 503, orjson.dumps({"status": "draining"}), [])
+        elif self.ready:
             # retired candidates, with the seconds until each one's next probe
             retired = self.runtime.dead.snapshot()
             await send_json(send, 200, {"status": "ready", "upstreams": sorted(self.upstreams), "retired": retired})

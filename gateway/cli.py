@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 if TYPE_CHECKING:
+    from gateway.policy.store import PolicySet
     from gateway.yamlfile import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible gateway for Kimi K2 Thinking.")
@@ -60,16 +61,8 @@ def serve(
     settings = loaded.config.settings
     setup_logging(settings.log_level)
     n = workers or settings.workers
-    limited = sorted(
-        t.name for t in loaded.policies.tenants.values() if t.budget is not None or t.rate_limits is not None
-    )
-    if n > 1 and limited and settings.state.backend == "memory":
-        typer.echo(
-            f"kimi-gateway: {n} workers with in-memory state would each enforce the budgets and rate limits "
-            f"of {', '.join(limited)} on their own, letting spend and traffic reach {n}x the limits; run one "
-            "worker, or share state between workers with state.backend: redis.",
-            err=True,
-        )
+    if n > 1 and settings.state.backend == "memory":
+        typer.echo(memory_workers_refusal(n, loaded.policies), err=True)
         raise typer.Exit(2)
     common = {
         "host": host or settings.listen.host,
@@ -80,6 +73,8 @@ def serve(
         "access_log": False,
         "log_level": settings.log_level,
         "timeout_keep_alive": 75,
+        # SIGTERM: requests in flight get this long once the drain is over (None: as long as they take)
+        "timeout_graceful_shutdown": settings.shutdown.grace_s,
         "server_header": False,
         # X-Forwarded-* rewriting costs every request and the gateway logs no client addresses
         "proxy_headers": False,
@@ -95,6 +90,27 @@ def serve(
         os.environ[WORKERS_ENV] = str(n)
         prepare_multiprocess_metrics()
         uvicorn.run("gateway.app:create_app", factory=True, workers=n, **common)  # type: ignore[arg-type]
+
+
+def memory_workers_refusal(n: int, policies: PolicySet) -> str:
+    """Why ``n`` workers cannot share in-memory state, naming what would break for these policies.
+
+    Each worker process would hold its own copy: budgets and rate limits enforced per worker (spend
+    and traffic reaching ``n`` times the limits), the reasoning a tool loop needs back stored in one
+    worker while the next turn lands on another (K2 then gets a blank), and prefix-cache affinity
+    split ``n`` ways. Redis is the state every worker shares."""
+    limited = sorted(t.name for t in policies.tenants.values() if t.budget is not None or t.rate_limits is not None)
+    budgets = (
+        f" the budgets and rate limits of {', '.join(limited)} would each be enforced per worker, letting spend "
+        f"and traffic reach {n}x the limits;"
+        if limited
+        else ""
+    )
+    return (
+        f"kimi-gateway: --workers {n} needs state every worker shares, and state.backend is memory (one copy "
+        f"per process):{budgets} a tool loop's stored reasoning and prefix-cache affinity would be split "
+        f'{n} ways. Set state.backend: redis (README "Running several replicas"), or run one worker.'
+    )
 
 
 def prepare_multiprocess_metrics() -> None:

@@ -31,6 +31,18 @@ class ListenConfig(_Strict):
     port: Annotated[int, Field(ge=1, le=65535)] = 4000
 
 
+class ShutdownConfig(_Strict):
+    """What the gateway does on SIGTERM (README "Deploy on Kubernetes").
+
+    For ``drain_s`` seconds it keeps serving everything but answers ``/readyz`` with 503, so a load
+    balancer that polls readiness stops sending new requests; then it stops accepting connections
+    and gives the requests in flight (streams included) up to ``grace_s`` seconds to finish before
+    they are cancelled (and settled as such). A second SIGTERM skips what is left of the drain."""
+
+    drain_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    grace_s: Annotated[int, Field(gt=0, le=86400)] | None = None  # None: wait for every request
+
+
 class Timeouts(_Strict):
     """Upstream timeouts in seconds.
 
@@ -250,6 +262,9 @@ class GatewayConfig(_Strict):
     # file names inside policies_dir to load; all *.yaml when absent (lets configs share one folder)
     policy_files: list[str] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # one JSON line per request on stderr at info (gateway/access_log.py); no prompt, no secret
+    access_log: bool = True
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     prices: str = "prices.yaml"
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     state: StateConfig = Field(default_factory=StateConfig)

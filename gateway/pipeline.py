@@ -16,6 +16,7 @@ from decimal import Decimal
 import orjson
 
 from gateway import errors
+from gateway.access_log import log_exchange
 from gateway.asgi import DisconnectWatch, Send
 from gateway.capture.record import capture_exchange
 from gateway.errors import GatewayError
@@ -425,6 +426,11 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
             m.status, m.outcome = 499, "client_cancelled"
             if m.usage is None:
                 m.estimate_reason = "client disconnected before the upstream reported usage"
+        else:  # cancelled by the gateway itself: shutdown's grace period ran out mid-answer
+            m.outcome = "cut"
+            m.status = m.status or 503
+            if m.usage is None:
+                m.estimate_reason = "the gateway shut down before the upstream reported usage"
         raise
     finally:
         m.latency_ms = (time.perf_counter() - ex.started) * 1000
@@ -432,7 +438,8 @@ async def chat(rt: Runtime, ex: Exchange, send: Send, watch: DisconnectWatch) ->
 
 
 async def _clean_up(rt: Runtime, ex: Exchange) -> None:
-    """Settlement (budget, metrics, ledger row), capture and the rate-limit correction, each run even
+    """Settlement (budget, metrics, ledger row), capture, the access-log line and the rate-limit
+    correction, each run even
     when another one fails: a failure is logged once, with the request id, and never replaces the
     answer the client already has (or the error it is getting)."""
     try:
@@ -445,6 +452,7 @@ async def _clean_up(rt: Runtime, ex: Exchange) -> None:
     except Exception:
         log.exception("request %s: settlement failed", ex.request_id)
     capture_exchange(rt, ex)  # never raises
+    log_exchange(ex)  # the access-log line, after settlement filled in cost and tokens; never raises
     try:
         await correct_rate(rt, ex)
     except Exception:

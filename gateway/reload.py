@@ -19,11 +19,14 @@ from gateway.observability import log
 from gateway.policy.store import DEFAULTS_FILE, PolicySet, load_policies
 from gateway.yamlfile import ConfigError
 
-Signature = tuple[tuple[str, int, int], ...]
+Signature = tuple[tuple[str, int, int, int], ...]
 
 
 def signature(config: LoadedConfig) -> Signature:
-    """Name, mtime and size of every file a load would read (new and removed files count too)."""
+    """Name, inode, mtime and size of every file a load would read (new and removed files count too).
+
+    ``stat`` follows symlinks, so a Kubernetes ConfigMap volume's swap (a new folder behind the
+    ``..data`` symlink) shows as a new inode even where timestamps are coarse and the size is the same."""
     folder = config.policies_dir
     names = config.settings.policy_files
     if names:
@@ -39,7 +42,7 @@ def signature(config: LoadedConfig) -> Signature:
             st = path.stat()
         except OSError:
             continue
-        out.append((path.name, st.st_mtime_ns, st.st_size))
+        out.append((path.name, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
+from gateway.access_log import log_refused
 from gateway.api.openai import open_exchange, read_metered_body, run_until_disconnect
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
@@ -37,7 +38,7 @@ from gateway.asgi import (
 )
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError
-from gateway.exchange import Runtime
+from gateway.exchange import Exchange, Runtime
 from gateway.metering.tokens import count_prompt
 from gateway.observability import REQUESTS, UNKNOWN, log
 from gateway.translate.anthropic_request import Translation, translate
@@ -152,6 +153,7 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
     rid_header = [(b"x-request-id", request_id.encode())]
     headers = header_map(scope)
     tenant_name, model = UNKNOWN, UNKNOWN
+    ex: Exchange | None = None
     try:
         entry = authenticate(rt.policies, api_key(headers))
         tenant_name = entry.tenant.name
@@ -167,12 +169,16 @@ async def messages(rt: Runtime, limit: int, scope: Scope, receive: Receive, send
         await run_until_disconnect(rt, ex, out, receive)
     except GatewayError as error:
         REQUESTS.labels(tenant_name, model, UNKNOWN, str(error.status)).inc()
+        if ex is None:  # refused before the pipeline, which logs every request it saw
+            log_refused(request_id, "messages", error.status, (time.perf_counter() - started) * 1000, tenant_name)
         await send_anthropic_error(send, error, rid_header)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("request %s failed inside the gateway", request_id)
         REQUESTS.labels(tenant_name, model, UNKNOWN, "500").inc()
+        if ex is None:
+            log_refused(request_id, "messages", 500, (time.perf_counter() - started) * 1000, tenant_name)
         await send_anthropic_error(send, errors.internal_error(request_id), rid_header)
 
 

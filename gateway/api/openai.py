@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
+from gateway.access_log import log_refused
 from gateway.api.route_headers import MAX_LATENCY_HEADER, parse_max_latency
 from gateway.asgi import (
     ClientGone,
@@ -188,10 +189,13 @@ async def send_failure(
     model: str,
     ex: Exchange | None,
     headers: list[tuple[bytes, bytes]],
+    started: float,
+    endpoint: str = "chat/completions",
 ) -> None:
     """The OpenAI-shaped error (which the Responses API shares) for a request that failed before its
     answer started: the error's own status and message, or a 500 that names the request id (the
-    traceback goes to the log). A routed request also says where it went and why."""
+    traceback goes to the log). A routed request also says where it went and why; one refused before
+    the pipeline (which writes the access-log line of every request it saw) gets its line here."""
     if isinstance(exc, GatewayError):
         error = exc
         if ex is not None and ex.candidate is not None:
@@ -204,6 +208,8 @@ async def send_failure(
         log.error("request %s failed inside the gateway", request_id, exc_info=exc)
         error = errors.internal_error(request_id)
     REQUESTS.labels(tenant, model, UNKNOWN, str(error.status)).inc()
+    if ex is None:
+        log_refused(request_id, endpoint, error.status, (time.perf_counter() - started) * 1000, tenant)
     await send_error(send, error, headers)
 
 
@@ -244,7 +250,7 @@ async def chat_completions(rt: Runtime, limit: int, scope: Scope, receive: Recei
         model = ex.model
         await run_until_disconnect(rt, ex, send, receive)
     except Exception as exc:
-        await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header)
+        await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header, started)
 
 
 async def list_models(rt: Runtime, scope: Scope, send: Send) -> None:

@@ -265,4 +265,4 @@ async def create(svc: ResponsesService, limit: int, scope: Scope, receive: Recei
         out = ResponsesSend(send, ctx, ex.stream, extra, save, ex.metered)
         await run_until_disconnect(rt, ex, out, receive)
     except Exception as exc:
-        await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header)
+        await send_failure(send, exc, request_id, tenant_name, model, ex, rid_header, started, "responses")

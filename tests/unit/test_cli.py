@@ -59,6 +59,17 @@ def test_workers_with_in_memory_budgets_are_refused(tmp_path: Path) -> None:
     assert out.returncode == 2 and "2x the limits" in out.stderr and "state.backend: redis" in out.stderr
 
 
+def test_workers_with_in_memory_state_are_refused_even_without_limits(tmp_path: Path) -> None:
+    """The reasoning store and cache affinity would be split across workers too: no budget needed."""
+    out = run("serve", "--config", str(config(tmp_path)), "--workers", "3", "--port", "9")
+    assert out.returncode == 2 and "--workers 3" in out.stderr and "state.backend: redis" in out.stderr
+    assert "stored reasoning" in out.stderr and "x the limits" not in out.stderr
+    path = config(tmp_path)
+    path.write_text("workers: 2\n" + path.read_text())  # from the config file, the same refusal
+    out = run("serve", "--config", str(path), "--port", "9")
+    assert out.returncode == 2 and "--workers 2" in out.stderr
+
+
 def test_simulate_serves_the_simulator_over_http(tmp_path: Path) -> None:
     import httpx
 

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "gateway.wiring": 6,
     "gateway.reload": 6,
     "gateway.background": 6,
+    "gateway.drain": 6,
     "gateway.__main__": 6,
     "gateway.api": 5,
     "gateway.pipeline": 4,
@@ -43,6 +44,7 @@ LAYERS: dict[str, int] = {
         (
             "gateway.exchange",
             "gateway.relay",
+            "gateway.access_log",
             "gateway.routing",
             "gateway.metering",
             "gateway.reasoning",
