@@ -27,6 +27,9 @@ shows median [min-max].
   .venv/bin/python bench/overhead.py --duration 10 --conc 1,16,64,128 --repeats 3
   .venv/bin/python bench/overhead.py --states memory,redis --repeats 3     # state backends side by side
 
+--journal off,on runs every gateway with the ledger's crash journal off and on (labels get
+/journal-off, /journal-on): what the journal costs, the rest of the code the same.
+
 --access-log off,on runs every gateway with the access log off (log_level: warning, the default here)
 and on (log_level: info; labels get /log-off, /log-on); its lines go to the gateway's log file.
 
@@ -252,7 +255,14 @@ def has_metering(src: Path) -> bool:
 
 
 def write_config(
-    d: Path, port: int, upstream_port: int, metering: bool, state: str = "", limits: bool = False, access: bool = False
+    d: Path,
+    port: int,
+    upstream_port: int,
+    metering: bool,
+    state: str = "",
+    limits: bool = False,
+    access: bool = False,
+    journal: bool = True,
 ) -> Path:
     """Same shape as bench/gateway_peer.sh; the pre-metering config schema has no prices/ledger keys.
     ``state`` is a config ``state:`` line; ``limits`` gives the tenant a budget and rate limits that
@@ -276,7 +286,9 @@ def write_config(
                 for m in MODELS
             )
         )
-        text += f'policy_files: [bench.yaml]\nprices: prices.yaml\nledger: {{url: "sqlite:///{d}/ledger.db"}}\n'
+        # journal: the ledger's crash journal (on by default); off only to measure what it costs
+        off = "" if journal else ", journal: false"
+        text += f'policy_files: [bench.yaml]\nprices: prices.yaml\nledger: {{url: "sqlite:///{d}/ledger.db"{off}}}\n'
     text += (
         f"upstreams:\n  bench-upstream:\n    kind: openai\n    base_url: http://127.0.0.1:{upstream_port}/v1\n"
         f"    models: [{', '.join(MODELS)}]\n"
@@ -288,10 +300,17 @@ def write_config(
 
 class Gateway:
     def __init__(
-        self, label: str, src: Path, python: str, state: str = "", limits: bool = False, access: bool = False
+        self,
+        label: str,
+        src: Path,
+        python: str,
+        state: str = "",
+        limits: bool = False,
+        access: bool = False,
+        journal: bool = True,
     ) -> None:
         self.label, self.src, self.python = label, src, python
-        self.state, self.limits, self.access = state, limits, access
+        self.state, self.limits, self.access, self.journal = state, limits, access, journal
         self.rev = git_desc(src)
         self.metering = has_metering(src)
         exe = Path(python).parent / "kimi-gateway"
@@ -312,7 +331,7 @@ class Gateway:
         return p.stdout.strip() or p.stderr.strip()[-300:]
 
     def spawn(self, args: argparse.Namespace, d: Path, port: int) -> Proc:
-        config = write_config(d, port, args.sim_port, self.metering, self.state, self.limits, self.access)
+        config = write_config(d, port, args.sim_port, self.metering, self.state, self.limits, self.access, self.journal)
         argv = [*self.cmd, "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"]
         return Proc(self.label, taskset(args.gateway_cpu, argv), d / "gateway.log", self.env, d)
 
@@ -890,6 +909,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="result dir (default bench/results/<stamp>)")
     ap.add_argument("--states", default="memory", help="state backends to run each gateway with: memory,redis")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --states redis")
+    ap.add_argument("--journal", default="on", help="run each gateway with the ledger journal on, off, or both: off,on")
     ap.add_argument("--access-log", default="off", help="run each gateway with the access log off, on, or both: off,on")
     args = ap.parse_args()
     args.conc = [int(c) for c in args.conc.split(",")]
@@ -909,14 +929,24 @@ def main() -> None:
     if not logs or set(logs) - {"off", "on"}:
         sys.exit("--access-log takes off and/or on")
 
-    def label_of(label: str, state: str, access: str) -> str:
-        return label + (f"/{state}" if len(states) > 1 else "") + (f"/log-{access}" if len(logs) > 1 else "")
+    journals = [s.strip() for s in args.journal.split(",") if s.strip()]
+    if not journals or set(journals) - {"off", "on"}:
+        sys.exit("--journal takes off and/or on")
+
+    def label_of(label: str, state: str, access: str, journal: str) -> str:
+        return (
+            label
+            + (f"/{state}" if len(states) > 1 else "")
+            + (f"/log-{access}" if len(logs) > 1 else "")
+            + (f"/journal-{journal}" if len(journals) > 1 else "")
+        )
 
     gateways = [
-        Gateway(label_of(label, state, a), src, args.python, state_lines[state], limits, a == "on")
+        Gateway(label_of(label, state, a, j), src, args.python, state_lines[state], limits, a == "on", j == "on")
         for label, src in map(parse_src, specs)
         for state in states
         for a in logs
+        for j in journals
     ]
     if len({g.label for g in gateways}) != len(gateways) or "direct" in {g.label for g in gateways}:
         sys.exit("gateway labels must be distinct and not 'direct' (use LABEL=DIR)")
