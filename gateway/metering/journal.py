@@ -92,6 +92,8 @@ class Journal:
         self._size = 0
         # request id -> its lines a new segment must repeat: [start] or [start, progress], then [finish]
         self._live: dict[str, list[bytes]] = {}
+        # start lines not written yet: the loop iteration's starts go out in one write (see started)
+        self._pending: list[bytes] = []
         self._dirty = False
         self._sync_lock = threading.Lock()  # the sync thread vs closing a descriptor; never taken on the loop
         self._stop = threading.Event()
@@ -162,10 +164,35 @@ class Journal:
         self._dirty = True
 
     def started(self, s: Started) -> None:
-        """The request is about to be sent upstream (again, after a failover: the last start wins)."""
+        """The request is about to be sent upstream (again, after a failover: the last start wins).
+
+        The start lines of one loop iteration are written together, by a callback that runs at the
+        start of the next iteration, before that iteration's I/O is read: no upstream answer to these
+        requests can have been read, so no response to their clients has begun, before their lines are
+        in the file. A progress or row line written first carries the pending ones with it."""
         line = start_line(s)
         self._live[s.request_id] = [line]
-        self._write(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (tools, tests): nothing to group with
+            self._write(line)
+            return
+        if not self._pending:
+            loop.call_soon(self._flush_pending)
+        self._pending.append(line)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            lines = b"".join(self._pending)
+            self._pending.clear()
+            self._write(lines)
+
+    def _with_pending(self, line: bytes) -> bytes:
+        if not self._pending:
+            return line
+        lines = b"".join(self._pending) + line
+        self._pending.clear()
+        return lines
 
     def progress(self, request_id: str, events: int) -> None:
         """A stream has handed ``events`` SSE events to the client."""
@@ -175,13 +202,13 @@ class Journal:
         line = progress_line(request_id, events)
         del lines[1:]
         lines.append(line)
-        self._write(line)
+        self._write(self._with_pending(line))
 
     def finished(self, row: LedgerRow) -> None:
         """The exact row, before the answer's last byte goes out."""
         line = finish_line(row)
         self._live[row.request_id] = [line]
-        self._write(line)
+        self._write(self._with_pending(line))
         if self._size >= self.rotate_bytes and self._rotation is None:
             self._rotation = asyncio.get_running_loop().create_task(self._rotate(), name="ledger-journal-rotate")
 
@@ -202,6 +229,7 @@ class Journal:
             fd, path = await asyncio.to_thread(self._new_segment)
             old = (self._fd, self._path)
             carried = b"".join(line for lines in self._live.values() for line in lines)
+            self._pending.clear()  # the pending start lines are among the carried ones
             # no await from here to the switch: no line can land in the old segment after the copy
             self._retiring.append(old)
             self._fd, self._path, self._size = fd, path, 0
@@ -249,6 +277,7 @@ class Journal:
             rotation.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await rotation
+        self._flush_pending()
         self._stop.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -268,5 +297,6 @@ class Journal:
 
     def sync_now(self) -> None:
         """fsync what was written (tests, and the last act before a deliberate stop)."""
+        self._flush_pending()
         self._dirty = True
         self._sync_once()

@@ -254,3 +254,33 @@ def test_journal_folder_defaults_beside_a_sqlite_ledger_and_can_be_turned_off(tm
     assert off.journal_dir is None
     memory = load_config(write(tmp_path, 'ledger: {url: "sqlite:///:memory:"}\n' + GOOD_UPSTREAMS), env=ENV)
     assert memory.journal_dir is None
+
+
+async def test_the_start_lines_of_one_loop_iteration_go_out_in_one_write(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starts are grouped until the next loop iteration (before it reads any I/O, so before any
+    upstream answer); a row written first carries the pending starts in the same write."""
+    journal = Journal(tmp_path / "journal", ledger, fsync_ms=10)
+    journal.open()
+    writes: list[bytes] = []
+    real = os.write
+
+    def counted(fd: int, data: bytes | memoryview) -> int:
+        writes.append(bytes(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", counted)
+    for i in (1, 2, 3):
+        journal.started(make_start(i))
+    assert writes == []  # not yet: the iteration's other starts may join them
+    await asyncio.sleep(0)
+    assert len(writes) == 1 and writes[0].count(b"\n") == 3
+    journal.started(make_start(4))
+    journal.finished(make_row(5))  # a row cannot wait: it takes the pending start with it
+    assert len(writes) == 2 and writes[1].count(b"\n") == 2
+    await asyncio.sleep(0)
+    assert len(writes) == 2  # nothing left for the callback
+    journal.started(make_start(6))
+    await journal.close(stored_everything=False)  # a stop writes what is pending
+    assert b"req-00006" in writes[-1]
