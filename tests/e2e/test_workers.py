@@ -49,15 +49,20 @@ def test_two_workers_enforce_one_budget_cap(tmp_path: Path, simulator: Process, 
 
     async def fire(proc: Process) -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=60)) as client:
-            return await asyncio.gather(
-                *[client.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH) for _ in range(50)]
-            )
+
+            async def one(wave: int) -> httpx.Response:
+                # five waves 40 ms apart, all still in flight together (the upstream stalls 0.8 s):
+                # a worker busy accepting one wave leaves the next to the other more often
+                await asyncio.sleep(wave * 0.04)
+                return await client.post(proc.url + "/v1/chat/completions", json=body, headers=AUTH)
+
+            return await asyncio.gather(*[one(i % 5) for i in range(50)])
 
     # the kernel hands each new connection to whichever worker accepts first; on a busy machine one
     # worker can take a whole burst, which proves nothing about sharing, so such a run is repeated
     # with a fresh budget (a new namespace and process), a few times at most
     shared = False
-    for attempt in range(4):
+    for attempt in range(8):
         url, ns = shared_redis()
         config = write_gateway(
             tmp_path, upstream_yaml(simulator), policy, extra_yaml=state_yaml(url, ns), name=f"wb{attempt}"
